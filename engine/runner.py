@@ -1,0 +1,63 @@
+"""One forward pass of the model over a batch of cache rows.
+
+The model is an unmodified transformers causal LM. We hand it, per pass, a :class:`~engine.cache.CacheStep`
+as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, so transformers' own
+attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engine.cache import SinkCache
+
+
+class Runner:
+    """Runs prefill chunks and batched decode steps of a model against a :class:`SinkCache`."""
+
+    def __init__(self, model: torch.nn.Module, cache: SinkCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+        self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+
+    def _mask(self, step) -> torch.Tensor:
+        mask = step.attention_mask()  # (B, 1, T, S) bool
+        if self._bool_mask:
+            return mask
+        dtype = self.cache.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    @torch.inference_mode()
+    def forward(self, rows: list[int], tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32."""
+        step = self.cache.step(rows, tokens.shape[1])
+        out = self.model(
+            input_ids=tokens.to(self.device),
+            position_ids=step.position_ids(),
+            attention_mask=self._mask(step),
+            cache=step,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        logits = out.logits.float()  # (B, T or 1, V)
+        return logits if all_logits else logits[:, -1]
+
+    def chunks(self, tokens: list[int], chunk: int) -> Iterator[list[int]]:
+        for start in range(0, len(tokens), chunk):
+            yield tokens[start : start + chunk]
+
+    def prefill(self, row: int, tokens: list[int], chunk: int) -> torch.Tensor:
+        """Stream a prompt of any length into ``row`` chunk by chunk; logits of its last token (V,)."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for part in self.chunks(tokens, chunk):
+            logits = self.forward([row], torch.tensor([part]))
+        return logits[0]
+
+    def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """One token for each row: logits (B, V)."""
+        return self.forward(rows, torch.tensor(tokens)[:, None])

@@ -1,0 +1,249 @@
+"""Token sampling as small pure functions over one row of logits.
+
+The scheduler calls these once per decode row (``V`` = vocabulary size, 49152 for SmolLM2);
+nothing here loops over the vocabulary in Python and nothing modifies its input in place.
+
+Pipeline (``process_logits``), in this order:
+
+1. ``logit_bias``: added to the logits, each value clamped to [-100, 100] as in the OpenAI API
+   reference (https://platform.openai.com/docs/api-reference/chat/create#chat-create-logit_bias).
+2. repetition penalty, CTRL-style (Keskar et al. 2019, "CTRL: A Conditional Transformer Language
+   Model for Controllable Generation", arXiv:1909.05858, sec. 4.1), as implemented by Hugging Face
+   ``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens are divided by the penalty,
+   negative ones multiplied. "Seen" means the ids in ``context_ids``, which the caller chooses
+   (the scheduler passes the generated tokens plus a tail of the prompt: the whole history of an
+   endless StreamingLLM session would make this grow without bound).
+3. presence / frequency penalties with OpenAI semantics
+   (https://platform.openai.com/docs/guides/text-generation, "Frequency and presence penalties"):
+   ``logit[j] -= presence * (count[j] > 0) + frequency * count[j]``, where ``count`` is counted over
+   ``generated_ids`` only -- the tokens generated so far for *this request*, never the prompt.
+4. temperature (skipped when 0: greedy decoding takes the argmax of the penalised logits).
+5. filters, each setting dropped tokens to ``-inf``: top-k; top-p / nucleus sampling (Holtzman et
+   al. 2019, "The Curious Case of Neural Text Degeneration", arXiv:1904.09751); min-p (Nguyen et
+   al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM Outputs",
+   arXiv:2407.01082). Each filter looks at the distribution left by the previous one, as the
+   Hugging Face logits warpers do.
+
+Logprobs (``token_logprobs``): reported from ``log_softmax`` of the logits after steps 1-3 (bias and
+penalties) at temperature 1, before temperature and filters. This is the model's own (penalised)
+belief, stable across sampling settings, and never ``-inf`` for a token a filter removed; it is
+what vLLM reports by default ("raw" logprobs after penalties). ``penalize_logits`` computes it so
+the scheduler can share the work with ``filter_logits``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 4
+LOGIT_BIAS_LIMIT = 100.0
+
+TokenIds = Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; the engine rejects nonsense in ``__post_init__``.
+
+    Range checks tighter than "makes sense" (e.g. OpenAI's temperature <= 2) belong to the server.
+    ``temperature == 0`` means greedy decoding. ``top_k == 0`` disables top-k.
+    ``presence_penalty`` / ``frequency_penalty`` count the tokens generated for this request only.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        for problem in _validation_errors(self):
+            raise ValueError(problem)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _validation_errors(p: SamplingParams) -> list[str]:
+    """Messages naming each invalid field of ``p``; empty when valid."""
+    errors = []
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        errors.append(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+    if not _finite(p.temperature) or p.temperature < 0:
+        errors.append(f"temperature must be a finite number >= 0, got {p.temperature!r}")
+    if not _finite(p.top_p) or not 0 < p.top_p <= 1:
+        errors.append(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        errors.append(f"top_k must be an integer >= 0 (0 disables it), got {p.top_k!r}")
+    if not _finite(p.min_p) or not 0 <= p.min_p <= 1:
+        errors.append(f"min_p must be in [0, 1], got {p.min_p!r}")
+    if not _finite(p.repetition_penalty) or p.repetition_penalty <= 0:
+        errors.append(f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty!r}")
+    if not _finite(p.presence_penalty):
+        errors.append(f"presence_penalty must be a finite number, got {p.presence_penalty!r}")
+    if not _finite(p.frequency_penalty):
+        errors.append(f"frequency_penalty must be a finite number, got {p.frequency_penalty!r}")
+    for token, bias in p.logit_bias.items():
+        if not isinstance(token, int) or token < 0:
+            errors.append(f"logit_bias keys must be token ids >= 0, got {token!r}")
+        if not _finite(bias):
+            errors.append(f"logit_bias[{token!r}] must be a finite number, got {bias!r}")
+    if p.seed is not None and not isinstance(p.seed, int):
+        errors.append(f"seed must be an integer or None, got {p.seed!r}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        errors.append(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(p.stop)}")
+    if any(not isinstance(s, str) or not s for s in p.stop):
+        errors.append("stop strings must be non-empty strings")
+    if not isinstance(p.top_logprobs, int) or not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        errors.append(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {p.top_logprobs!r}")
+    return errors
+
+
+def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with ``params.seed`` (same seed -> same tokens), or None when unseeded."""
+    if params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def _as_ids(ids: TokenIds, device: torch.device) -> torch.Tensor:
+    """Token ids as a 1-D int64 tensor on ``device``."""
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).to(device=device, dtype=torch.long)
+    return torch.as_tensor(list(ids), dtype=torch.long, device=device)
+
+
+def apply_logit_bias(logits: torch.Tensor, logit_bias: dict[int, float]) -> torch.Tensor:
+    """``logits`` (V,) plus the bias, each value clamped to [-100, 100]; a new tensor."""
+    if not logit_bias:
+        return logits.clone()
+    vocab = logits.shape[-1]
+    bad = [t for t in logit_bias if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"logit_bias token ids out of range for vocabulary of {vocab}: {bad[:5]}")
+    ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)  # (N,)
+    values = torch.tensor(list(logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    values = values.clamp(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)  # (N,)
+    return logits.index_add(-1, ids, values)  # (V,)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context_ids: TokenIds, penalty: float) -> torch.Tensor:
+    """CTRL / HF repetition penalty over the distinct ids of ``context_ids``; a new tensor."""
+    ids = _as_ids(context_ids, logits.device)  # (N,)
+    if penalty == 1.0 or ids.numel() == 0:
+        return logits.clone()
+    ids = ids.unique()  # (U,)
+    seen = logits.index_select(-1, ids)  # (U,)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)  # (U,)
+    return logits.index_copy(-1, ids, seen)  # (V,)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, generated_ids: TokenIds, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI penalties: ``logit -= presence * (count > 0) + frequency * count``; a new tensor."""
+    ids = _as_ids(generated_ids, logits.device)  # (N,)
+    if (presence == 0.0 and frequency == 0.0) or ids.numel() == 0:
+        return logits.clone()
+    ids, counts = ids.unique(return_counts=True)  # (U,), (U,)
+    penalty = presence + frequency * counts.to(logits.dtype)  # (U,)
+    return logits.index_add(-1, ids, -penalty)  # (V,)
+
+
+def penalize_logits(
+    logits: torch.Tensor, params: SamplingParams, context_ids: TokenIds, generated_ids: TokenIds
+) -> torch.Tensor:
+    """Steps 1-3: float32 ``logits`` (V,) after logit_bias, repetition and presence/frequency."""
+    out = logits.to(torch.float32)  # (V,)
+    out = apply_logit_bias(out, params.logit_bias)
+    out = apply_repetition_penalty(out, context_ids, params.repetition_penalty)
+    return apply_presence_frequency(out, generated_ids, params.presence_penalty, params.frequency_penalty)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the ``k`` highest logits (ties broken by ``topk``), the rest ``-inf``."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kept = logits.topk(k, dim=-1).indices  # (k,)
+    out = torch.full_like(logits, -math.inf)  # (V,)
+    return out.scatter(-1, kept, logits.gather(-1, kept))  # (V,)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest most-probable set whose probability mass is >= ``p`` (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (V,), (V,)
+    probs = sorted_logits.softmax(dim=-1)  # (V,)
+    mass_before = probs.cumsum(dim=-1) - probs  # (V,) mass of strictly more probable tokens
+    drop_sorted = mass_before >= p  # (V,) the first token always has mass_before == 0 < p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (V,) back to vocabulary order
+    return logits.masked_fill(drop, -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the top token's probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)  # (V,)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (1,)
+    return logits.masked_fill(probs < threshold, -math.inf)
+
+
+def filter_logits(penalized: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Steps 4-5: temperature (unless greedy), then top-k, top-p, min-p on float32 logits (V,)."""
+    out = penalized if params.temperature == 0 else penalized / params.temperature  # (V,)
+    out = top_k_filter(out, params.top_k)
+    out = top_p_filter(out, params.top_p)
+    return min_p_filter(out, params.min_p)
+
+
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, context_ids: TokenIds, generated_ids: TokenIds
+) -> torch.Tensor:
+    """Full pipeline on one row ``logits`` (V,): a new float32 tensor (V,), ``-inf`` = filtered out.
+
+    ``context_ids``: ids the repetition penalty treats as seen (caller's choice, e.g. prompt tail +
+    generated). ``generated_ids``: ids generated so far for this request (presence/frequency).
+    """
+    return filter_logits(penalize_logits(logits, params, context_ids, generated_ids), params)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from processed ``logits`` (V,): argmax when temperature is 0, else a draw."""
+    if params.temperature == 0:
+        return int(logits.argmax(dim=-1))
+    probs = logits.to(torch.float32).softmax(dim=-1)  # (V,)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The logprob of ``token_id`` and the ``k`` most likely (id, logprob), descending.
+
+    ``logits`` (V,) should be the output of ``penalize_logits`` (see the module docstring).
+    """
+    logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # (V,)
+    chosen = float(logprobs[token_id])
+    if k <= 0:
+        return chosen, []
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (k,), sorted descending
+    return chosen, list(zip(top.indices.tolist(), top.values.tolist(), strict=True))

@@ -1,0 +1,49 @@
+"""Tiny random-initialised models of each supported family, built from a config in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+}
+
+
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
+    """A random model of ``family``; weights scaled up so attention is far from uniform."""
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name and p.dim() == 2:
+                p.mul_(4.0)
+            elif "lm_head" in name:
+                p.mul_(16.0)  # logits of order 10, so absolute tolerances mean something
+    return model.eval()
