@@ -44,6 +44,24 @@ class CacheShape:
         return self.num_layers * 2 * self.kv_heads * self.head_dim * element
 
 
+def evictions_for(length: int, pinned: int, capacity: int, block: int, new_tokens: int) -> int:
+    """Window tokens to evict so ``new_tokens`` fit: whole blocks, never the pinned prefix."""
+    overflow = length + new_tokens - capacity
+    if overflow <= 0:
+        return 0
+    return min(math.ceil(overflow / block) * block, length - pinned)
+
+
+def planned_evictions(length: int, pinned: int, capacity: int, block: int, new_tokens: int, chunk: int) -> int:
+    """Tokens that feeding ``new_tokens`` in chunks of ``chunk`` will evict (without touching a cache)."""
+    total = 0
+    while new_tokens > 0:
+        size = min(chunk, new_tokens)
+        evict = evictions_for(length, pinned, capacity, block, size)
+        length, total, new_tokens = length + size - evict, total + evict, new_tokens - size
+    return total
+
+
 class SinkCache:
     """A pool of fixed-size sink + window caches, one row per resident sequence."""
 
@@ -104,11 +122,9 @@ class SinkCache:
         length, pinned = self.lengths[row], self.pinned[row]
         if new_tokens > self.capacity - pinned:
             raise ValueError(f"{new_tokens} tokens do not fit a window of {self.capacity - pinned}")
-        overflow = length + new_tokens - self.capacity
-        if overflow <= 0:
-            return 0
-        evict = min(math.ceil(overflow / self.evict_block) * self.evict_block, length - pinned)
-        self._shift_window(row, evict)
+        evict = evictions_for(length, pinned, self.capacity, self.evict_block, new_tokens)
+        if evict:
+            self._shift_window(row, evict)
         return evict
 
     def _shift_window(self, row: int, evict: int) -> None:

@@ -40,7 +40,8 @@ class EngineConfig:
     host_budget_bytes: int = 4 * 1024**3  # offloaded session caches kept in host memory
     session_ttl_s: float = 24 * 3600.0
     session_busy_wait_s: float = 2.0
-    max_sessions: int = 10_000
+    max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
+    max_queue: int = 256  # requests waiting for admission before new ones get Overloaded
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     seed: int = 0
 

@@ -156,6 +156,11 @@ def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) 
     )
 
 
+def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase:
+    """Just the tokenizer (converting the GGUF on first use)."""
+    return AutoTokenizer.from_pretrained(str(model_directory(spec, cache_dir)))
+
+
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
     directory = model_directory(config.model, config.cache_dir)

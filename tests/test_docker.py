@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -112,7 +113,14 @@ def test_dockerfile_installs_like_a_checkout() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     # Everything the image needs must survive .dockerignore.
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("scripts", "requirements.lock", "pyproject.toml", "engine", "server", "docker/entrypoint.sh"):
+    for needed in (
+        "scripts",
+        "requirements.lock",
+        "pyproject.toml",
+        "engine",
+        "server",
+        "docker/entrypoint.sh",
+    ):
         assert needed not in ignored
 
 
@@ -178,7 +186,9 @@ def test_install_is_a_fast_noop_when_up_to_date() -> None:
     venv = Path(sys.prefix)
     if sys.prefix == sys.base_prefix or not (venv / ".sinkserve-install.stamp").is_file():
         pytest.skip("not running from a venv made by scripts/install.sh")
-    direct_url = importlib.metadata.distribution("sinkserve").read_text("direct_url.json") or "{}"
+    # The installed dist-info in the venv, not a sinkserve.egg-info that an editable build leaves in the repo.
+    (dist,) = importlib.metadata.distributions(name="sinkserve", path=[sysconfig.get_paths()["purelib"]])
+    direct_url = dist.read_text("direct_url.json") or "{}"
     editable = json.loads(direct_url).get("dir_info", {}).get("editable", False)
     env = clean_env(SINKSERVE_VENV=str(venv), SINKSERVE_EDITABLE="1" if editable else "0")
     cmd = ["bash", str(ROOT / "scripts/install.sh")]

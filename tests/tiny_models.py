@@ -47,3 +47,31 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: 
             elif "lm_head" in name:
                 p.mul_(16.0)  # logits of order 10, so absolute tolerances mean something
     return model.eval()
+
+
+def tiny_chat_engine_parts(max_positions: int = 128, seed: int = 0):
+    """A tiny Llama with the embedded model's real tokenizer and chat template (vocab 49152)."""
+    from engine.config import EngineConfig
+    from engine.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(None, EngineConfig().cache_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "max_position_embeddings": max_positions})
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def tiny_engine(tmp_path, sink_tokens: int = 4, window: int = 60, max_positions: int = 128, **overrides):
+    """A started Engine around a tiny model: fast enough for server and session tests."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.loader import prepare
+
+    model, tokenizer = tiny_chat_engine_parts(max_positions)
+    config = EngineConfig(
+        sink_tokens=sink_tokens, window=window, evict_block=8, prefill_chunk=32,
+        data_dir=tmp_path / "sessions", **overrides,
+    )
+    return Engine(config, prepare(model, tokenizer, "tiny-llama", config)).start()

@@ -7,13 +7,13 @@ import random
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.loader import prepare
 from engine.runner import Runner
 from tests.engine.reference_cache import ReferenceCache
+from tests.tiny_models import FAMILIES, tiny_model
 
 
 def _runner(model, sink_tokens: int, window: int, evict_block: int, rows: int = 1) -> Runner:

@@ -1,0 +1,213 @@
+"""The engine's face: load a model, render prompts, start generations, manage sessions.
+
+Callers (the HTTP server, benchmarks, tests) use only this class and the types in ``engine.events``,
+``engine.sampling`` and ``engine.errors``. It knows nothing of HTTP or OpenAI field names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from engine.cache import SinkCache
+from engine.config import EngineConfig
+from engine.errors import InvalidRequest, NotReady, SessionBusy
+from engine.events import Generation
+from engine.loader import LoadedModel, load
+from engine.runner import Runner
+from engine.sampling import SamplingParams
+from engine.scheduler import Request, Scheduler
+from engine.sessions import SessionStore, check_session_id, common_prefix
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def owner_of(api_key: str | None) -> str:
+    """Sessions are scoped to a hash of the API key that created them (never the key itself)."""
+    return hashlib.sha256((api_key or "").encode()).hexdigest()[:32]
+
+
+class Engine:
+    """Build with a config; ``start()`` loads the model (blocking) and starts the worker thread."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.scheduler: Scheduler | None = None
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.loaded is None:
+            self.loaded = load(self.config)
+        loaded = self.loaded
+        rows = self.rows_for_budget(loaded)
+        cache = SinkCache(
+            loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
+            loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
+        )
+        store = SessionStore(cache, self.config.data_dir, self.config.host_budget_bytes, self.config.session_ttl_s)
+        self.scheduler = Scheduler(Runner(loaded.model, cache), store, loaded.tokenizer, loaded.eos_token_ids, self.config)
+        self.scheduler.start()
+        log.info(
+            "engine ready: %s on %s (%s), cache %d + %d tokens, %d resident sessions (%.1f MB each)",
+            loaded.name, loaded.device, self.config.dtype, self.config.sink_tokens, self.config.window,
+            rows, cache.bytes_per_row / 1e6,
+        )
+        return self
+
+    def rows_for_budget(self, loaded: LoadedModel) -> int:
+        per_row = self.config.cache_size * loaded.shape.bytes_per_token(loaded.dtype)
+        rows = min(self.config.memory_budget_bytes // per_row, self.config.max_resident_sessions)
+        if rows < 1:
+            raise ValueError(f"memory budget {self.config.memory_budget_bytes} B is below one session ({per_row} B)")
+        return int(rows)
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def drain(self) -> None:
+        if self.scheduler:
+            self.scheduler.drain()
+
+    def stop(self) -> None:
+        """Finish the worker and persist every session."""
+        if self.scheduler:
+            self.scheduler.stop()
+            self.scheduler.store.close()
+
+    def _scheduler(self) -> Scheduler:
+        if self.scheduler is None:
+            raise NotReady("the model is still loading")
+        return self.scheduler
+
+    # ----- prompts -----------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name if self.loaded else self.config.model or "default"
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.model.get_output_embeddings().weight.shape[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], int]:
+        """Prompt tokens for a chat, and how many of them render the leading system message(s)."""
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        for m in messages:
+            if m["role"] not in ROLES:
+                raise InvalidRequest(f"unknown role {m['role']!r}")
+        tokens = self._render(messages, add_generation_prompt=True)
+        system = [m for m in messages[:1] if m["role"] in ("system", "developer")]
+        pinned = 0
+        if system:
+            pinned = common_prefix(self._render(system, add_generation_prompt=False), tokens)
+        return tokens, pinned
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        tokenizer = self.tokenizer
+        if tokenizer.chat_template:
+            try:
+                text = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                )
+            except Exception as exc:  # templates raise on conversations they do not accept
+                raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            text += "assistant:" if add_generation_prompt else ""
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def check_params(self, params: SamplingParams) -> None:
+        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
+
+    # ----- generation --------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        api_key: str | None = None,
+        session_id: str | None = None,
+        pin_prefix: int = 0,
+    ) -> Generation:
+        """Queue a generation; returns once it is admitted (its session known), before any token."""
+        scheduler = self._scheduler()
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        if session_id is not None:
+            check_session_id(session_id)
+        self.check_params(params)
+        loop = asyncio.get_running_loop()
+        request = Request(
+            prompt=list(prompt), params=params, owner=owner_of(api_key), session_id=session_id,
+            pin_prefix=pin_prefix, loop=loop, events=asyncio.Queue(), admitted=loop.create_future(),
+        )
+        scheduler.submit(request)
+        try:
+            admission = await request.admitted
+        except asyncio.CancelledError:
+            scheduler.cancel(request)
+            raise
+        return Generation(admission, request.events, lambda: scheduler.cancel(request))
+
+    # ----- sessions ----------------------------------------------------------------------------------
+    def _describe(self, session) -> dict:
+        return session.describe(self.loaded.shape.bytes_per_token(self.loaded.dtype))
+
+    async def list_sessions(self, api_key: str | None) -> list[dict]:
+        scheduler = self._scheduler()
+        owner = owner_of(api_key)
+        return await asyncio.to_thread(
+            scheduler.call, lambda: [self._describe(s) for s in scheduler.store.owned(owner)]
+        )
+
+    async def get_session(self, api_key: str | None, session_id: str) -> dict:
+        scheduler = self._scheduler()
+        owner = owner_of(api_key)
+        return await asyncio.to_thread(
+            scheduler.call, lambda: self._describe(scheduler.store.get(owner, session_id))
+        )
+
+    async def delete_session(self, api_key: str | None, session_id: str) -> None:
+        scheduler = self._scheduler()
+        owner = owner_of(api_key)
+
+        def delete() -> None:
+            session = scheduler.store.get(owner, session_id)
+            if session.busy:
+                raise SessionBusy("the session is generating; cancel it first")
+            scheduler.store.delete(session)
+
+        await asyncio.to_thread(scheduler.call, delete)
+
+    # ----- numbers -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        if self.scheduler is None:
+            return {}
+        s = self.scheduler
+        return {
+            **s.counters,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "sessions": len(s.store.sessions),
+            "resident_cache_bytes": s.store.resident_bytes(),
+            "host_cache_bytes": s.store.host_bytes(),
+            "cache_budget_bytes": s.cache.rows * s.cache.bytes_per_row,
+        }

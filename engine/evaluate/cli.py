@@ -1,0 +1,85 @@
+"""Command lines of the evaluations: ``eval ppl`` and ``eval attention``.
+
+Mounted under a CLI with :func:`add_eval_parser` and dispatched with :func:`run_eval`; also runnable on
+its own: ``python -m engine.evaluate.cli ppl --tokens 20000 --mode sink,window,dense,recompute``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.evaluate.ppl import DEFAULT_TEXT, MODES
+
+log = logging.getLogger(__name__)
+
+
+def _modes(value: str) -> list[str]:
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"modes must be a comma list of {', '.join(MODES)}")
+    return modes
+
+
+def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="eval_command", metavar="{ppl,attention}", required=True)
+
+    ppl = commands.add_parser("ppl", help="streaming perplexity: sink cache vs window, dense and recompute")
+    ppl.add_argument("--text", default=str(DEFAULT_TEXT), help="text file (default: the shipped tinyshakespeare)")
+    ppl.add_argument("--tokens", type=int, default=20_000, help="tokens of the text to score")
+    ppl.add_argument("--mode", type=_modes, default=list(MODES), help="comma list of " + ",".join(MODES))
+    ppl.add_argument("--sink-tokens", type=int, default=4)
+    ppl.add_argument("--window", type=int, default=1020)
+    ppl.add_argument("--evict-block", type=int, default=64)
+    ppl.add_argument("--chunk", type=int, default=64, help="tokens per forward pass")
+    ppl.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
+    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--out", default="results/ppl", help="output folder for ppl.json, ppl.png, ppl.md")
+
+    attention = commands.add_parser("attention", help="share of attention on the first 16 positions per layer")
+    attention.add_argument("--text", default=str(DEFAULT_TEXT))
+    attention.add_argument("--tokens", type=int, default=1024)
+    attention.add_argument("--model", default=None)
+    attention.add_argument("--out", default="results/attention")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` command (with ``ppl`` and ``attention``) to a CLI's sub-parsers."""
+    parser = subparsers.add_parser("eval", help="offline evaluations of the sink cache")
+    _fill_eval_parser(parser)
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """Run the evaluation ``args`` describe (parsed by :func:`add_eval_parser`); log a summary."""
+    if args.eval_command == "ppl":
+        from engine.evaluate.ppl import markdown_table, run_ppl
+
+        report = run_ppl(args.text, args.tokens, args.mode, args.sink_tokens, args.window, args.out,
+                         model=args.model, dtype=args.dtype, evict_block=args.evict_block, chunk=args.chunk)
+        log.info("perplexity written to %s\n%s", args.out, markdown_table(report))
+        return report
+    if args.eval_command == "attention":
+        from engine.evaluate.attention import run_attention
+
+        report = run_attention(args.text, args.out, tokens=args.tokens, model=args.model)
+        for layer in report["layers"]:
+            log.info("layer %2d: position 0 %.3f, positions 0-3 %.3f, rest %.3f", layer["layer"],
+                     layer["shares"][0], sum(layer["shares"][:4]), layer["rest"])
+        return report
+    raise ValueError(f"unknown eval command {args.eval_command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.evaluate.cli", description="sinkserve evaluations")
+    _fill_eval_parser(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_eval(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""The scheduler: one worker thread that turns queued requests into batched forward passes.
+
+Each step reads as a sentence (after nano-vllm): admit waiting requests, run one prefill chunk of the
+oldest prefilling request, run one batched decode step for every decoding request, hand out the tokens.
+A long prompt therefore never stalls the other conversations: it advances one chunk per step while
+they keep decoding. All cache and session mutation happens on this thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.cache import SinkCache, planned_evictions
+from engine.errors import EngineError, InvalidRequest, Overloaded, SessionBusy, ShuttingDown
+from engine.events import Admission, FinishEvent, TokenEvent, TokenLogprob, Usage
+from engine.runner import Runner
+from engine.sampling import (
+    SamplingParams,
+    filter_logits,
+    make_generator,
+    penalize_logits,
+    sample,
+    token_logprobs,
+)
+from engine.sessions import Session, SessionStore, common_prefix
+from engine.stops import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks back at
+
+
+@dataclass
+class Request:
+    """One generation, from submission to its finish event."""
+
+    prompt: list[int]
+    params: SamplingParams
+    owner: str
+    session_id: str | None
+    pin_prefix: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    admitted: asyncio.Future
+    submitted: float = field(default_factory=time.monotonic)
+    # set on admission
+    session: Session | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to feed
+    cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet fed
+    detok: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    def emit(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Scheduler:
+    """Owns the worker thread, the runner and the session store."""
+
+    def __init__(self, runner: Runner, store: SessionStore, tokenizer, eos_ids: set[int], config) -> None:
+        self.runner = runner
+        self.cache: SinkCache = runner.cache
+        self.store = store
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.config = config
+        self.max_queue = config.max_queue
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0}
+        self._stop = threading.Event()
+        self._draining = False
+        self._wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
+
+    # ----- called from the event loop ----------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if self._draining or self._stop.is_set():
+            raise ShuttingDown("the server is shutting down")
+        if len(self.waiting) + self.inbox.qsize() >= self.max_queue:
+            raise Overloaded("too many requests are waiting; retry shortly", retry_after=1.0)
+        self.inbox.put(("submit", request))
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        self._wake.set()
+
+    def call(self, fn, *args):
+        """Run ``fn`` on the worker thread (session API calls must not race the steps)."""
+        result: queue.Queue = queue.Queue(maxsize=1)
+        self.inbox.put(("call", (fn, args, result)))
+        self._wake.set()
+        ok, value = result.get()
+        if not ok:
+            raise value
+        return value
+
+    @property
+    def busy(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def drain(self) -> None:
+        """Stop admitting new requests; running ones finish."""
+        self._draining = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+
+    # ----- the worker loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        last_expiry = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._take_inbox()
+                self._admit()
+                worked = self.step()
+            except Exception as exc:  # never let one bad step kill the engine
+                log.exception("engine step failed")
+                for request in list(self.running):
+                    self._finish(request, "error", error=str(exc))
+                worked = True
+            if time.monotonic() - last_expiry > 60:
+                self.store.expire()
+                last_expiry = time.monotonic()
+            if not worked:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+        for request in self.running + list(self.waiting):
+            self._finish(request, "cancelled", error="the server shut down")
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self.waiting.append(item)
+            else:
+                fn, args, result = item
+                try:
+                    result.put((True, fn(*args)))
+                except Exception as exc:
+                    result.put((False, exc))
+
+    def step(self) -> bool:
+        """One scheduler step: a prefill chunk and a batched decode. Returns whether it did work."""
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, "cancelled")
+        prefilling = [r for r in self.running if r.pending]
+        decoding = [r for r in self.running if not r.pending][: self.config.max_batch]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode(decoding)
+        self.counters["steps"] += bool(prefilling or decoding)
+        return bool(prefilling or decoding)
+
+    # ----- admission ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        still_waiting: deque[Request] = deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                self._reject(request, ShuttingDown("cancelled"))
+                continue
+            if len(self.running) >= self.cache.rows:
+                still_waiting.append(request)
+                continue
+            try:
+                session = self._find_session(request)
+            except EngineError as exc:
+                self._reject(request, exc)
+                continue
+            if session is None:  # its session is busy: wait a little
+                if time.monotonic() - request.submitted > self.config.session_busy_wait_s:
+                    self._reject(request, SessionBusy("the session is generating another reply; retry when it is done"))
+                else:
+                    still_waiting.append(request)
+                continue
+            try:
+                self._start(request, session)
+            except EngineError as exc:
+                session.busy = False
+                self._reject(request, exc)
+        self.waiting = still_waiting
+
+    def _find_session(self, request: Request) -> Session | None:
+        if request.session_id:
+            try:
+                session = self.store.get(request.owner, request.session_id)
+            except EngineError:
+                if request.session_id in self.store.sessions:
+                    raise
+                session = self.store.create(request.owner, request.session_id)
+        else:
+            session = self.store.match(request.owner, request.prompt) or self.store.create(request.owner)
+        return None if session.busy else session
+
+    def _start(self, request: Request, session: Session) -> None:
+        session.busy = True
+        protect = {r.session.id for r in self.running}
+        row = self.store.make_resident(session, protect)
+        self.store.sync(session)
+        prompt = request.prompt
+        keep = self._reusable_prefix(session, prompt)
+        if keep == 0 or keep < len(session.tokens):
+            self._rewind(session, row, keep, request.pin_prefix)
+        keep = len(session.tokens)
+        request.session = session
+        request.pending = prompt[keep:]
+        request.cached_tokens = keep
+        request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-8:])
+        request.stops = StopMatcher(request.params.stop)
+        request.generator = make_generator(request.params, self.cache.device)
+        self.running.append(request)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(prompt)
+        self.counters["cached_tokens"] += keep
+        evicted = self.cache.evicted[row] + planned_evictions(
+            self.cache.lengths[row], self.cache.pinned[row], self.cache.capacity, self.cache.evict_block,
+            len(request.pending), self._chunk(row),
+        )
+        admission = Admission(session.id, len(prompt), keep, evicted)
+        request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
+
+    def _chunk(self, row: int) -> int:
+        return min(self.config.chunk_size, self.cache.capacity - self.cache.pinned[row])
+
+    def _reusable_prefix(self, session: Session, prompt: list[int]) -> int:
+        """How much of the session's stream this prompt keeps: all, a rollback point, or nothing."""
+        shared = common_prefix(session.tokens, prompt)
+        if shared == len(prompt):
+            shared -= 1  # the last prompt token must be fed again to get logits
+        if shared == len(session.tokens):
+            return shared
+        first_in_window = session.evicted + session.pinned  # stream index of the oldest window token
+        if session.evicted == 0 or shared >= first_in_window:
+            return max(shared, 0)
+        return 0  # diverged before the window: re-stream the conversation
+
+    def _rewind(self, session: Session, row: int, keep: int, pin_prefix: int) -> None:
+        if keep == 0:
+            pinned = max(self.cache.sink_tokens, pin_prefix)
+            if pin_prefix and pinned > self.cache.capacity // 2:
+                raise InvalidRequest(
+                    f"the pinned prefix ({pinned} tokens) leaves too little room for the window "
+                    f"(cache of {self.cache.capacity} tokens)"
+                )
+            self.cache.reset(row, pinned)
+            session.tokens = []
+        else:
+            slot = keep - session.evicted if session.evicted else keep
+            self.cache.truncate(row, slot)
+            del session.tokens[keep:]
+        self.store.sync(session)
+
+    def _reject(self, request: Request, error: Exception) -> None:
+        request.loop.call_soon_threadsafe(_fail, request.admitted, error)
+
+    # ----- running -----------------------------------------------------------------------------------
+    def _prefill_chunk(self, request: Request) -> None:
+        session = request.session
+        chunk = request.pending[: self._chunk(session.row)]
+        logits = self.runner.forward([session.row], torch.tensor([chunk]))  # (1, V)
+        session.tokens.extend(chunk)
+        del request.pending[: len(chunk)]
+        self.store.sync(session)
+        if not request.pending:
+            self._sample(request, logits[0])
+
+    def _decode(self, requests: list[Request]) -> None:
+        rows = self.store.compact([r.session for r in requests])
+        tokens = [r.next_token for r in requests]
+        logits = self.runner.decode(rows, tokens)  # (B, V)
+        for request, token, row_logits in zip(requests, tokens, logits, strict=True):
+            request.session.tokens.append(token)
+            self.store.sync(request.session)
+            self._sample(request, row_logits)
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> None:
+        params = request.params
+        context = request.session.tokens[-REPETITION_CONTEXT:] + request.generated
+        penalized = penalize_logits(logits, params, context, request.generated)
+        token = sample(filter_logits(penalized, params), params, request.generator)
+        request.generated.append(token)
+        self.counters["generated_tokens"] += 1
+        if token in self.eos_ids and not params.ignore_eos:
+            self._finish(request, "stop")
+            return
+        logprob, top = self._logprobs(penalized, token, params)
+        text, stopped = request.stops.push(request.detok.push(token))
+        request.emit(TokenEvent(text=text, token_id=token, logprob=logprob, top_logprobs=top))
+        if stopped:
+            self._finish(request, "stop", flush=False)
+        elif len(request.generated) >= params.max_tokens:
+            self._finish(request, "length")
+        else:
+            request.next_token = token
+
+    def _logprobs(self, penalized: torch.Tensor, token: int, params: SamplingParams):
+        if not params.logprobs:
+            return None, []
+        chosen, alternatives = token_logprobs(penalized, token, params.top_logprobs)
+        return self._token_logprob(token, chosen), [self._token_logprob(t, lp) for t, lp in alternatives]
+
+    def _token_logprob(self, token: int, logprob: float) -> TokenLogprob:
+        text = self.tokenizer.decode([token])
+        return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    def _finish(self, request: Request, reason: str, error: str | None = None, flush: bool = True) -> None:
+        if request.done:
+            return
+        request.done = True
+        if request in self.running:
+            self.running.remove(request)
+        tail = ""
+        if flush and request.stops is not None:
+            tail, _ = request.stops.push(request.detok.flush())
+            tail += request.stops.flush()
+        session = request.session
+        evicted = 0
+        if session is not None:
+            session.busy = False
+            self.store.sync(session)
+            evicted = session.evicted
+            if session.tokens and reason != "error":
+                self.store.save(session)
+        usage = Usage(
+            prompt_tokens=len(request.prompt),
+            completion_tokens=len(request.generated),
+            cached_tokens=request.cached_tokens,
+            evicted_tokens=evicted,
+        )
+        request.emit(FinishEvent(finish_reason=reason, usage=usage, text=tail, error=error))
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,337 @@
+"""Sessions: each conversation's token stream and cache, where it lives, and how it is found again.
+
+A session is the stream of tokens the model has seen (prompts, generated tokens) plus its sink cache.
+Its cache lives in one of three places, moved by least-recent use within memory budgets:
+- ``device``: a row of the shared :class:`~engine.cache.SinkCache` pool (the pool's size is the budget);
+- ``host``: an exported copy in host memory (``host_budget_bytes``);
+- ``disk``: ``data_dir/<id>.safetensors`` (keys, values, tokens, metadata), written atomically
+  (temporary file + rename) after every completed turn, when it leaves memory, and on shutdown.
+
+Finding a session (the llama.cpp server matches slots the same way): an explicit id, else the idle
+session of the same owner whose stream shares the longest token prefix with the new prompt, provided
+that prefix covers at least half of that session's stream; else a new session.
+
+All methods run on the engine's worker thread except the read-only listing helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.cache import SinkCache
+from engine.errors import InvalidRequest, SessionNotFound
+
+log = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+FORMAT_VERSION = "1"
+
+
+def new_session_id() -> str:
+    return "sess_" + secrets.token_hex(16)  # 128 random bits
+
+
+def check_session_id(session_id: str) -> str:
+    """Reject anything that is not a plain token before it can touch the file system."""
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        raise InvalidRequest("session id must be 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return session_id
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n and a[:n] == b[:n]:
+        return n
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    tokens: list[int] = field(default_factory=list)  # the stream the cache reflects
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    row: int | None = None  # device row when resident
+    host_state: dict[str, torch.Tensor] | None = None
+    on_disk: bool = False
+    busy: bool = False
+    evicted: int = 0
+    pinned: int = 0
+    in_cache: int = 0
+    saved_tokens: int = -1  # stream length of the last saved copy
+
+    @property
+    def location(self) -> str:
+        if self.row is not None:
+            return "device"
+        return "host" if self.host_state is not None else "disk"
+
+    def describe(self, bytes_per_token: int) -> dict:
+        return {
+            "id": self.id,
+            "tokens_seen": len(self.tokens),
+            "tokens_in_cache": self.in_cache,
+            "tokens_evicted": self.evicted,
+            "pinned_tokens": self.pinned,
+            "cache_bytes": self.in_cache * bytes_per_token,
+            "location": self.location,
+            "created": int(self.created),
+            "last_used": int(self.last_used),
+        }
+
+
+class SessionStore:
+    """Owns the sessions and decides where each cache lives."""
+
+    def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
+        self.cache = cache
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.host_budget = host_budget_bytes
+        self.ttl_s = ttl_s
+        self.sessions: dict[str, Session] = {}
+        self.row_owner: list[str | None] = [None] * cache.rows
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-writer")
+        self._lock = threading.Lock()  # guards `sessions` for readers on other threads
+        self._load_index()
+
+    # ----- lookup ------------------------------------------------------------------------------------
+    def get(self, owner: str, session_id: str) -> Session:
+        session = self.sessions.get(check_session_id(session_id))
+        if session is None or session.owner != owner:
+            raise SessionNotFound(f"session {session_id!r} not found")
+        return session
+
+    def create(self, owner: str, session_id: str | None = None) -> Session:
+        session_id = check_session_id(session_id) if session_id else new_session_id()
+        if session_id in self.sessions:
+            raise SessionNotFound(f"session {session_id!r} not found")  # someone else's: never reveal it
+        session = Session(id=session_id, owner=owner, pinned=self.cache.sink_tokens)
+        with self._lock:
+            self.sessions[session_id] = session
+        return session
+
+    def match(self, owner: str, prompt: Sequence[int]) -> Session | None:
+        """The idle session of ``owner`` that this prompt continues best (see module docstring)."""
+        best, best_len = None, 0
+        for session in self.sessions.values():
+            if session.owner != owner or session.busy or not session.tokens:
+                continue
+            shared = common_prefix(session.tokens, prompt)
+            if shared > best_len and 2 * shared >= len(session.tokens):
+                best, best_len = session, shared
+        return best
+
+    def owned(self, owner: str) -> list[Session]:
+        with self._lock:
+            return [s for s in self.sessions.values() if s.owner == owner]
+
+    # ----- residency ---------------------------------------------------------------------------------
+    def make_resident(self, session: Session, protect: set[str]) -> int:
+        """Give ``session`` a device row, moving the least recently used idle session out if needed."""
+        session.last_used = time.time()
+        if session.row is not None:
+            return session.row
+        row = self._free_row(protect | {session.id})
+        self.row_owner[row] = session.id
+        session.row = row
+        state = session.host_state or (self._read(session) if session.on_disk else None)
+        if state is None:
+            self.cache.reset(row, session.pinned)
+        else:
+            self.cache.import_row(row, state)
+        session.host_state = None
+        return row
+
+    def _free_row(self, protect: set[str]) -> int:
+        for row, owner in enumerate(self.row_owner):
+            if owner is None:
+                return row
+        candidates = [self.sessions[o] for o in self.row_owner if o and o not in protect]
+        candidates = [s for s in candidates if not s.busy]
+        if not candidates:
+            raise RuntimeError("no cache row free: every resident session is busy")
+        victim = min(candidates, key=lambda s: s.last_used)
+        row = victim.row
+        self.offload(victim)
+        return row
+
+    def offload(self, session: Session) -> None:
+        """Move a resident session's cache to host memory (then the oldest host copies to disk)."""
+        assert session.row is not None
+        self.sync(session)
+        session.host_state = self.cache.export_row(session.row)
+        self.row_owner[session.row] = None
+        session.row = None
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        hosted = sorted((s for s in self.sessions.values() if s.host_state is not None), key=lambda s: s.last_used)
+        used = sum(_state_bytes(s.host_state) for s in hosted)
+        for session in hosted:
+            if used <= self.host_budget:
+                break
+            used -= _state_bytes(session.host_state)
+            if session.saved_tokens != len(session.tokens) or not session.on_disk:
+                self._write(session, session.host_state).result()
+            session.host_state = None
+
+    def sync(self, session: Session) -> None:
+        """Copy the cache row's counters into the session (after a step changed them)."""
+        if session.row is not None:
+            row = session.row
+            session.in_cache = self.cache.lengths[row]
+            session.evicted = self.cache.evicted[row]
+            session.pinned = self.cache.pinned[row]
+
+    def compact(self, sessions: list[Session]) -> list[int]:
+        """Move ``sessions`` (all resident) to rows 0..k-1 so a batched step reads a view, not a copy."""
+        for target, session in enumerate(sorted(sessions, key=lambda s: s.row)):
+            if session.row == target:
+                continue
+            other = self.row_owner[target]
+            self.cache.swap_rows(target, session.row)
+            self.row_owner[target], self.row_owner[session.row] = session.id, other
+            if other is not None:
+                self.sessions[other].row = session.row
+            session.row = target
+        return [s.row for s in sessions]
+
+    def resident_bytes(self) -> int:
+        return sum(1 for o in self.row_owner if o is not None) * self.cache.bytes_per_row
+
+    def host_bytes(self) -> int:
+        return sum(_state_bytes(s.host_state) for s in self.sessions.values() if s.host_state is not None)
+
+    # ----- persistence -------------------------------------------------------------------------------
+    def path(self, session_id: str) -> Path:
+        path = (self.data_dir / f"{check_session_id(session_id)}.safetensors").resolve()
+        if path.parent != self.data_dir.resolve():
+            raise InvalidRequest("bad session id")
+        return path
+
+    def save(self, session: Session, wait: bool = False) -> None:
+        """Write the session in the background (atomic); the export is a snapshot taken now."""
+        self.sync(session)
+        if session.row is not None:
+            state = self.cache.export_row(session.row)
+        elif session.host_state is not None:
+            state = session.host_state
+        else:
+            return  # only on disk: already saved
+        future = self._write(session, state)
+        if wait:
+            future.result()
+
+    def _write(self, session: Session, state: dict[str, torch.Tensor]):
+        tensors = dict(state)
+        tensors["tokens"] = torch.tensor(session.tokens, dtype=torch.int64)
+        meta = {
+            "format": FORMAT_VERSION,
+            "id": session.id,
+            "owner": session.owner,
+            "created": repr(session.created),
+            "last_used": repr(session.last_used),
+            "shape": json.dumps([self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]),
+            "dtype": str(self.cache.dtype),
+        }
+        session.saved_tokens = len(session.tokens)
+        session.on_disk = True
+        target = self.path(session.id)
+        return self._writer.submit(_atomic_save, tensors, meta, target)
+
+    def _read(self, session: Session) -> dict[str, torch.Tensor] | None:
+        try:
+            with safe_open(str(self.path(session.id)), "pt") as handle:
+                return {name: handle.get_tensor(name) for name in ("k", "v", "meta")}
+        except Exception:  # unreadable file: start the cache over rather than fail the request
+            log.exception("session %s: saved cache unreadable, re-streaming", session.id)
+            session.tokens = []
+            return None
+
+    def _load_index(self) -> None:
+        """Know every saved session after a restart (tokens and metadata only; caches load lazily)."""
+        expected_shape = [self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]
+        for path in sorted(self.data_dir.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    meta = handle.metadata() or {}
+                    if meta.get("format") != FORMAT_VERSION or json.loads(meta["shape"]) != expected_shape:
+                        continue
+                    tokens = handle.get_tensor("tokens").tolist()
+                    n, pinned, evicted = handle.get_tensor("meta").tolist()
+                session = Session(
+                    id=check_session_id(meta["id"]),
+                    owner=meta["owner"],
+                    tokens=tokens,
+                    created=float(meta["created"]),
+                    last_used=float(meta["last_used"]),
+                    on_disk=True,
+                    evicted=evicted,
+                    pinned=pinned,
+                    in_cache=n,
+                    saved_tokens=len(tokens),
+                )
+            except Exception:  # a foreign or damaged file: ignore it, never crash the server
+                log.warning("ignoring unreadable session file %s", path.name)
+                continue
+            self.sessions[session.id] = session
+        for stale in self.data_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        if self.sessions:
+            log.info("found %d saved sessions in %s", len(self.sessions), self.data_dir)
+
+    # ----- removal -----------------------------------------------------------------------------------
+    def delete(self, session: Session) -> None:
+        if session.row is not None:
+            self.row_owner[session.row] = None
+            session.row = None
+        with self._lock:
+            self.sessions.pop(session.id, None)
+        self._writer.submit(lambda: self.path(session.id).unlink(missing_ok=True)).result()
+
+    def expire(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        stale = [s for s in self.sessions.values() if not s.busy and now - s.last_used > self.ttl_s]
+        for session in stale:
+            self.delete(session)
+        return len(stale)
+
+    def close(self) -> None:
+        """Persist every session that changed since its last save; wait for the writes."""
+        for session in list(self.sessions.values()):
+            if session.saved_tokens != len(session.tokens) and session.tokens:
+                self.save(session)
+        self._writer.shutdown(wait=True)
+
+
+def _state_bytes(state: dict[str, torch.Tensor] | None) -> int:
+    if not state:
+        return 0
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
