@@ -160,7 +160,8 @@ class SinkCache:
 
     def import_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
         n, pinned, evicted = (int(x) for x in state["meta"])
-        if n > self.capacity or tuple(state["k"].shape[::2]) != (self.shape.num_layers, self.shape.head_dim):
+        layers, heads, _, head_dim = state["k"].shape
+        if n > self.capacity or (layers, heads, head_dim) != (self.shape.num_layers, self.shape.kv_heads, self.shape.head_dim):
             raise ValueError("saved cache does not match this model or cache size")
         for layer in range(self.shape.num_layers):
             self.k[layer][row, :, :n] = state["k"][layer].to(self.device, self.dtype)

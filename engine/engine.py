@@ -151,6 +151,8 @@ class Engine:
         scheduler = self._scheduler()
         if not prompt:
             raise InvalidRequest("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequest(f"prompt token ids must be between 0 and {self.vocab_size - 1}")
         if session_id is not None:
             check_session_id(session_id)
         self.check_params(params)

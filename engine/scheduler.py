@@ -201,8 +201,12 @@ class Scheduler:
                 continue
             try:
                 self._start(request, session)
-            except EngineError as exc:
+            except Exception as exc:  # a request that cannot start must fail alone, never hang
                 session.busy = False
+                if request in self.running:
+                    self.running.remove(request)
+                if not isinstance(exc, EngineError):
+                    log.exception("could not start a request")
                 self._reject(request, exc)
         self.waiting = still_waiting
 

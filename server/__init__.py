@@ -1,0 +1,1 @@
+"""sinkserve HTTP layer: OpenAI-compatible routes over ``engine.Engine`` (``create_app`` in ``server.app``)."""

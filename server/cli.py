@@ -1,0 +1,93 @@
+"""``sinkserve`` command line: ``serve`` (uvicorn around ``create_app``), ``eval``, ``bench``.
+
+Flags only fill in ``Settings``; anything not given on the command line comes from ``SINKSERVE_*``
+environment variables or the defaults. Uvicorn's programmatic API: https://www.uvicorn.org/deployment/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("sinkserve")
+
+SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
+    "--host": ("host", {}),
+    "--port": ("port", {"type": int}),
+    "--model": ("model", {"help": "HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct"}),
+    "--device": ("device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+    "--dtype": ("dtype", {"choices": ["float32", "bfloat16", "float16"]}),
+    "--sink-tokens": ("sink_tokens", {"type": int}),
+    "--window": ("window", {"type": int}),
+    "--api-key-file": ("api_key_file", {}),
+    "--data-dir": ("data_dir", {}),
+    "--cache-dir": ("cache_dir", {}),
+    "--memory-budget-mb": ("memory_budget_mb", {"type": int}),
+    "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
+    "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sinkserve", description="OpenAI-compatible StreamingLLM server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    for flag, (dest, kwargs) in SERVE_FLAGS.items():
+        serve.add_argument(flag, dest=dest, default=None, **kwargs)
+    serve.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                       help="accepted bearer key (repeatable); none: no authentication")
+    serve.add_argument("--pin-system-prompt", dest="pin_system_prompt", action="store_const", const=True,
+                       default=None, help="keep system prompts in the cache's pinned sink region")
+
+    try:
+        from engine.evaluate.cli import add_eval_parser
+    except ImportError as exc:
+        unavailable = commands.add_parser("eval", help="offline evaluations (unavailable)")
+        unavailable.set_defaults(eval_import_error=str(exc))
+    else:
+        add_eval_parser(commands)
+
+    commands.add_parser("bench", help="load benchmark (not yet available)")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {dest: getattr(args, dest) for dest, _ in SERVE_FLAGS.values() if getattr(args, dest) is not None}
+    for dest in ("api_keys", "pin_system_prompt"):
+        if getattr(args, dest) is not None:
+            overrides[dest] = getattr(args, dest)
+    settings = Settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("serving on http://%s:%d (sink_tokens=%d, window=%d)", settings.host, settings.port,
+             settings.sink_tokens, settings.window)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.timeout_graceful_shutdown)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "eval":
+        if getattr(args, "eval_import_error", None):
+            log.error("the eval command is not available: %s", args.eval_import_error)
+            return 2
+        from engine.evaluate.cli import run_eval
+
+        run_eval(args)
+        return 0
+    log.error("'sinkserve %s' is not yet available", args.command)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

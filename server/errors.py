@@ -1,0 +1,134 @@
+"""Every failure as an OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``.
+
+Shape and types follow the OpenAI API reference (https://platform.openai.com/docs/guides/error-codes)
+so the official SDKs raise their matching exception classes (BadRequestError, NotFoundError, ...).
+Client input never produces a 500: validation errors become 400 naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import (
+    EngineError,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    SessionBusy,
+    SessionNotFound,
+    ShuttingDown,
+)
+
+log = logging.getLogger(__name__)
+
+TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class APIError(Exception):
+    """Raised anywhere in the server; the handler below turns it into the OpenAI error shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or TYPE_FOR_STATUS.get(status, "server_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_engine_error(exc: EngineError) -> APIError:
+    """Engine errors carry no HTTP knowledge; this is the one place that maps them."""
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), code=exc.code)
+    if isinstance(exc, SessionNotFound):
+        return APIError(404, str(exc), param="session_id", code=exc.code)
+    if isinstance(exc, SessionBusy):
+        return APIError(409, str(exc), param="session_id", code=exc.code)
+    if isinstance(exc, Overloaded):
+        retry = max(1, round(exc.retry_after))
+        return APIError(429, str(exc), code=exc.code, headers={"Retry-After": str(retry)})
+    if isinstance(exc, NotReady | ShuttingDown):
+        return APIError(503, str(exc), code=exc.code, headers={"Retry-After": "5"})
+    return APIError(500, str(exc), code=exc.code, type="server_error")
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 becomes OpenAI's 400; ``param`` names the first bad field (``messages.0.role``)."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    loc = []
+    for part in first.get("loc", ())[1:]:  # the first element is body/query/path/header
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part or "(" in part):
+            break  # pydantic names the union member it tried (``stop.str``): not part of the field
+        loc.append(str(part))
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return APIError(400, f"missing required parameter: {param}", param=param, code="missing_required_parameter")
+    if param:
+        message = f"invalid value for {param}: {message}"
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        return from_engine_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _bad_json(request: Request, exc: json.JSONDecodeError):
+        return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"unknown route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "internal server error", type="server_error").response()

@@ -1,0 +1,325 @@
+"""The OpenAI wire format as pydantic models: requests, responses, stream chunks, errors, sessions.
+
+Fields follow the order of the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat,
+/completions, /models); the layout copies vLLM's ``entrypoints/openai/protocol.py``: ``Literal`` object
+types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()``, where
+request fields become ``engine.SamplingParams``. Unknown fields are ignored, as OpenAI clients send
+many we do not implement. sinkserve extensions: ``top_k``, ``min_p``, ``repetition_penalty``,
+``session_id``, ``pin_system_prompt`` in requests and a ``sinkserve`` object in responses.
+
+Choices made where OpenAI leaves room: message ``content`` may be an empty string for any role
+(OpenAI accepts it too), ``null`` only for ``assistant``; content parts must be text; ``n`` must be 1.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+from engine.sampling import SamplingParams
+from engine.sessions import check_session_id
+from server.errors import APIError
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ----- requests ------------------------------------------------------------------------------------
+class StreamOptions(_Model):
+    include_usage: StrictBool = False
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any):
+        """``[{"type": "text", "text": ...}, ...]`` is joined into one string; other parts are refused."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None:
+            if self.role != "assistant":
+                raise ValueError(f"a {self.role} message needs content")
+            self.content = ""
+        return self
+
+
+class _SamplingRequest(_Model):
+    """Fields shared by chat and legacy completions, and their translation to the engine."""
+
+    model: str | None = None  # None: the served model
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    n: StrictInt = 1
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = Field(None, max_length=4)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # sinkserve extensions
+    top_k: StrictInt = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    session_id: str | None = None
+    pin_system_prompt: StrictBool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported: each request continues one session with one choice")
+        return n
+
+    @field_validator("session_id")
+    @classmethod
+    def _session_id(cls, session_id: str | None) -> str | None:
+        return None if session_id is None else check_session_id(session_id)  # InvalidRequest is a ValueError
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None):
+        for key, value in (bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids as strings, got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"values must be between -100 and 100, got {value}")
+        return bias
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> tuple[bool, int]:
+        return False, 0
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and max_tokens > max_tokens_cap:
+            raise APIError(400, f"max_tokens is {max_tokens}, this server allows at most {max_tokens_cap}",
+                           param="max_tokens", code="invalid_value")
+        logprobs, top_logprobs = self.requested_logprobs()
+        try:
+            return SamplingParams(
+                max_tokens=min(max_tokens or default_max_tokens, max_tokens_cap),
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                seed=self.seed, stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+                logprobs=logprobs, top_logprobs=top_logprobs,
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> tuple[bool, int]:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                           code="invalid_value")
+        return self.logprobs, self.top_logprobs or 0
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[StrictInt]
+    best_of: StrictInt | None = Field(None, ge=1, le=1)
+    echo: Literal[False] = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            return prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    def requested_logprobs(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
+
+
+# ----- responses -----------------------------------------------------------------------------------
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobs(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprobs] | None = None
+
+
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0
+
+
+class UsageInfo(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class SinkserveInfo(_Model):
+    session_id: str
+    evicted_tokens: int
+    cached_tokens: int
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(_Model):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    sinkserve: SinkserveInfo
+
+
+class ChunkChoice(_Model):
+    index: int = 0
+    delta: dict[str, str] = Field(default_factory=dict)
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Model):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice] = Field(default_factory=list)
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Model):
+    text: str
+    index: int = 0
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(_Model):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice] = Field(default_factory=list)
+    usage: UsageInfo | None = None
+    sinkserve: SinkserveInfo | None = None
+
+
+class ModelCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "sinkserve"
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionInfo(_Model):
+    id: str
+    object: Literal["session"] = "session"
+    tokens_seen: int
+    tokens_in_cache: int
+    tokens_evicted: int
+    pinned_tokens: int
+    cache_bytes: int
+    location: str
+    created: int
+    last_used: int
+
+
+class SessionList(_Model):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
+class SessionDeleted(_Model):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+class ErrorDetail(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorDetail

@@ -1,0 +1,140 @@
+"""``POST /v1/chat/completions``: OpenAI chat completions, plain JSON or server-sent events.
+
+Wire format: https://platform.openai.com/docs/api-reference/chat/create and, for streaming,
+https://platform.openai.com/docs/api-reference/chat-streaming (first chunk carries the role, the last
+choice chunk an empty delta and the finish reason, an optional usage chunk with ``choices: []``, then
+``data: [DONE]``). SSE framing by sse-starlette (https://github.com/sysid/sse-starlette); when the
+client disconnects it cancels the generator task, whose ``finally`` cancels the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from sse_starlette import EventSourceResponse
+
+from engine.events import Generation, TokenEvent
+from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
+from server.errors import APIError
+from server.generation import (
+    chat_logprobs,
+    check_model,
+    check_prompt_length,
+    collect,
+    error_event,
+    fingerprint,
+    session_headers,
+    sinkserve_info,
+    start_generation,
+    unexpected_error_event,
+    usage_info,
+)
+from server.limits import Slot
+from server.metrics import TokenTimer
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ErrorResponse,
+)
+
+router = APIRouter(tags=["chat"])
+ENDPOINT = "/v1/chat/completions"
+PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
+
+
+@router.post(ENDPOINT, response_model=ChatCompletionResponse, responses={400: {"model": ErrorResponse}})
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    api_key: ApiKeyDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    limiter: LimiterDep,
+    metrics: MetricsDep,
+    x_session_id: Annotated[str | None, Header()] = None,
+):
+    timer = TokenTimer(metrics, ENDPOINT)
+    model = check_model(body.model, engine)
+    if len(body.messages) > settings.max_messages:
+        raise APIError(400, f"at most {settings.max_messages} messages per request", param="messages",
+                       code="too_many_messages")
+    params = body.to_sampling_params(settings.default_max_tokens, settings.max_tokens_cap)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt, system_len = await asyncio.to_thread(engine.render_chat, messages)
+    check_prompt_length(prompt, settings)
+    pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
+    gen, slot = await start_generation(
+        engine, limiter, api_key, prompt, params, session_id=body.session_id or x_session_id,
+        pin_prefix=system_len if pin else 0,
+    )
+    if body.stream:
+        first = ChatCompletionChunk(model=model, system_fingerprint=fingerprint(engine))
+        events = stream_chat(gen, slot, timer, first, body.include_usage, params.logprobs)
+        return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen))
+    try:
+        result = await collect(gen, timer, request)
+    finally:
+        slot.release()
+        gen.cancel()
+    finish = result.finish
+    logprobs = None
+    if params.logprobs:
+        logprobs = ChoiceLogprobs(content=[lp for t in result.tokens if (lp := chat_logprobs(t))])
+    response.headers.update(session_headers(gen, finish.usage.evicted_tokens))
+    return ChatCompletionResponse(
+        model=model, system_fingerprint=fingerprint(engine),
+        choices=[ChatChoice(message=AssistantMessage(content=result.text), logprobs=logprobs,
+                            finish_reason=finish.finish_reason)],
+        usage=usage_info(finish), sinkserve=sinkserve_info(gen, finish),
+    )
+
+
+async def stream_chat(
+    gen: Generation, slot: Slot, timer: TokenTimer, base: ChatCompletionChunk, include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[dict]:
+    """Chunks exactly as OpenAI sends them; every chunk shares ``base``'s id, created and model."""
+
+    def chunk(choices: list[ChunkChoice], usage=None) -> dict:
+        data = base.model_copy(update={"choices": choices, "usage": usage})
+        return {"data": json.dumps(data.model_dump(exclude=None if include_usage else {"usage"}))}
+
+    try:
+        yield chunk([ChunkChoice(delta={"role": "assistant", "content": ""})])
+        pending = []  # logprobs of tokens whose text is still held back (stop strings, partial UTF-8)
+        async for event in gen:
+            if isinstance(event, TokenEvent):
+                timer.token()
+                if want_logprobs and (lp := chat_logprobs(event)):
+                    pending.append(lp)
+                if event.text:
+                    logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
+                    yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
+                    pending = []
+                continue
+            if event.finish_reason not in ("stop", "length"):
+                yield error_event(event)
+                break
+            if event.text or pending:
+                logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
+                yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
+            yield chunk([ChunkChoice(delta={}, finish_reason=event.finish_reason)])
+            if include_usage:
+                yield chunk([], usage=usage_info(event))
+        yield {"data": "[DONE]"}
+    except Exception:
+        yield unexpected_error_event()
+        yield {"data": "[DONE]"}
+    finally:
+        gen.cancel()
+        slot.release()

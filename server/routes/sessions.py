@@ -1,0 +1,31 @@
+"""``/v1/sessions``: list, inspect and delete the caller's sessions (a sinkserve extension).
+
+A session is the KV cache of one conversation (``engine/sessions.py``). Sessions are scoped to the API
+key that created them: another key's session answers 404, never 403, so ids leak nothing.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.deps import ApiKeyDep, EngineDep
+from server.protocol import SessionDeleted, SessionInfo, SessionList
+
+router = APIRouter(tags=["sessions"])
+
+
+@router.get("/v1/sessions", response_model=SessionList)
+async def list_sessions(api_key: ApiKeyDep, engine: EngineDep) -> SessionList:
+    sessions = await engine.list_sessions(api_key)
+    return SessionList(data=[SessionInfo(**s) for s in sessions])
+
+
+@router.get("/v1/sessions/{session_id}", response_model=SessionInfo)
+async def get_session(session_id: str, api_key: ApiKeyDep, engine: EngineDep) -> SessionInfo:
+    return SessionInfo(**await engine.get_session(api_key, session_id))
+
+
+@router.delete("/v1/sessions/{session_id}", response_model=SessionDeleted)
+async def delete_session(session_id: str, api_key: ApiKeyDep, engine: EngineDep) -> SessionDeleted:
+    await engine.delete_session(api_key, session_id)
+    return SessionDeleted(id=session_id)

@@ -1,0 +1,81 @@
+"""Server settings: typed, read from ``SINKSERVE_*`` environment variables, filled in by the CLI.
+
+pydantic-settings (https://docs.pydantic.dev/latest/concepts/pydantic_settings/) does the parsing;
+``engine_config()`` turns the engine half into ``engine.config.EngineConfig``, which validates it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.config import EngineConfig
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SINKSERVE_", env_ignore_empty=True, extra="ignore")
+
+    # listening
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    timeout_graceful_shutdown: float = 10.0
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # model and cache
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str = "auto"
+    dtype: str = "float32"
+    sink_tokens: int = 4
+    window: int = 1020
+    memory_budget_mb: int | None = None  # resident session caches; None: the engine default
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+    pin_system_prompt: bool = False
+
+    # access
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
+    api_key_file: Path | None = None  # one key a line; '#' starts a comment
+
+    # limits on what one request may ask for
+    max_body_bytes: int = 4 * MiB
+    max_messages: int = 2048
+    max_prompt_tokens: int = 1_000_000
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 1024
+    max_concurrent_per_key: int = 16
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def allowed_keys(self) -> frozenset[str]:
+        """Keys from ``api_keys`` and ``api_key_file`` together; empty means authentication is off."""
+        keys = set(self.api_keys)
+        if self.api_key_file is not None:
+            for line in Path(self.api_key_file).read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.add(line)
+        return frozenset(keys)
+
+    def engine_config(self) -> EngineConfig:
+        extra = {}
+        if self.data_dir is not None:
+            extra["data_dir"] = self.data_dir
+        if self.cache_dir is not None:
+            extra["cache_dir"] = self.cache_dir
+        if self.memory_budget_mb is not None:
+            extra["memory_budget_bytes"] = self.memory_budget_mb * MiB
+        return EngineConfig(
+            model=self.model, device=self.device, dtype=self.dtype,
+            sink_tokens=self.sink_tokens, window=self.window, **extra,
+        )
