@@ -42,6 +42,7 @@ class EngineConfig:
     session_busy_wait_s: float = 2.0
     max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
     max_queue: int = 256  # requests waiting for admission before new ones get Overloaded
+    compile: bool = False  # torch.compile the decode step (slow first start; see README)
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     seed: int = 0
 

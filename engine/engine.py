@@ -54,7 +54,11 @@ class Engine:
             loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
         )
         store = SessionStore(cache, self.config.data_dir, self.config.host_budget_bytes, self.config.session_ttl_s)
-        self.scheduler = Scheduler(Runner(loaded.model, cache), store, loaded.tokenizer, loaded.eos_token_ids, self.config)
+        runner = Runner(loaded.model, cache, compile_decode=self.config.compile)
+        if self.config.compile:
+            log.info("compiling the decode step (a minute or two on a small CPU)")
+            runner.warm_up()
+        self.scheduler = Scheduler(runner, store, loaded.tokenizer, loaded.eos_token_ids, self.config)
         self.scheduler.start()
         log.info(
             "engine ready: %s on %s (%s), cache %d + %d tokens, %d resident sessions (%.1f MB each)",

@@ -17,9 +17,12 @@ from engine.cache import SinkCache
 class Runner:
     """Runs prefill chunks and batched decode steps of a model against a :class:`SinkCache`."""
 
-    def __init__(self, model: torch.nn.Module, cache: SinkCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False) -> None:
         self.model = model
         self.cache = cache
+        # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
+        # rotary, activations); prefill stays eager (large matmuls dominate it anyway)
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.device = cache.device
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
 
@@ -34,7 +37,8 @@ class Runner:
     def forward(self, rows: list[int], tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32."""
         step = self.cache.step(rows, tokens.shape[1])
-        out = self.model(
+        forward = self._decode_forward if tokens.shape[1] == 1 else self.model.forward
+        out = forward(
             input_ids=tokens.to(self.device),
             position_ids=step.position_ids(),
             attention_mask=self._mask(step),
@@ -44,6 +48,16 @@ class Runner:
         )
         logits = out.logits.float()  # (B, T or 1, V)
         return logits if all_logits else logits[:, -1]
+
+    def warm_up(self, token: int = 0) -> None:
+        """Compile the decode path for one and for several rows before serving (uses rows 0 and 1)."""
+        rows = list(range(min(2, self.cache.rows)))
+        for batch in {1, len(rows)}:
+            for row in rows:
+                self.cache.reset(row)
+            self.decode(rows[:batch], [token] * batch)
+        for row in rows:
+            self.cache.reset(row)
 
     def chunks(self, tokens: list[int], chunk: int) -> Iterator[list[int]]:
         for start in range(0, len(tokens), chunk):
