@@ -87,11 +87,14 @@ class SinkCache:
         self.dtype = dtype
         self.device = torch.device(device)
         buf = (rows, shape.kv_heads, capacity, shape.head_dim)
-        self.k = [torch.zeros(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
-        self.v = [torch.zeros(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        # allocated untouched (a fast start with a large budget); a row is zeroed when it is (re)used, so
+        # masked slots of a shorter row in a batch never hold garbage that could turn into NaN
+        self.k = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        self.v = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
         self.lengths = [0] * rows  # slots in use
         self.pinned = [sink_tokens] * rows  # slots never evicted
         self.evicted = [0] * rows  # tokens evicted from the row since it was reset
+        self.zeroed = [False] * rows  # rows are zeroed on first use
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     @property
@@ -106,7 +109,14 @@ class SinkCache:
         pinned = self.sink_tokens if pinned is None else pinned
         if pinned >= self.capacity:
             raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
+        self._zero(row)
         self.lengths[row], self.pinned[row], self.evicted[row] = 0, pinned, 0
+
+    def _zero(self, row: int) -> None:
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                buf[row].zero_()
+        self.zeroed[row] = True
 
     def set_pinned(self, row: int, pinned: int) -> None:
         """Pin more of a row's first tokens (before any eviction happened)."""
@@ -163,6 +173,7 @@ class SinkCache:
         layers, heads, _, head_dim = state["k"].shape
         if n > self.capacity or (layers, heads, head_dim) != (self.shape.num_layers, self.shape.kv_heads, self.shape.head_dim):
             raise ValueError("saved cache does not match this model or cache size")
+        self._zero(row)
         for layer in range(self.shape.num_layers):
             self.k[layer][row, :, :n] = state["k"][layer].to(self.device, self.dtype)
             self.v[layer][row, :, :n] = state["v"][layer].to(self.device, self.dtype)
@@ -177,13 +188,15 @@ class SinkCache:
                 tmp = buf[a].clone()
                 buf[a] = buf[b]
                 buf[b] = tmp
-        for counters in (self.lengths, self.pinned, self.evicted):
+        for counters in (self.lengths, self.pinned, self.evicted, self.zeroed):
             counters[a], counters[b] = counters[b], counters[a]
 
     # ----- one forward pass --------------------------------------------------------------------------
     def step(self, rows: list[int], new_tokens: int) -> CacheStep:
         """Reserve ``new_tokens`` slots in each row (evicting if needed) for one forward pass."""
         for row in rows:
+            if not self.zeroed[row]:
+                self._zero(row)
             self.make_room(row, new_tokens)
         step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens)
         for row in rows:

@@ -209,9 +209,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -math.inf)
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (vLLM's _SAMPLING_EPS): dividing by them overflows
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
 def filter_logits(penalized: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Steps 4-5: temperature (unless greedy), then top-k, top-p, min-p on float32 logits (V,)."""
-    out = penalized if params.temperature == 0 else penalized / params.temperature  # (V,)
+    out = penalized if is_greedy(params) else penalized / params.temperature  # (V,)
     out = top_k_filter(out, params.top_k)
     out = top_p_filter(out, params.top_p)
     return min_p_filter(out, params.min_p)
@@ -229,10 +236,16 @@ def process_logits(
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from processed ``logits`` (V,): argmax when temperature is 0, else a draw."""
-    if params.temperature == 0:
-        return int(logits.argmax(dim=-1))
+    """One token id from processed ``logits`` (V,): argmax when greedy, else a draw.
+
+    Extreme settings (huge penalties or biases) can overflow the distribution; then the most likely
+    finite token is taken rather than failing the request.
+    """
+    if is_greedy(params):
+        return int(logits.nan_to_num(nan=-math.inf).argmax(dim=-1))
     probs = logits.to(torch.float32).softmax(dim=-1)  # (V,)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(logits.nan_to_num(nan=-math.inf).argmax(dim=-1))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 log = logging.getLogger("sinkserve")
@@ -49,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_parser(commands)
 
-    commands.add_parser("bench", help="load benchmark (not yet available)")
+    try:
+        from engine.bench.cli import add_bench_parser
+    except ImportError as exc:
+        unavailable = commands.add_parser("bench", help="benchmarks (unavailable)")
+        unavailable.set_defaults(bench_import_error=str(exc))
+    else:
+        add_bench_parser(commands)
     return parser
 
 
@@ -67,9 +74,21 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("serving on http://%s:%d (sink_tokens=%d, window=%d)", settings.host, settings.port,
              settings.sink_tokens, settings.window)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.timeout_graceful_shutdown)
+    # uvicorn shuts down gracefully on SIGTERM (stops accepting, lets requests finish for
+    # timeout_graceful_shutdown seconds, runs the lifespan shutdown that persists sessions) and then
+    # re-raises the signal; with the default handler that would kill the process (exit status -15)
+    # after a clean shutdown. A SIGTERM is a requested stop, so it exits 0.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    timeout_graceful_shutdown=settings.timeout_graceful_shutdown)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         from engine.evaluate.cli import run_eval
 
         run_eval(args)
+        return 0
+    if args.command == "bench":
+        if getattr(args, "bench_import_error", None):
+            log.error("the bench command is not available: %s", args.bench_import_error)
+            return 2
+        from engine.bench.cli import run_bench
+
+        run_bench(args)
         return 0
     log.error("'sinkserve %s' is not yet available", args.command)
     return 2

@@ -12,7 +12,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import Request
+from sse_starlette import EventSourceResponse
 
 from engine.engine import Engine
 from engine.events import FinishEvent, Generation, TokenEvent, TokenLogprob
@@ -33,10 +35,10 @@ def check_model(model: str | None, engine: Engine) -> str:
     return engine.model_name
 
 
-def check_prompt_length(prompt: list[int], settings: Settings) -> None:
+def check_prompt_length(prompt: list[int], settings: Settings, param: str = "messages") -> None:
     if len(prompt) > settings.max_prompt_tokens:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens, this server allows {settings.max_prompt_tokens}",
-                       param="messages", code="context_length_exceeded")
+        raise APIError(400, f"the prompt has {len(prompt)} tokens, this server allows {settings.max_prompt_tokens} "
+                       "(max_prompt_tokens)", param=param, code="context_length_exceeded")
 
 
 def fingerprint(engine: Engine) -> str:
@@ -58,6 +60,45 @@ async def start_generation(
         slot.release()
         raise
     return gen, slot
+
+
+PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
+SHUTDOWN_MARGIN_S = 1.5  # streams still running this long before uvicorn's deadline are ended cleanly
+
+
+class StreamShutdown:
+    """Graceful shutdown for one SSE stream.
+
+    On SIGTERM sse-starlette sets ``event`` (its watcher polls every 0.5 s) and, by default, cancels the
+    stream at once: a cut connection. Instead the stream may keep generating for the grace period
+    (``timeout_graceful_shutdown`` less a margin); a generation still running then is cancelled in the
+    engine, and its ``cancelled`` finish is sent as a normal ``length`` finish chunk followed by ``[DONE]``,
+    before uvicorn's own deadline would cut the connection.
+    """
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.event = anyio.Event()
+        self.timeout = timeout_s
+        self.grace = max(0.0, self.timeout - SHUTDOWN_MARGIN_S)
+
+    def response(self, events, gen: Generation) -> EventSourceResponse:
+        return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen),
+                                   shutdown_event=self.event, shutdown_grace_period=self.timeout)
+
+    async def _cancel_after_grace(self, gen: Generation) -> None:
+        await self.event.wait()
+        await asyncio.sleep(self.grace)
+        log.info("shutdown grace period over; ending the stream of session %s", gen.session_id)
+        gen.cancel()
+
+    def watch(self, gen: Generation) -> asyncio.Task:
+        return asyncio.create_task(self._cancel_after_grace(gen))
+
+    def finish_reason(self, finish: FinishEvent) -> str:
+        """``length`` for a generation cut short by the shutdown; otherwise the engine's reason."""
+        if finish.finish_reason == "cancelled" and self.event.is_set():
+            return "length"
+        return finish.finish_reason
 
 
 def session_headers(gen: Generation, evicted: int | None = None) -> dict[str, str]:

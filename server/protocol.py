@@ -87,7 +87,7 @@ class _SamplingRequest(_Model):
     # sinkserve extensions
     top_k: StrictInt = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # below ~1e-2 logits overflow to inf
     session_id: str | None = None
     pin_system_prompt: StrictBool | None = None
 
@@ -323,3 +323,15 @@ class ErrorDetail(_Model):
 
 class ErrorResponse(_Model):
     error: ErrorDetail
+
+
+ERROR_STATUSES = (400, 401, 404, 409, 413, 429, 503)
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": "an OpenAI error object"} for status in ERROR_STATUSES
+}
+STREAM_RESPONSE: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {"schema": {  # one server-sent event: a JSON chunk or [DONE]
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}},
+          "description": "JSON, or server-sent events when ``stream`` is true"},
+}

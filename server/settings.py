@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     max_tokens_cap: int = 4096
     default_max_tokens: int = 1024
     max_concurrent_per_key: int = 16
+    max_queue: int = 256  # requests waiting for admission; beyond it 429 (engine Overloaded)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -75,7 +76,9 @@ class Settings(BaseSettings):
             extra["cache_dir"] = self.cache_dir
         if self.memory_budget_mb is not None:
             extra["memory_budget_bytes"] = self.memory_budget_mb * MiB
+        # the default eviction block (64) cannot exceed a small window: evict in smaller blocks then
+        extra["evict_block"] = min(EngineConfig.evict_block, self.window) if self.window >= 1 else 1
         return EngineConfig(
             model=self.model, device=self.device, dtype=self.dtype,
-            sink_tokens=self.sink_tokens, window=self.window, **extra,
+            sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue, **extra,
         )

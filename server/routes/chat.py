@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
-from sse_starlette import EventSourceResponse
 
 from engine.events import Generation, TokenEvent
 from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
 from server.errors import APIError
 from server.generation import (
+    StreamShutdown,
     chat_logprobs,
     check_model,
     check_prompt_length,
@@ -36,6 +36,7 @@ from server.generation import (
 from server.limits import Slot
 from server.metrics import TokenTimer
 from server.protocol import (
+    STREAM_RESPONSE,
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -43,15 +44,13 @@ from server.protocol import (
     ChatCompletionResponse,
     ChoiceLogprobs,
     ChunkChoice,
-    ErrorResponse,
 )
 
 router = APIRouter(tags=["chat"])
 ENDPOINT = "/v1/chat/completions"
-PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
 
 
-@router.post(ENDPOINT, response_model=ChatCompletionResponse, responses={400: {"model": ErrorResponse}})
+@router.post(ENDPOINT, response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
@@ -79,8 +78,9 @@ async def create_chat_completion(
     )
     if body.stream:
         first = ChatCompletionChunk(model=model, system_fingerprint=fingerprint(engine))
-        events = stream_chat(gen, slot, timer, first, body.include_usage, params.logprobs)
-        return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen))
+        shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
+        events = stream_chat(gen, slot, timer, first, body.include_usage, params.logprobs, shutdown)
+        return shutdown.response(events, gen)
     try:
         result = await collect(gen, timer, request)
     finally:
@@ -101,7 +101,7 @@ async def create_chat_completion(
 
 async def stream_chat(
     gen: Generation, slot: Slot, timer: TokenTimer, base: ChatCompletionChunk, include_usage: bool,
-    want_logprobs: bool,
+    want_logprobs: bool, shutdown: StreamShutdown | None = None,
 ) -> AsyncIterator[dict]:
     """Chunks exactly as OpenAI sends them; every chunk shares ``base``'s id, created and model."""
 
@@ -109,6 +109,8 @@ async def stream_chat(
         data = base.model_copy(update={"choices": choices, "usage": usage})
         return {"data": json.dumps(data.model_dump(exclude=None if include_usage else {"usage"}))}
 
+    shutdown = shutdown or StreamShutdown()
+    watcher = shutdown.watch(gen)
     try:
         yield chunk([ChunkChoice(delta={"role": "assistant", "content": ""})])
         pending = []  # logprobs of tokens whose text is still held back (stop strings, partial UTF-8)
@@ -122,13 +124,14 @@ async def stream_chat(
                     yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
                     pending = []
                 continue
-            if event.finish_reason not in ("stop", "length"):
+            reason = shutdown.finish_reason(event)
+            if reason not in ("stop", "length"):
                 yield error_event(event)
                 break
             if event.text or pending:
                 logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
                 yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
-            yield chunk([ChunkChoice(delta={}, finish_reason=event.finish_reason)])
+            yield chunk([ChunkChoice(delta={}, finish_reason=reason)])
             if include_usage:
                 yield chunk([], usage=usage_info(event))
         yield {"data": "[DONE]"}
@@ -136,5 +139,6 @@ async def stream_chat(
         yield unexpected_error_event()
         yield {"data": "[DONE]"}
     finally:
+        watcher.cancel()
         gen.cancel()
         slot.release()

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
-from sse_starlette import EventSourceResponse
 
 from engine.events import Generation, TokenEvent
 from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
 from server.errors import APIError
 from server.generation import (
+    StreamShutdown,
     check_model,
     check_prompt_length,
     collect,
@@ -33,8 +33,13 @@ from server.generation import (
 )
 from server.limits import Slot
 from server.metrics import TokenTimer
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.routes.chat import PING_SECONDS
+from server.protocol import (
+    STREAM_RESPONSE,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 
 router = APIRouter(tags=["completions"])
 ENDPOINT = "/v1/completions"
@@ -53,7 +58,7 @@ def legacy_logprobs(tokens: list[TokenEvent], offset: int = 0) -> CompletionLogp
     return out
 
 
-@router.post(ENDPOINT, response_model=CompletionResponse)
+@router.post(ENDPOINT, response_model=CompletionResponse, responses=STREAM_RESPONSE)
 async def create_completion(
     body: CompletionRequest,
     request: Request,
@@ -75,13 +80,14 @@ async def create_completion(
                            param="prompt", code="invalid_value")
     else:
         prompt = await asyncio.to_thread(engine.encode, body.prompt)
-    check_prompt_length(prompt, settings)
+    check_prompt_length(prompt, settings, param="prompt")
     gen, slot = await start_generation(engine, limiter, api_key, prompt, params,
                                        session_id=body.session_id or x_session_id, pin_prefix=0)
     if body.stream:
         base = CompletionResponse(model=model, system_fingerprint=fingerprint(engine))
-        events = stream_completion(gen, slot, timer, base, body.include_usage, params.logprobs)
-        return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen))
+        shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
+        events = stream_completion(gen, slot, timer, base, body.include_usage, params.logprobs, shutdown)
+        return shutdown.response(events, gen)
     try:
         result = await collect(gen, timer, request)
     finally:
@@ -99,7 +105,7 @@ async def create_completion(
 
 async def stream_completion(
     gen: Generation, slot: Slot, timer: TokenTimer, base: CompletionResponse, include_usage: bool,
-    want_logprobs: bool,
+    want_logprobs: bool, shutdown: StreamShutdown | None = None,
 ) -> AsyncIterator[dict]:
     exclude = {"sinkserve"} if include_usage else {"sinkserve", "usage"}
 
@@ -107,6 +113,8 @@ async def stream_completion(
         data = base.model_copy(update={"choices": choices, "usage": usage})
         return {"data": json.dumps(data.model_dump(exclude=exclude))}
 
+    shutdown = shutdown or StreamShutdown()
+    watcher = shutdown.watch(gen)
     try:
         offset, pending = 0, []
         async for event in gen:
@@ -119,11 +127,12 @@ async def stream_completion(
                     offset += sum(len(e.text) for e in pending)
                     pending = []
                 continue
-            if event.finish_reason not in ("stop", "length"):
+            reason = shutdown.finish_reason(event)
+            if reason not in ("stop", "length"):
                 yield error_event(event)
                 break
             logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
-            yield chunk([CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)])
+            yield chunk([CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=reason)])
             if include_usage:
                 yield chunk([], usage=usage_info(event))
         yield {"data": "[DONE]"}
@@ -131,5 +140,6 @@ async def stream_completion(
         yield unexpected_error_event()
         yield {"data": "[DONE]"}
     finally:
+        watcher.cancel()
         gen.cancel()
         slot.release()

@@ -187,3 +187,16 @@ def test_valid_params_and_stop_coercion():
     p = SamplingParams(temperature=0, top_p=1.0, min_p=1.0, top_logprobs=20, stop=["a", "b"])
     assert p.stop == ("a", "b")
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=1e-30)
+    assert sample(process_logits(logits, params, [], []), params, torch.Generator().manual_seed(0)) == 1
+
+
+def test_overflowing_penalties_fall_back_to_the_best_finite_token():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    params = SamplingParams(temperature=0.5, frequency_penalty=1e38, presence_penalty=1e38)
+    token = sample(process_logits(logits, params, [2, 2, 2], [2, 2, 2]), params, torch.Generator().manual_seed(0))
+    assert token in (0, 1)

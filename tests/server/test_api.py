@@ -132,8 +132,9 @@ def test_cli_flags_override_env(monkeypatch):
     assert args.port is None  # not given: the environment decides
 
 
-def test_cli_bench_not_yet_available():
-    assert main(["bench"]) == 2
+def test_cli_bench_requires_a_suite():
+    with pytest.raises(SystemExit):
+        main(["bench"])
 
 
 def test_cli_requires_a_command():
