@@ -344,20 +344,24 @@ class Scheduler:
             tail, _ = request.stops.push(request.detok.flush())
             tail += request.stops.flush()
         session = request.session
-        evicted = 0
+        evicted, saved = 0, None
         if session is not None:
             session.busy = False
             self.store.sync(session)
             evicted = session.evicted
             if session.tokens and reason != "error":
-                self.store.save(session)
+                saved = self.store.save(session)
         usage = Usage(
             prompt_tokens=len(request.prompt),
             completion_tokens=len(request.generated),
             cached_tokens=request.cached_tokens,
             evicted_tokens=evicted,
         )
-        request.emit(FinishEvent(finish_reason=reason, usage=usage, text=tail, error=error))
+        finish = FinishEvent(finish_reason=reason, usage=usage, text=tail, error=error)
+        if saved is None:
+            request.emit(finish)
+        else:  # the reply ends once the turn is on disk: a crash after it never loses the turn
+            saved.add_done_callback(lambda _: request.emit(finish))
 
 
 def _resolve(future: asyncio.Future, value) -> None:

@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,18 +228,21 @@ class SessionStore:
             raise InvalidRequest("bad session id")
         return path
 
-    def save(self, session: Session, wait: bool = False) -> None:
-        """Write the session in the background (atomic); the export is a snapshot taken now."""
+    def save(self, session: Session, wait: bool = False) -> Future | None:
+        """Write the session in the background (atomic); the export is a snapshot taken now.
+
+        Returns the write's future (None when there was nothing new to write)."""
         self.sync(session)
         if session.row is not None:
             state = self.cache.export_row(session.row)
         elif session.host_state is not None:
             state = session.host_state
         else:
-            return  # only on disk: already saved
+            return None  # only on disk: already saved
         future = self._write(session, state)
         if wait:
             future.result()
+        return future
 
     def _write(self, session: Session, state: dict[str, torch.Tensor]):
         tensors = dict(state)
