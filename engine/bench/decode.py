@@ -1,0 +1,339 @@
+"""Decode cost per generated token against conversation length: sinkserve vs dense vs recompute.
+
+Three ways to keep talking after a conversation of ``L`` tokens (the baselines of StreamingLLM, Xiao et al.
+2023, arXiv 2309.17453, section 4.5 "Efficiency Results", Figure 10):
+
+``sinkserve``
+    The engine's :class:`~engine.runner.Runner` over a :class:`~engine.cache.SinkCache` (``sink_tokens`` +
+    ``window`` slots, 4 + 1020 by default). The history is streamed through the cache in big prefill
+    chunks, as a session does, one length after the other (the decoded tokens of a length stay in the
+    stream); then ``decode_steps`` greedy decode steps are timed one by one. The cost should not depend
+    on ``L`` once the window is full.
+``dense``
+    transformers ``model.generate`` with its default ``DynamicCache``: the whole history is prefilled,
+    then ``decode_steps`` tokens are generated; a streamer stamps each token, so prefill and per-token
+    decode times come from one call. The cache grows with ``L`` (and positions run past the model's
+    trained ``max_position_embeddings``, which the report flags). A length whose prefill is estimated
+    (from the last measured run, or the sink cache's prefill rate, scaled by a FLOP count linear +
+    quadratic in ``L``) to exceed ``dense_budget_s``, or whose cache would not fit the available memory,
+    is skipped and recorded as ``"skipped: <reason>"``.
+``recompute``
+    The sliding window with re-computation at ``recompute_window`` (1024) tokens: every generated token
+    re-encodes the last ``recompute_window`` tokens from scratch (one forward of that many tokens, no
+    cache). Its cost depends on ``min(L, recompute_window)`` only, so it is measured once per distinct
+    window length with ``recompute_steps`` tokens.
+
+Report (``decode.json``): per length ``sinkserve`` / ``dense`` / ``recompute`` entries with
+``ms_per_token`` (mean), ``ms_per_token_median`` and timing details, and ``ratios``: recompute over
+sinkserve per length, and the longest over the shortest length for sinkserve and dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from engine.bench.common import (
+    Timer,
+    available_memory_bytes,
+    environment,
+    history_ids,
+    markdown_table,
+    peak_rss_bytes,
+    pyplot,
+    ratio,
+    sync,
+    write_report,
+)
+from engine.cache import SinkCache
+from engine.loader import LoadedModel
+from engine.runner import Runner
+
+log = logging.getLogger(__name__)
+
+LENGTHS = (1_000, 8_000, 32_000, 100_000)
+QUICK_LENGTHS = (1_000, 4_000)
+
+
+# ----- a rough cost model, to skip dense runs that would take too long ------------------------------------
+def _dims(loaded: LoadedModel) -> tuple[int, int]:
+    """(parameters used per token, layers * query width) of the model."""
+    config = loaded.model.config.get_text_config()
+    embed = loaded.model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in loaded.model.parameters()) - embed
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return max(params, 1), config.num_hidden_layers * heads * head_dim
+
+
+def prefill_flops(loaded: LoadedModel, tokens: int, context_before: int = 0) -> float:
+    """FLOPs to feed ``tokens`` tokens after ``context_before`` cached ones (matmuls + causal attention)."""
+    params, width = _dims(loaded)
+    contexts = tokens * context_before + tokens * (tokens + 1) / 2  # sum of each token's context length
+    return 2.0 * params * tokens + 4.0 * width * contexts
+
+
+# ----- the three methods -------------------------------------------------------------------------------
+def _argmax(logits: torch.Tensor) -> int:
+    return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+
+
+def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink_tokens: int, window: int,
+                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 2) -> dict[int, dict]:
+    """Stream ``ids`` through one sink-cache row; at each length time ``decode_steps`` decode steps."""
+    cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
+                      dtype=loaded.dtype, device=loaded.device)
+    runner = Runner(loaded.model, cache)
+    chunk = max(1, min(chunk, window))
+    results: dict[int, dict] = {}
+    fed = streamed = 0
+    feed_seconds = 0.0
+    for length in lengths:
+        part = ids[fed:length]
+        with Timer(loaded.device) as feed:
+            logits = runner.prefill(0, part, chunk) if part else None
+        feed_seconds += feed.seconds
+        fed, streamed = length, streamed + len(part)
+        token = _argmax(logits) if logits is not None else ids[length - 1]
+        for _ in range(warmup_steps):
+            token = _argmax(runner.decode([0], [token]))
+        steps = []
+        for _ in range(decode_steps):
+            start = time.perf_counter()
+            token = _argmax(runner.decode([0], [token]))  # .item() inside waits for the device
+            steps.append(time.perf_counter() - start)
+        streamed += warmup_steps + decode_steps
+        results[length] = {
+            "ms_per_token": 1e3 * statistics.fmean(steps),
+            "ms_per_token_median": 1e3 * statistics.median(steps),
+            "decode_steps": decode_steps,
+            "stream_tokens": streamed,
+            "cache_tokens": cache.lengths[0],
+            "evicted_tokens": cache.evicted[0],
+            "cache_bytes": cache.row_bytes_used(0),
+            "history_feed_s": feed.seconds,
+            "history_feed_tokens_per_s": len(part) / feed.seconds if part and feed.seconds else None,
+        }
+        log.info("sinkserve: %d tokens, %.1f ms/token (fed %d tokens in %.1f s)", length,
+                 results[length]["ms_per_token"], len(part), feed.seconds)
+    return results
+
+
+class _Stamps:
+    """A ``generate`` streamer that only records when each put happens (the prompt first, then tokens)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def dense_decode(loaded: LoadedModel, ids: list[int], length: int, decode_steps: int) -> dict:
+    """``model.generate`` (default DynamicCache, greedy) on the first ``length`` ids: prefill and decode times."""
+    model = loaded.model
+    prompt = torch.tensor([ids[:length]], device=loaded.device)
+    stamps = _Stamps(loaded.device)
+    pad = next(iter(loaded.eos_token_ids), 0)
+    sync(loaded.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=decode_steps,
+                             min_new_tokens=decode_steps, do_sample=False, streamer=stamps, pad_token_id=pad)
+    generated = out.shape[1] - length
+    if len(stamps.times) < 3 or generated < 2:
+        raise RuntimeError(f"generate produced {generated} tokens")
+    prefill_s = stamps.times[1] - start
+    decode_s = stamps.times[-1] - stamps.times[1]
+    gaps = [b - a for a, b in zip(stamps.times[1:], stamps.times[2:], strict=False)]
+    return {
+        "ms_per_token": 1e3 * decode_s / (generated - 1),
+        "ms_per_token_median": 1e3 * statistics.median(gaps),
+        "decode_steps": generated,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": length / prefill_s if prefill_s else None,
+        "cache_bytes": (length + generated) * loaded.shape.bytes_per_token(loaded.dtype),
+        "beyond_trained_positions": length + generated > loaded.max_positions,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def recompute_decode(loaded: LoadedModel, ids: list[int], length: int, window: int, steps: int) -> dict:
+    """Sliding window with re-computation: each token re-encodes the last ``window`` tokens, no cache."""
+    context = list(ids[max(0, length - window) : length])
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = loaded.model(input_ids=torch.tensor([context], device=loaded.device), logits_to_keep=1).logits
+            token = _argmax(logits)
+            times.append(time.perf_counter() - start)
+            context = (context + [token])[-window:]
+    return {
+        "ms_per_token": 1e3 * statistics.fmean(times),
+        "ms_per_token_median": 1e3 * statistics.median(times),
+        "decode_steps": steps,
+        "tokens_per_forward": min(length, window),
+    }
+
+
+# ----- the suite ---------------------------------------------------------------------------------------
+def _estimate_dense(loaded: LoadedModel, length: int, reference: tuple[float, float] | None) -> float | None:
+    """Seconds a dense prefill of ``length`` tokens should take, from (FLOPs, seconds) of a measured run."""
+    if reference is None:
+        return None
+    flops, seconds = reference
+    return seconds * prefill_flops(loaded, length) / flops
+
+
+def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4, window: int = 1020,
+                   evict_block: int = 64, chunk: int = 512, decode_steps: int = 32, recompute_window: int = 1024,
+                   recompute_steps: int = 3, dense_budget_s: float = 120.0,
+                   methods=("sinkserve", "dense", "recompute")) -> dict:
+    """Time the decode of each method at each history length; a JSON-ready report."""
+    lengths = sorted(set(int(n) for n in lengths))
+    ids = history_ids(loaded.tokenizer, max(lengths))
+    started = time.perf_counter()
+    sink = {}
+    if "sinkserve" in methods:
+        sink = sink_decode(loaded, ids, lengths, sink_tokens=sink_tokens, window=window, evict_block=evict_block,
+                           chunk=chunk, decode_steps=decode_steps)
+    reference = None  # (FLOPs, seconds) of the latest prefill, to estimate the next dense one
+    first = sink.get(lengths[0])
+    if first and first["history_feed_s"]:
+        fed = lengths[0]
+        reference = (sum(prefill_flops(loaded, min(chunk, window), min(i, window))
+                         for i in range(0, fed, min(chunk, window))), first["history_feed_s"])
+    dense: dict[int, dict | str] = {}
+    recompute: dict[int, dict] = {}
+    by_window: dict[int, dict] = {}
+    for length in lengths:
+        if "dense" in methods:
+            estimate = _estimate_dense(loaded, length, reference)
+            need = length * loaded.shape.bytes_per_token(loaded.dtype) * 2  # the cache, plus as much again
+            free = available_memory_bytes() if loaded.device.type == "cpu" else None
+            if estimate is not None and estimate > dense_budget_s:
+                dense[length] = f"skipped: prefill estimated at {estimate:.0f} s > budget {dense_budget_s:.0f} s"
+            elif free is not None and need > free:
+                dense[length] = f"skipped: needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"
+            else:
+                try:
+                    dense[length] = dense_decode(loaded, ids, length, decode_steps)
+                    dense[length]["estimated_prefill_s"] = estimate
+                    reference = (prefill_flops(loaded, length), dense[length]["prefill_s"])
+                except (RuntimeError, MemoryError) as exc:  # out of memory, or the model gave up
+                    dense[length] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            entry = dense[length]
+            if isinstance(entry, str):
+                log.info("dense: %d tokens, %s", length, entry)
+            else:
+                log.info("dense: %d tokens, %.1f ms/token, prefill %.1f s", length, entry["ms_per_token"],
+                         entry["prefill_s"])
+        if "recompute" in methods:
+            span = min(length, recompute_window)
+            if span not in by_window:
+                by_window[span] = recompute_decode(loaded, ids, length, recompute_window, recompute_steps)
+                by_window[span]["measured_at"] = length
+                log.info("recompute: window %d, %.1f ms/token", span, by_window[span]["ms_per_token"])
+            recompute[length] = by_window[span]
+
+    def ms(table: dict, length: int) -> float | None:
+        entry = table.get(length)
+        return entry["ms_per_token"] if isinstance(entry, dict) else None
+
+    measured_dense = [n for n in lengths if ms(dense, n) is not None]
+    report = {
+        "suite": "decode",
+        "environment": environment(loaded, None),
+        "settings": {
+            "lengths": lengths, "sink_tokens": sink_tokens, "window": window, "evict_block": evict_block,
+            "chunk": chunk, "decode_steps": decode_steps, "recompute_window": recompute_window,
+            "recompute_steps": recompute_steps, "dense_budget_s": dense_budget_s,
+            "model_max_positions": loaded.max_positions,
+        },
+        "results": [
+            {"history_tokens": n, "sinkserve": sink.get(n), "dense": dense.get(n), "recompute": recompute.get(n)}
+            for n in lengths
+        ],
+        "ratios": {
+            "recompute_over_sinkserve": {str(n): ratio(ms(recompute, n), ms(sink, n)) for n in lengths},
+            "sinkserve_longest_over_shortest": ratio(ms(sink, lengths[-1]), ms(sink, lengths[0])),
+            "dense_longest_measured_over_shortest": (
+                ratio(ms(dense, measured_dense[-1]), ms(dense, measured_dense[0])) if measured_dense else None),
+            "dense_longest_measured": measured_dense[-1] if measured_dense else None,
+        },
+        "seconds": time.perf_counter() - started,
+        "notes": [
+            "Baselines as in StreamingLLM (arXiv 2309.17453, section 4.5): dense = transformers generate with "
+            "its growing DynamicCache; recompute = sliding window of "
+            f"{recompute_window} tokens re-encoded for every generated token.",
+            f"The model was trained on {loaded.max_positions} positions; dense runs past that are flagged "
+            "beyond_trained_positions (they still run, with growing memory and time).",
+        ],
+    }
+    return report
+
+
+def table(report: dict) -> str:
+    rows = []
+    for entry in report["results"]:
+        n = entry["history_tokens"]
+        rows.append([n, _cell(entry, "sinkserve"), _cell(entry, "dense"), _cell(entry, "recompute"),
+                     report["ratios"]["recompute_over_sinkserve"].get(str(n))])
+    text = markdown_table(["history tokens", "sinkserve ms/token", "dense (generate) ms/token",
+                           "recompute ms/token", "recompute / sinkserve"], rows)
+    r = report["ratios"]
+    text += (f"\nsinkserve {report['settings']['lengths'][-1]} vs {report['settings']['lengths'][0]} tokens: "
+             f"{_fmt(r['sinkserve_longest_over_shortest'])}x; dense {r['dense_longest_measured']} vs "
+             f"{report['settings']['lengths'][0]}: {_fmt(r['dense_longest_measured_over_shortest'])}x\n")
+    return text
+
+
+def _cell(entry: dict, method: str):
+    value = entry.get(method)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else round(value["ms_per_token"], 2)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot(report: dict, path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, style in (("sinkserve", "o-"), ("dense", "s--"), ("recompute", "^:")):
+        points = [(e["history_tokens"], e[method]["ms_per_token"]) for e in report["results"]
+                  if isinstance(e.get(method), dict)]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=method)
+        skipped = [e["history_tokens"] for e in report["results"] if isinstance(e.get(method), str)]
+        for n in skipped:
+            ax.axvline(n, color="grey", alpha=0.15)
+    ax.axvline(report["settings"]["model_max_positions"], color="red", alpha=0.4, linestyle="--",
+               label="model's trained positions")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("conversation length (tokens)")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"Decode cost ({report['environment']['model']}, {report['environment']['device']})")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_decode(loaded: LoadedModel, out_dir, quick: bool = False, lengths=None, **kwargs) -> dict:
+    report = measure_decode(loaded, lengths or (QUICK_LENGTHS if quick else LENGTHS), **kwargs)
+    report["files"] = write_report(out_dir, "decode", report, table(report), plot)
+    return report
