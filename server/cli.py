@@ -25,6 +25,7 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--data-dir": ("data_dir", {}),
     "--cache-dir": ("cache_dir", {}),
     "--memory-budget-mb": ("memory_budget_mb", {"type": int}),
+    "--threads": ("threads", {"type": int, "help": "torch threads on CPU (default: torch's choice)"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
     "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),
 }
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accepted bearer key (repeatable); none: no authentication")
     serve.add_argument("--pin-system-prompt", dest="pin_system_prompt", action="store_const", const=True,
                        default=None, help="keep system prompts in the cache's pinned sink region")
+    serve.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                       help="torch.compile the decode step (a faster decode after a slow first start)")
 
     try:
         from engine.evaluate.cli import add_eval_parser

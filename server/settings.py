@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     cache_dir: Path | None = None
     pin_system_prompt: bool = False
+    compile: bool = False  # torch.compile the decode step (slower first start)
+    threads: int | None = None  # torch intra-op threads on CPU
 
     # access
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
@@ -80,5 +82,6 @@ class Settings(BaseSettings):
         extra["evict_block"] = min(EngineConfig.evict_block, self.window) if self.window >= 1 else 1
         return EngineConfig(
             model=self.model, device=self.device, dtype=self.dtype,
-            sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue, **extra,
+            sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
+            compile=self.compile, threads=self.threads, **extra,
         )
