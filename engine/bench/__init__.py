@@ -7,8 +7,10 @@ The baselines follow StreamingLLM (Xiao et al. 2023, arXiv 2309.17453, section 4
 Results"): dense attention whose cache grows with the conversation, and a sliding window with
 re-computation, which re-encodes the last ``window`` tokens for every generated token.
 
-Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,all}`` (see
-:mod:`engine.bench.cli`).
+``load`` is the exception: it drives a running server over HTTP (:mod:`engine.bench.load`).
+
+Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,all}`` (see
+:mod:`engine.bench.cli`; ``all`` runs every suite but ``load``).
 """
 
-SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp")
+SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load")

@@ -20,6 +20,7 @@ from engine.config import DTYPES
 log = logging.getLogger(__name__)
 
 ORDER = ("memory", "decode", "followup", "concurrency", "llamacpp")  # memory first: its peak RSS stays clean
+# ``load`` is not in ``all``: it runs HTTP clients against a server (``--url`` or ``--serve``), no model here.
 
 
 def _ints(value: str) -> list[int]:
@@ -45,11 +46,23 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
                              "memory total tokens (its last number)")
     parser.add_argument("--dense-budget-s", type=float, default=120.0,
                         help="decode: skip dense prefills estimated to take longer than this")
+    load = parser.add_argument_group("load (HTTP load on a loopback server; see engine/bench/load.py)")
+    target = load.add_mutually_exclusive_group()
+    target.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (loopback only)")
+    target.add_argument("--serve", action="store_true", help="start `sinkserve serve` on a free 127.0.0.1 port")
+    load.add_argument("--tiny", action="store_true", help="with --serve: the tests' tiny random model (smoke runs)")
+    load.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+    load.add_argument("--seconds", type=float, default=60.0, help="how long new turns are started")
+    load.add_argument("--turns", type=int, default=8, help="turns a conversation before a client starts a new one")
+    load.add_argument("--max-tokens", type=int, default=32, help="tokens generated a turn")
+    load.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
+    load.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                      help="with --url: bearer key(s), cycled over the clients (repeatable)")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` command to a CLI's sub-parsers."""
-    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, all")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, all")
     _fill_bench_parser(parser)
     return parser
 
@@ -62,8 +75,31 @@ def _engine(loaded, config, data_dir: str):
     return Engine(replace(config, data_dir=Path(data_dir)), loaded).start()
 
 
+def _run_load(args: argparse.Namespace) -> dict:
+    from engine.bench.load import run_load
+
+    if not args.serve and args.url is None:
+        raise SystemExit("bench load needs --url URL (a loopback server) or --serve")
+    flags, env = [], {}
+    for flag, name in (("--model", "model"), ("--device", "device"), ("--dtype", "dtype")):
+        value = getattr(args, name, None)
+        if args.serve and value is not None and not (name == "device" and value == "auto") \
+                and not (name == "dtype" and value == "float32"):
+            flags += [flag, str(value)]
+    if args.serve and args.threads:
+        env["SINKSERVE_THREADS"] = str(args.threads)
+    try:
+        return run_load(args.out, url=args.url, serve=args.serve, tiny=args.tiny, clients=args.clients,
+                        seconds=args.seconds, api_keys=args.api_keys, serve_flags=flags, serve_env=env,
+                        turns=args.turns, max_tokens=args.max_tokens, max_requests=args.max_requests)
+    except ValueError as exc:  # not a loopback URL
+        raise SystemExit(str(exc)) from exc
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the suite(s) ``args`` describe (parsed by :func:`add_bench_parser`); returns the reports."""
+    if args.suite == "load":
+        return {"load": _run_load(args)}
     from engine.bench.common import engine_config, load_model
 
     suites = ORDER if args.suite == "all" else (args.suite,)
