@@ -185,8 +185,8 @@ class Scheduler:
             if request.cancelled:
                 self._reject(request, ShuttingDown("cancelled"))
                 continue
-            if len(self.running) >= self.cache.rows:
-                still_waiting.append(request)
+            if len(self.running) >= min(self.cache.rows, self.config.max_batch):
+                still_waiting.append(request)  # every running request decodes every step: no starvation
                 continue
             try:
                 session = self._find_session(request)
