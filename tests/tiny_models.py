@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -31,17 +32,26 @@ FAMILIES = {
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # learned per-head attention sinks (gpt-oss): transformers' own eager attention keeps them
+    "gpt_oss": lambda: GptOssConfig(
+        **{**COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
+EAGER_ONLY = {"gpt_oss"}
 
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
     """A random model of ``family``; weights scaled up so attention is far from uniform."""
     torch.manual_seed(seed)
     config = FAMILIES[family]()
-    config._attn_implementation = attn
+    config._attn_implementation = "eager" if family in EAGER_ONLY else attn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0.0, 2.0)  # learned sinks that matter
             if "proj" in name and p.dim() == 2:
                 p.mul_(4.0)
             elif "lm_head" in name:
