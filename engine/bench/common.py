@@ -203,6 +203,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, ax, path) -> None:
+    """The common finish of a single-axis benchmark plot: legend, grid, write, close."""
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

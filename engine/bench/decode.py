@@ -45,6 +45,7 @@ from engine.bench.common import (
     peak_rss_bytes,
     pyplot,
     ratio,
+    save_figure,
     sync,
     write_report,
 )
@@ -326,11 +327,7 @@ def plot(report: dict, path) -> None:
     ax.set_xlabel("conversation length (tokens)")
     ax.set_ylabel("ms per generated token")
     ax.set_title(f"Decode cost ({report['environment']['model']}, {report['environment']['device']})")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def run_decode(loaded: LoadedModel, out_dir, quick: bool = False, lengths=None, **kwargs) -> dict:

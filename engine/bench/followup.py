@@ -26,7 +26,15 @@ import asyncio
 import logging
 import time
 
-from engine.bench.common import environment, history_ids, markdown_table, pyplot, ratio, write_report
+from engine.bench.common import (
+    environment,
+    history_ids,
+    markdown_table,
+    pyplot,
+    ratio,
+    save_figure,
+    write_report,
+)
 from engine.events import FinishEvent, TokenEvent
 from engine.sampling import SamplingParams
 
@@ -138,11 +146,7 @@ def plot(report: dict, path) -> None:
     ax.set_xlabel("history length (tokens)")
     ax.set_ylabel(f"TTFT of a {report['settings']['followup_tokens']}-token follow-up (ms)")
     ax.set_title(f"Follow-up latency ({report['environment']['model']}, {report['environment']['device']})")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def run_followup(engine, out_dir, quick: bool = False, lengths=None, **kwargs) -> dict:

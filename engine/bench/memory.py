@@ -30,6 +30,7 @@ from engine.bench.common import (
     peak_rss_bytes,
     pyplot,
     ratio,
+    save_figure,
     write_report,
 )
 from engine.cache import SinkCache
@@ -134,11 +135,7 @@ def plot(report: dict, path) -> None:
     ax.set_ylabel("MB")
     ax.set_yscale("log")
     ax.set_title(f"Memory ({report['environment']['model']}, {report['environment']['device']})")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def run_memory(loaded: LoadedModel, out_dir, quick: bool = False, tokens=None, **kwargs) -> dict:
