@@ -161,6 +161,23 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase
     return AutoTokenizer.from_pretrained(str(model_directory(spec, cache_dir)))
 
 
+def quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Dynamic int8 quantization of every Linear layer (per-channel weights, activations per batch).
+
+    A decode step on a CPU reads every weight once: int8 weights read a quarter of the bytes.
+    Opt-in, because it changes the logits slightly (the README reports its perplexity).
+    """
+    if device.type != "cpu":
+        raise ValueError("int8 dynamic quantization runs on the CPU only")
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks these kernels deprecated in favour of torchao
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
     directory = model_directory(config.model, config.cache_dir)
@@ -171,6 +188,8 @@ def load(config: EngineConfig) -> LoadedModel:
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
+    if config.quantize == "int8":
+        model = quantize_int8(model, device)
     if tokenizer.chat_template is None:
         log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")
     return prepare(model, tokenizer, model_name(config.model), config)

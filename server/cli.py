@@ -25,6 +25,7 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--data-dir": ("data_dir", {}),
     "--cache-dir": ("cache_dir", {}),
     "--memory-budget-mb": ("memory_budget_mb", {"type": int}),
+    "--quantize": ("quantize", {"choices": ["int8"], "help": "dynamic int8 weights (CPU only)"}),
     "--threads": ("threads", {"type": int, "help": "torch threads on CPU (default: torch's choice)"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
     "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),

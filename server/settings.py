@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     cache_dir: Path | None = None
     pin_system_prompt: bool = False
+    quantize: str | None = None  # "int8": dynamic int8 weights on CPU
     compile: bool = False  # torch.compile the decode step (slower first start)
     threads: int | None = None  # torch intra-op threads on CPU
 
@@ -83,5 +84,5 @@ class Settings(BaseSettings):
         return EngineConfig(
             model=self.model, device=self.device, dtype=self.dtype,
             sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
-            compile=self.compile, threads=self.threads, **extra,
+            compile=self.compile, threads=self.threads, quantize=self.quantize, **extra,
         )

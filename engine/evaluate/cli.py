@@ -36,6 +36,7 @@ def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--chunk", type=int, default=64, help="tokens per forward pass")
     ppl.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 weights (CPU)")
     ppl.add_argument("--out", default="results/ppl", help="output folder for ppl.json, ppl.png, ppl.md")
 
     attention = commands.add_parser("attention", help="share of attention on the first 16 positions per layer")
@@ -58,7 +59,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         from engine.evaluate.ppl import markdown_table, run_ppl
 
         report = run_ppl(args.text, args.tokens, args.mode, args.sink_tokens, args.window, args.out,
-                         model=args.model, dtype=args.dtype, evict_block=args.evict_block, chunk=args.chunk)
+                         model=args.model, dtype=args.dtype, evict_block=args.evict_block, chunk=args.chunk,
+                         quantize=args.quantize)
         log.info("perplexity written to %s\n%s", args.out, markdown_table(report))
         return report
     if args.eval_command == "attention":

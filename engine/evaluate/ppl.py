@@ -305,20 +305,20 @@ def write_reports(report: dict, out_dir: str | Path) -> None:
 
 def run_ppl(text_path: str | Path | None, tokens: int, modes, sink_tokens: int, window: int, out_dir,
             model: str | None = None, dtype: str = "float32", evict_block: int = 64, chunk: int = 64,
-            loaded: LoadedModel | None = None) -> dict:
+            loaded: LoadedModel | None = None, quantize: str | None = None) -> dict:
     """Measure the perplexity of the first ``tokens`` tokens of a text in each mode; write the reports."""
     text_path = Path(text_path) if text_path else DEFAULT_TEXT
     if isinstance(modes, str):
         modes = [m.strip() for m in modes.split(",") if m.strip()]
     if loaded is None:
         loaded = load(EngineConfig(model=model, dtype=dtype, sink_tokens=sink_tokens, window=window,
-                                   evict_block=evict_block))
+                                   evict_block=evict_block, quantize=quantize))
     ids = text_ids(loaded.tokenizer, text_path, tokens)
     report = {
         "model": loaded.name,
         "text": str(text_path),
         "tokens": len(ids),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": str(loaded.dtype).removeprefix("torch.") + (f"+{quantize}" if quantize else ""),
         "device": str(loaded.device),
         "sink_tokens": sink_tokens,
         "window": window,

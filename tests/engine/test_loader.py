@@ -41,3 +41,17 @@ def test_refuses_a_cache_larger_than_the_models_positions():
     model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON))  # 512 positions
     with pytest.raises(ValueError, match="512"):
         prepare(model, None, "small", EngineConfig(sink_tokens=4, window=600, evict_block=8))
+
+
+def test_int8_quantization_keeps_the_model_close():
+    from engine.loader import quantize_int8
+
+    model, _ = tiny_chat_engine_parts()
+    ids = torch.tensor([[5, 9, 200, 7, 31]])
+    expected = model(ids).logits
+    quantized = quantize_int8(model, torch.device("cpu"))
+    assert any("quantized" in type(m).__module__ for m in quantized.modules())
+    got = quantized(ids).logits
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    with pytest.raises(ValueError):
+        EngineConfig(quantize="int4")
