@@ -11,6 +11,9 @@ import logging
 import signal
 import sys
 
+from engine.bench.cli import add_bench_parser, run_bench
+from engine.evaluate.cli import add_eval_parser, run_eval
+
 log = logging.getLogger("sinkserve")
 
 SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
@@ -46,21 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                        help="torch.compile the decode step (a faster decode after a slow first start)")
 
-    try:
-        from engine.evaluate.cli import add_eval_parser
-    except ImportError as exc:
-        unavailable = commands.add_parser("eval", help="offline evaluations (unavailable)")
-        unavailable.set_defaults(eval_import_error=str(exc))
-    else:
-        add_eval_parser(commands)
-
-    try:
-        from engine.bench.cli import add_bench_parser
-    except ImportError as exc:
-        unavailable = commands.add_parser("bench", help="benchmarks (unavailable)")
-        unavailable.set_defaults(bench_import_error=str(exc))
-    else:
-        add_bench_parser(commands)
+    add_eval_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -101,19 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "eval":
-        if getattr(args, "eval_import_error", None):
-            log.error("the eval command is not available: %s", args.eval_import_error)
-            return 2
-        from engine.evaluate.cli import run_eval
-
         run_eval(args)
         return 0
     if args.command == "bench":
-        if getattr(args, "bench_import_error", None):
-            log.error("the bench command is not available: %s", args.bench_import_error)
-            return 2
-        from engine.bench.cli import run_bench
-
         run_bench(args)
         return 0
     log.error("'sinkserve %s' is not yet available", args.command)
