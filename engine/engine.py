@@ -18,6 +18,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
 from engine.loader import LoadedModel, load
+from engine.prompts import PromptEncoder
 from engine.runner import Runner
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, Scheduler
@@ -40,6 +41,7 @@ class Engine:
         self.config = config
         self.loaded = loaded
         self.scheduler: Scheduler | None = None
+        self._encoder: PromptEncoder | None = None
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -134,7 +136,12 @@ class Engine:
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             text += "assistant:" if add_generation_prompt else ""
-        return tokenizer.encode(text, add_special_tokens=False)
+        return self._prompt_encoder().encode(text)
+
+    def _prompt_encoder(self) -> PromptEncoder:
+        if self._encoder is None or self._encoder.tokenizer is not self.tokenizer:
+            self._encoder = PromptEncoder(self.tokenizer)
+        return self._encoder
 
     def check_params(self, params: SamplingParams) -> None:
         bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
