@@ -118,14 +118,6 @@ class SinkCache:
                 buf[row].zero_()
         self.zeroed[row] = True
 
-    def set_pinned(self, row: int, pinned: int) -> None:
-        """Pin more of a row's first tokens (before any eviction happened)."""
-        if self.evicted[row]:
-            raise ValueError("cannot pin tokens after eviction started")
-        if pinned >= self.capacity:
-            raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
-        self.pinned[row] = max(pinned, self.sink_tokens)
-
     # ----- eviction ----------------------------------------------------------------------------------
     def make_room(self, row: int, new_tokens: int) -> int:
         """Evict whole blocks from the window until ``new_tokens`` fit; returns how many were evicted."""

@@ -111,8 +111,9 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], int]:
-        """Prompt tokens for a chat, and how many of them render the leading system message(s)."""
+    def render_chat(self, messages: Sequence[dict], pin_system: bool = False) -> tuple[list[int], int]:
+        """Prompt tokens for a chat and, with ``pin_system``, how many of them render the leading system
+        message (0 otherwise: measuring it costs a second render)."""
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         for m in messages:
             if m["role"] not in ROLES:
@@ -120,7 +121,7 @@ class Engine:
         tokens = self._render(messages, add_generation_prompt=True)
         system = [m for m in messages[:1] if m["role"] in ("system", "developer")]
         pinned = 0
-        if system:
+        if system and pin_system:
             pinned = common_prefix(self._render(system, add_generation_prompt=False), tokens)
         return tokens, pinned
 
@@ -139,7 +140,7 @@ class Engine:
         return self._prompt_encoder().encode(text)
 
     def _prompt_encoder(self) -> PromptEncoder:
-        if self._encoder is None or self._encoder.tokenizer is not self.tokenizer:
+        if self._encoder is None:
             self._encoder = PromptEncoder(self.tokenizer)
         return self._encoder
 

@@ -110,10 +110,6 @@ class Scheduler:
             raise value
         return value
 
-    @property
-    def busy(self) -> int:
-        return len(self.running) + len(self.waiting)
-
     def start(self) -> None:
         self.thread.start()
 

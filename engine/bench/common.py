@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.evaluate.ppl import DEFAULT_TEXT, encode_text
 from engine.loader import LoadedModel, load
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
 
 
 # ----- inputs --------------------------------------------------------------------------------------------
@@ -42,13 +42,6 @@ def history_ids(tokenizer, tokens: int, offset: int = 0) -> list[int]:
 _TEXT_CACHE: dict[int, tuple[int, list[int]]] = {}  # id(tokenizer) -> (characters encoded, ids)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:  # a stand-in tokenizer without the keyword
-        return list(tokenizer.encode(text))
-
-
 def _text_ids(tokenizer, tokens: int) -> list[int]:
     """At least ``tokens`` ids of the text (all of it if it has fewer), encoding only the prefix needed."""
     text = DEFAULT_TEXT.read_text(encoding="utf-8")
@@ -57,7 +50,7 @@ def _text_ids(tokenizer, tokens: int) -> list[int]:
         return ids
     chars = max(chars * 2, tokens * 5 + 256)
     while True:
-        ids = _encode(tokenizer, text[:chars])
+        ids = encode_text(tokenizer, text[:chars])
         if chars >= len(text) or len(ids) >= tokens + 16:
             break
         chars *= 2

@@ -61,7 +61,8 @@ DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "tinyshakespear
 
 
 # ----- text ----------------------------------------------------------------------------------------------
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (stand-in test tokenizers lack the keyword)."""
     try:
         return list(tokenizer.encode(text, add_special_tokens=False))
     except TypeError:  # a stand-in tokenizer without the keyword
@@ -77,7 +78,7 @@ def text_ids(tokenizer, text_path: str | Path, tokens: int) -> list[int]:
     text = Path(text_path).read_text(encoding="utf-8")
     chars = tokens * 6 + 256
     while True:
-        ids = _encode(tokenizer, text[:chars])
+        ids = encode_text(tokenizer, text[:chars])
         if chars >= len(text) or len(ids) >= tokens + 16:
             break
         chars *= 2
@@ -145,6 +146,21 @@ def _progress(mode: str, seen: int, total: int, started: float, last: list[float
         log.info("%s: %d/%d tokens, %.0f s", mode, seen, total, now - started)
 
 
+def _mode_result(scores, trace, tokens: int, started: float, capacity: int, evicted: int, per_token: int) -> dict:
+    """One mode's entry in ppl.json: its scores plus how long, how big and how much it evicted."""
+    result = scores.summary()
+    result.update(
+        tokens=tokens,
+        seconds=time.perf_counter() - started,
+        capacity=capacity,
+        evicted=evicted,
+        peak_cache_bytes=trace.peak,
+        cache_bytes_trace=trace.points,
+        bytes_per_token=per_token,
+    )
+    return result
+
+
 def stream_ppl(loaded: LoadedModel, ids: list[int], capacity: int, sink_tokens: int, evict_block: int,
                chunk: int, mode: str = "stream") -> dict:
     """Feed ``ids`` through a one-row :class:`SinkCache` chunk by chunk and score every prediction."""
@@ -161,17 +177,7 @@ def stream_ppl(loaded: LoadedModel, ids: list[int], capacity: int, sink_tokens: 
         seen = start + part.shape[1]
         trace.record(seen, cache.row_bytes_used(0))
         _progress(mode, seen, len(ids), started, last)
-    result = scores.summary()
-    result.update(
-        tokens=len(ids),
-        seconds=time.perf_counter() - started,
-        capacity=capacity,
-        evicted=cache.evicted[0],
-        peak_cache_bytes=trace.peak,
-        cache_bytes_trace=trace.points,
-        bytes_per_token=per_token,
-    )
-    return result
+    return _mode_result(scores, trace, len(ids), started, capacity, cache.evicted[0], per_token)
 
 
 def held_tokens(plan: SinkCache, seen: int) -> tuple[int, int]:
@@ -210,17 +216,7 @@ def recompute_ppl(loaded: LoadedModel, ids: list[int], sink_tokens: int, window:
         scores.add(start, logits)
         trace.record(seen, len(context) * per_token)
         _progress("recompute", seen, len(ids), started, last)
-    result = scores.summary()
-    result.update(
-        tokens=len(ids),
-        seconds=time.perf_counter() - started,
-        capacity=capacity,
-        evicted=plan.evicted[0],
-        peak_cache_bytes=trace.peak,
-        cache_bytes_trace=trace.points,
-        bytes_per_token=per_token,
-    )
-    return result
+    return _mode_result(scores, trace, len(ids), started, capacity, plan.evicted[0], per_token)
 
 
 def ppl_of_ids(loaded: LoadedModel, ids: list[int], modes: list[str], sink_tokens: int, window: int,

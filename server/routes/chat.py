@@ -69,12 +69,12 @@ async def create_chat_completion(
                        code="too_many_messages")
     params = body.to_sampling_params(settings.default_max_tokens, settings.max_tokens_cap)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt, system_len = await asyncio.to_thread(engine.render_chat, messages)
-    check_prompt_length(prompt, settings)
     pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
+    prompt, system_len = await asyncio.to_thread(engine.render_chat, messages, pin)
+    check_prompt_length(prompt, settings)
     gen, slot = await start_generation(
         engine, limiter, api_key, prompt, params, session_id=body.session_id or x_session_id,
-        pin_prefix=system_len if pin else 0,
+        pin_prefix=system_len,
     )
     if body.stream:
         first = ChatCompletionChunk(model=model, system_fingerprint=fingerprint(engine))

@@ -13,7 +13,8 @@ async def test_pinned_system_prompt_is_never_evicted(tmp_path):
     try:
         messages = [{"role": "system", "content": "You are a lighthouse keeper."},
                     {"role": "user", "content": "tell me everything " * 60}]
-        prompt, pinned = engine.render_chat(messages)
+        prompt, pinned = engine.render_chat(messages, pin_system=True)
+        assert engine.render_chat(messages) == (prompt, 0)
         assert 4 < pinned < 48
         gen = await engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0), pin_prefix=pinned)
         async for event in gen:
