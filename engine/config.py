@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.quantize import QUANTIZE_MODES
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,7 +44,9 @@ class EngineConfig:
     session_busy_wait_s: float = 2.0
     max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
     max_queue: int = 256  # requests waiting for admission before new ones get Overloaded
-    quantize: str | None = None  # "int8": dynamic int8 weights of Linear layers (CPU only; see README)
+    # "auto": int4 on CPU for Q4_1 GGUF weights (the embedded model), else none; "int4" / "int8" / None
+    # force a mode (engine/quantize.py, README)
+    quantize: str | None = "auto"
     compile: bool = False  # torch.compile the decode step (slow first start; see README)
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     seed: int = 0
@@ -58,8 +62,8 @@ class EngineConfig:
             raise ValueError("evict_block must be between 1 and window")
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize not in (None, "auto", *QUANTIZE_MODES):
+            raise ValueError(f"quantize must be 'auto', one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))

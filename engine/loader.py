@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from engine.cache import CacheShape  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.quantize import quantize  # noqa: E402
 from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class LoadedModel:
     shape: CacheShape
     inv_freqs: list[torch.Tensor]
     max_positions: int
+    quantize: str | None = None  # the weight quantization in effect (engine/quantize.py)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -117,13 +119,38 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     return target
 
 
-def model_directory(spec: str | None, cache_dir: Path) -> Path:
+def model_source(spec: str | None) -> Path:
     path = embedded_gguf_path() if spec is None else Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
+    return path
+
+
+def model_directory(spec: str | None, cache_dir: Path) -> Path:
+    path = model_source(spec)
     if path.suffix == ".gguf":
         return converted_gguf(path, cache_dir)
     return path
+
+
+def gguf_is_q4_1(path: Path) -> bool:
+    """Whether every matrix of the GGUF's decoder blocks is stored as Q4_1 (the embedded model's format)."""
+    if path.suffix != ".gguf":
+        return False
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    return types == {"Q4_1"}
+
+
+def resolve_quantize(config: EngineConfig, device: torch.device) -> str | None:
+    """``auto``: int4 on a CPU when the weights are Q4_1 in the file, where the int4 codes are the file's own
+    (engine/quantize.py); otherwise the configured mode, or none."""
+    if config.quantize != "auto":
+        return config.quantize
+    if device.type == "cpu" and config.dtype == "float32" and gguf_is_q4_1(model_source(config.model)):
+        return "int4"
+    return None
 
 
 def cache_shape(config) -> CacheShape:
@@ -161,23 +188,6 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase
     return AutoTokenizer.from_pretrained(str(model_directory(spec, cache_dir)))
 
 
-def quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Dynamic int8 quantization of every Linear layer (per-channel weights, activations per batch).
-
-    A decode step on a CPU reads every weight once: int8 weights read a quarter of the bytes.
-    Opt-in, because it changes the logits slightly (the README reports its perplexity).
-    """
-    if device.type != "cpu":
-        raise ValueError("int8 dynamic quantization runs on the CPU only")
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks these kernels deprecated in favour of torchao
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
     directory = model_directory(config.model, config.cache_dir)
@@ -188,8 +198,12 @@ def load(config: EngineConfig) -> LoadedModel:
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
-    if config.quantize == "int8":
-        model = quantize_int8(model, device)
+    mode = resolve_quantize(config, device)
+    model = quantize(model, mode, device)
     if tokenizer.chat_template is None:
         log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")
-    return prepare(model, tokenizer, model_name(config.model), config)
+    loaded = prepare(model, tokenizer, model_name(config.model), config)
+    loaded.quantize = mode
+    if mode:
+        log.info("%s weights for decoding (quantize=%s)", mode, config.quantize)
+    return loaded

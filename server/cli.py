@@ -13,6 +13,7 @@ import sys
 
 from engine.bench.cli import add_bench_parser, run_bench
 from engine.evaluate.cli import add_eval_parser, run_eval
+from engine.quantize import QUANTIZE_CHOICES
 
 log = logging.getLogger("sinkserve")
 
@@ -28,7 +29,8 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--data-dir": ("data_dir", {}),
     "--cache-dir": ("cache_dir", {}),
     "--memory-budget-mb": ("memory_budget_mb", {"type": int}),
-    "--quantize": ("quantize", {"choices": ["int8"], "help": "dynamic int8 weights (CPU only)"}),
+    "--quantize": ("quantize", {"choices": list(QUANTIZE_CHOICES),
+                                "help": "auto (default: int4 on CPU for Q4_1 GGUF weights), none, int4, int8"}),
     "--threads": ("threads", {"type": int, "help": "torch threads on CPU (default: torch's choice)"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
     "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
+from engine.quantize import parse_quantize
 
 MiB = 1024 * 1024
 
@@ -37,7 +38,7 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     cache_dir: Path | None = None
     pin_system_prompt: bool = False
-    quantize: str | None = None  # "int8": dynamic int8 weights on CPU
+    quantize: str | None = "auto"  # auto (int4 on CPU for Q4_1 GGUF weights), none, int4, int8
     compile: bool = False  # torch.compile the decode step (slower first start)
     threads: int | None = None  # torch intra-op threads on CPU
 
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
     default_max_tokens: int = 1024
     max_concurrent_per_key: int = 16
     max_queue: int = 256  # requests waiting for admission; beyond it 429 (engine Overloaded)
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize(cls, value):
+        return parse_quantize(value)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.bench import SUITES
 from engine.config import DTYPES
+from engine.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 weights (CPU)")
+    parser.add_argument("--quantize", default="auto", type=parse_quantize,
+                        help="auto (int4 on CPU for Q4_1 GGUF weights), none, int4 or int8 (see README)")
     parser.add_argument("--lengths", type=_ints, default=None,
                         help="override the sizes: decode/followup history lengths, concurrency stream counts, "
                              "memory total tokens (its last number)")

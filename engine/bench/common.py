@@ -152,6 +152,8 @@ def environment(loaded: LoadedModel | None, config: EngineConfig | None) -> dict
     if config is not None:
         env["sink_tokens"], env["window"] = config.sink_tokens, config.window
         env["quantize"] = config.quantize
+    if loaded is not None:
+        env["quantize_in_effect"] = loaded.quantize
     return env
 
 

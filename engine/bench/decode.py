@@ -51,6 +51,7 @@ from engine.bench.common import (
 )
 from engine.cache import SinkCache
 from engine.loader import LoadedModel
+from engine.quantize import float_weights
 from engine.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _argmax(logits: torch.Tensor) -> int:
 
 
 def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink_tokens: int, window: int,
-                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 2) -> dict[int, dict]:
+                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 8) -> dict[int, dict]:
     """Stream ``ids`` through one sink-cache row; at each length time ``decode_steps`` decode steps."""
     cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
@@ -216,35 +217,36 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
     dense: dict[int, dict | str] = {}
     recompute: dict[int, dict] = {}
     by_window: dict[int, dict] = {}
-    for length in lengths:
-        if "dense" in methods:
-            estimate = _estimate_dense(loaded, length, reference)
-            need = length * loaded.shape.bytes_per_token(loaded.dtype) * 2  # the cache, plus as much again
-            free = available_memory_bytes() if loaded.device.type == "cpu" else None
-            if estimate is not None and estimate > dense_budget_s:
-                dense[length] = f"skipped: prefill estimated at {estimate:.0f} s > budget {dense_budget_s:.0f} s"
-            elif free is not None and need > free:
-                dense[length] = f"skipped: needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"
-            else:
-                try:
-                    dense[length] = dense_decode(loaded, ids, length, decode_steps)
-                    dense[length]["estimated_prefill_s"] = estimate
-                    reference = (prefill_flops(loaded, length), dense[length]["prefill_s"])
-                except (RuntimeError, MemoryError) as exc:  # out of memory, or the model gave up
-                    dense[length] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            entry = dense[length]
-            if isinstance(entry, str):
-                log.info("dense: %d tokens, %s", length, entry)
-            else:
-                log.info("dense: %d tokens, %.1f ms/token, prefill %.1f s", length, entry["ms_per_token"],
-                         entry["prefill_s"])
-        if "recompute" in methods:
-            span = min(length, recompute_window)
-            if span not in by_window:
-                by_window[span] = recompute_decode(loaded, ids, length, recompute_window, recompute_steps)
-                by_window[span]["measured_at"] = length
-                log.info("recompute: window %d, %.1f ms/token", span, by_window[span]["ms_per_token"])
-            recompute[length] = by_window[span]
+    with float_weights(loaded.model):  # the baselines are plain transformers on float32 weights
+        for length in lengths:
+            if "dense" in methods:
+                estimate = _estimate_dense(loaded, length, reference)
+                need = length * loaded.shape.bytes_per_token(loaded.dtype) * 2  # the cache, plus as much again
+                free = available_memory_bytes() if loaded.device.type == "cpu" else None
+                if estimate is not None and estimate > dense_budget_s:
+                    dense[length] = f"skipped: prefill estimated at {estimate:.0f} s > budget {dense_budget_s:.0f} s"
+                elif free is not None and need > free:
+                    dense[length] = f"skipped: needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"
+                else:
+                    try:
+                        dense[length] = dense_decode(loaded, ids, length, decode_steps)
+                        dense[length]["estimated_prefill_s"] = estimate
+                        reference = (prefill_flops(loaded, length), dense[length]["prefill_s"])
+                    except (RuntimeError, MemoryError) as exc:  # out of memory, or the model gave up
+                        dense[length] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+                entry = dense[length]
+                if isinstance(entry, str):
+                    log.info("dense: %d tokens, %s", length, entry)
+                else:
+                    log.info("dense: %d tokens, %.1f ms/token, prefill %.1f s", length, entry["ms_per_token"],
+                             entry["prefill_s"])
+            if "recompute" in methods:
+                span = min(length, recompute_window)
+                if span not in by_window:
+                    by_window[span] = recompute_decode(loaded, ids, length, recompute_window, recompute_steps)
+                    by_window[span]["measured_at"] = length
+                    log.info("recompute: window %d, %.1f ms/token", span, by_window[span]["ms_per_token"])
+                recompute[length] = by_window[span]
 
     def ms(table: dict, length: int) -> float | None:
         entry = table.get(length)
@@ -275,7 +277,8 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
         "notes": [
             "Baselines as in StreamingLLM (arXiv 2309.17453, section 4.5): dense = transformers generate with "
             "its growing DynamicCache; recompute = sliding window of "
-            f"{recompute_window} tokens re-encoded for every generated token.",
+            f"{recompute_window} tokens re-encoded for every generated token. Both run on the float32 "
+            "weights; sinkserve decodes with the weights the engine serves with (environment.quantize_in_effect).",
             f"The model was trained on {loaded.max_positions} positions; dense runs past that are flagged "
             "beyond_trained_positions (they still run, with growing memory and time).",
         ],

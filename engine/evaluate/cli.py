@@ -11,6 +11,7 @@ import logging
 import sys
 
 from engine.evaluate.ppl import DEFAULT_TEXT, MODES
+from engine.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--chunk", type=int, default=64, help="tokens per forward pass")
     ppl.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ppl.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 weights (CPU)")
+    ppl.add_argument("--quantize", default="auto", type=parse_quantize,
+                        help="auto (int4 on CPU for Q4_1 GGUF weights), none, int4 or int8 (see README)")
     ppl.add_argument("--out", default="results/ppl", help="output folder for ppl.json, ppl.png, ppl.md")
 
     attention = commands.add_parser("attention", help="share of attention on the first 16 positions per layer")

@@ -44,7 +44,7 @@ def test_refuses_a_cache_larger_than_the_models_positions():
 
 
 def test_int8_quantization_keeps_the_model_close():
-    from engine.loader import quantize_int8
+    from engine.quantize import quantize_int8
 
     model, _ = tiny_chat_engine_parts()
     ids = torch.tensor([[5, 9, 200, 7, 31]])
@@ -54,4 +54,4 @@ def test_int8_quantization_keeps_the_model_close():
     got = quantized(ids).logits
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     with pytest.raises(ValueError):
-        EngineConfig(quantize="int4")
+        EngineConfig(quantize="int3")

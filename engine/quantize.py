@@ -1,0 +1,143 @@
+"""Weight-only quantization for the CPU decode path.
+
+A decode step multiplies one activation row per sequence by every weight of the model, so on a CPU its
+cost is reading the weights. Two opt-in ways to read fewer bytes:
+
+``int4``
+    Group-wise 4-bit weights (groups of 32 input features, a scale and a zero point per group, computed
+    with bf16 activations) through PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel, for the decoder's
+    Linear layers. The float weights stay for large batches (prefill chunks), where a float matmul is
+    faster. For a model that comes from a Q4_0/Q4_1 GGUF (the embedded SmolLM2 is Q4_1), the groups are
+    the GGUF's own blocks, so this recovers the file's 4-bit codes: llama.cpp's arithmetic, in PyTorch
+    (tests/engine/test_quantize.py checks that the codes of Q4_1-built weights come back unchanged).
+    The output projection (``lm_head``, tied to the Q8_0 embeddings in the GGUF) stays in float.
+``int8``
+    Dynamic int8 quantization of every Linear layer (per-channel int8 weights, activations quantized per
+    batch) via ``torch.ao``; it quantizes the activations too, which costs perplexity (see README).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZE_MODES = ("int4", "int8")
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZE_MODES)  # what the CLIs and settings accept
+INT4_GROUP = 32
+INT4_MAX_ROWS = 32  # above this many rows per matmul (prefill chunks) the float weights are faster
+
+
+def int4_codes(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes of ``weight`` (N, K) in groups of ``group`` along K.
+
+    Returns ``codes`` (N, K) int32 in 0..15 and ``scales_zeros`` (K / group, N, 2) bf16 such that
+    ``weight[n, k] ~= (codes[n, k] - 8) * scale[k // group, n] + zero[k // group, n]``, the layout of
+    ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Codes are rounded against the stored (bf16) scale and
+    zero, so the rounding of those never adds up with the rounding of the codes.
+    """
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"{k} input features are not a multiple of the group size {group}")
+    w = weight.detach().float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)  # (N, G)
+    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    codes = ((w - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+    scales_zeros = torch.stack([scale.T, zero.T], dim=-1).contiguous()  # (G, N, 2)
+    return codes.to(torch.int32).reshape(n, k), scales_zeros
+
+
+def int4_dequantize(codes: torch.Tensor, scales_zeros: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """The float32 weight (N, K) that ``codes`` and ``scales_zeros`` stand for."""
+    scale = scales_zeros[..., 0].float().T.repeat_interleave(group, dim=1)  # (N, K)
+    zero = scales_zeros[..., 1].float().T.repeat_interleave(group, dim=1)
+    return (codes.float() - 8) * scale + zero
+
+
+class Int4Linear(torch.nn.Module):
+    """A Linear layer that multiplies few rows with 4-bit weights and many rows with the float ones."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int = INT4_GROUP, max_rows: int = INT4_MAX_ROWS) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied (tied weights stay tied)
+        self.group, self.max_rows = group, max_rows
+        codes, scales_zeros = int4_codes(linear.weight, group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
+
+
+def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT4_GROUP) -> torch.nn.Module:
+    """Swap the decoder's Linear layers (not the output projection) for :class:`Int4Linear`, in place."""
+    if device.type != "cpu":
+        raise ValueError("int4 weights run on the CPU only (a GPU decodes in bf16 already)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("int4 weights are built from a float32 model")
+    output = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not output and child.in_features % group == 0:
+                setattr(parent, name, Int4Linear(child, group))
+    return model
+
+
+def parse_quantize(value: str | None) -> str | None:
+    """A CLI or settings value as :class:`~engine.config.EngineConfig` takes it (``none`` -> ``None``)."""
+    if value is None or value.lower() in ("none", "off", "no", "false"):
+        return None
+    value = value.lower()
+    if value not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {value!r}")
+    return value
+
+
+@contextmanager
+def float_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model`` on its float weights only, e.g. as the float32 baseline of a benchmark."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    saved = [m.max_rows for m in layers]
+    for m in layers:
+        m.max_rows = -1
+    try:
+        yield model
+    finally:
+        for m, rows in zip(layers, saved, strict=True):
+            m.max_rows = rows
+
+
+def quantize_int8(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Dynamic int8 quantization of every Linear layer (per-channel weights, activations per batch)."""
+    if device.type != "cpu":
+        raise ValueError("int8 dynamic quantization runs on the CPU only")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks these kernels deprecated in favour of torchao
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def quantize(model: torch.nn.Module, mode: str | None, device: torch.device) -> torch.nn.Module:
+    """Apply the configured weight quantization (``None``: leave the model as it is)."""
+    if mode is None:
+        return model
+    if mode == "int4":
+        return quantize_int4(model, device)
+    if mode == "int8":
+        return quantize_int8(model, device)
+    raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {mode!r}")
