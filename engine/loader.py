@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -133,22 +134,35 @@ def model_directory(spec: str | None, cache_dir: Path) -> Path:
     return path
 
 
-def gguf_is_q4_1(path: Path) -> bool:
-    """Whether every matrix of the GGUF's decoder blocks is stored as Q4_1 (the embedded model's format)."""
-    if path.suffix != ".gguf":
-        return False
+def gguf_weight_types(gguf: Path, directory: Path) -> set[str]:
+    """Storage types of the matrices in the GGUF's decoder blocks (e.g. ``{"Q4_1"}``).
+
+    Reading a GGUF's header takes seconds (its whole vocabulary is in it), so the answer is kept beside
+    the converted weights in ``directory``.
+    """
+    marker = directory / "sinkserve-gguf.json"
+    try:
+        return set(json.loads(marker.read_text())["weight_types"])
+    except (OSError, ValueError, KeyError):
+        pass
     from gguf import GGUFReader
 
-    types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
-    return types == {"Q4_1"}
+    types = sorted({t.tensor_type.name for t in GGUFReader(gguf).tensors if t.name.startswith("blk.") and len(t.shape) == 2})
+    tmp = marker.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps({"weight_types": types}))
+        os.replace(tmp, marker)
+    except OSError:  # a read-only cache still works, only slower to start
+        log.debug("could not write %s", marker)
+    return set(types)
 
 
-def resolve_quantize(config: EngineConfig, device: torch.device) -> str | None:
-    """``auto``: int4 on a CPU when the weights are Q4_1 in the file, where the int4 codes are the file's own
-    (engine/quantize.py); otherwise the configured mode, or none."""
+def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: set[str]) -> str | None:
+    """``auto``: int4 on a CPU when the file stores the weights as Q4_1, whose blocks the int4 codes
+    reproduce (engine/quantize.py); otherwise the configured mode, or none."""
     if config.quantize != "auto":
         return config.quantize
-    if device.type == "cpu" and config.dtype == "float32" and gguf_is_q4_1(model_source(config.model)):
+    if device.type == "cpu" and config.dtype == "float32" and weight_types == {"Q4_1"}:
         return "int4"
     return None
 
@@ -190,7 +204,9 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase
 
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
-    directory = model_directory(config.model, config.cache_dir)
+    source = model_source(config.model)
+    directory = converted_gguf(source, config.cache_dir) if source.suffix == ".gguf" else source
+    weight_types = gguf_weight_types(source, directory) if source.suffix == ".gguf" else set()
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     try:
@@ -198,7 +214,7 @@ def load(config: EngineConfig) -> LoadedModel:
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
-    mode = resolve_quantize(config, device)
+    mode = resolve_quantize(config, device, weight_types)
     model = quantize(model, mode, device)
     if tokenizer.chat_template is None:
         log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")

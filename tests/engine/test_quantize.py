@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,19 +103,20 @@ def test_quantize_modes():
         EngineConfig(quantize="int3")
 
 
-def test_auto_picks_int4_for_the_embedded_q4_1_model_on_cpu_only(tmp_path):
-    from engine.loader import embedded_gguf_path, gguf_is_q4_1, resolve_quantize
+def test_auto_picks_int4_for_q4_1_weights_on_cpu_only(tmp_path):
+    from engine.loader import embedded_gguf_path, gguf_weight_types, resolve_quantize
 
-    assert gguf_is_q4_1(embedded_gguf_path())
-    cpu = torch.device("cpu")
-    assert resolve_quantize(EngineConfig(), cpu) == "int4"
-    assert resolve_quantize(EngineConfig(), torch.device("cuda")) is None
-    assert resolve_quantize(EngineConfig(dtype="bfloat16"), cpu) is None
-    assert resolve_quantize(EngineConfig(quantize=None), cpu) is None
-    assert resolve_quantize(EngineConfig(quantize="int8"), cpu) == "int8"
-    model, tokenizer = tiny_chat_engine_parts()
-    model.save_pretrained(tmp_path / "tiny")
-    assert resolve_quantize(EngineConfig(model=str(tmp_path / "tiny")), cpu) is None  # not a GGUF
+    assert gguf_weight_types(embedded_gguf_path(), tmp_path) == {"Q4_1"}  # the embedded model
+    assert (tmp_path / "sinkserve-gguf.json").exists()  # remembered beside the converted weights
+    assert gguf_weight_types(Path("/nonexistent.gguf"), tmp_path) == {"Q4_1"}  # read back, not re-parsed
+    cpu, q4_1 = torch.device("cpu"), {"Q4_1"}
+    assert resolve_quantize(EngineConfig(), cpu, q4_1) == "int4"
+    assert resolve_quantize(EngineConfig(), torch.device("cuda"), q4_1) is None
+    assert resolve_quantize(EngineConfig(dtype="bfloat16"), cpu, q4_1) is None
+    assert resolve_quantize(EngineConfig(), cpu, {"Q4_1", "Q6_K"}) is None  # other blocks would be re-rounded
+    assert resolve_quantize(EngineConfig(), cpu, set()) is None  # a Hugging Face directory
+    assert resolve_quantize(EngineConfig(quantize=None), cpu, q4_1) is None
+    assert resolve_quantize(EngineConfig(quantize="int8"), cpu, set()) == "int8"
 
 
 def test_settings_and_cli_values():
