@@ -10,7 +10,9 @@ cost is reading the weights. Two opt-in ways to read fewer bytes:
     faster. For a model that comes from a Q4_0/Q4_1 GGUF (the embedded SmolLM2 is Q4_1), the groups are
     the GGUF's own blocks, so this recovers the file's 4-bit codes: llama.cpp's arithmetic, in PyTorch
     (tests/engine/test_quantize.py checks that the codes of Q4_1-built weights come back unchanged).
-    The output projection (``lm_head``, tied to the Q8_0 embeddings in the GGUF) stays in float.
+    The output projection (``lm_head``, tied to the Q8_0 embeddings in the GGUF) stays in float32, as a
+    oneDNN-packed copy for small batches (:class:`PackedLinear`; the same arithmetic, about twice as fast
+    for the 8 rows of a batched decode step).
 ``int8``
     Dynamic int8 quantization of every Linear layer (per-channel int8 weights, activations quantized per
     batch) via ``torch.ao``; it quantizes the activations too, which costs perplexity (see README).
@@ -83,6 +85,30 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
 
 
+class PackedLinear(torch.nn.Module):
+    """A float32 Linear layer whose small-batch matmuls use a oneDNN-packed copy of the weight.
+
+    A plain ``F.linear`` of a few rows against a wide weight (the 49k-row output projection) spends most of
+    its time re-laying the weight out; packing it once makes a decode step's projection about twice as fast.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, max_rows: int = INT4_MAX_ROWS) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.max_rows = max_rows
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)  # tuned for 8 rows
+        self.register_buffer("packed", packed, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT4_GROUP) -> torch.nn.Module:
     """Swap the decoder's Linear layers (not the output projection) for :class:`Int4Linear`, in place."""
     if device.type != "cpu":
@@ -92,7 +118,11 @@ def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT
     output = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child is not output and child.in_features % group == 0:
+            if type(child) is not torch.nn.Linear:
+                continue
+            if child is output:
+                setattr(parent, name, PackedLinear(child))
+            elif child.in_features % group == 0:
                 setattr(parent, name, Int4Linear(child, group))
     return model
 
@@ -110,7 +140,7 @@ def parse_quantize(value: str | None) -> str | None:
 @contextmanager
 def float_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` on its float weights only, e.g. as the float32 baseline of a benchmark."""
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear | PackedLinear)]
     saved = [m.max_rows for m in layers]
     for m in layers:
         m.max_rows = -1

@@ -54,37 +54,54 @@ async def _stream(engine, prompt: list[int], params: SamplingParams, api_key: st
     }
 
 
-async def measure_concurrency_async(engine, streams=STREAMS, *, prompt_tokens: int = 200, max_tokens: int = 64) -> dict:
+async def _round(engine, count: int, prompts, params: SamplingParams, tag: str) -> dict:
+    """``count`` conversations at once; their aggregate figures."""
+    batch = [next(prompts) for _ in range(count)]
+    keys = [f"bench-{tag}-c{count}-{i}" for i in range(count)]
+    runs = await asyncio.gather(*(_stream(engine, p, params, k) for p, k in zip(batch, keys, strict=True)))
+    for key, run in zip(keys, runs, strict=True):
+        await engine.delete_session(key, run["session_id"])
+    begin, end = min(r["start"] for r in runs), max(r["end"] for r in runs)
+    all_first = max(r["first"] for r in runs if r["first"] is not None)
+    itls = [r["itl_s"] for r in runs if r["itl_s"] is not None]
+    return {
+        "generated_tokens": sum(r["tokens"] for r in runs),
+        "wall_s": end - begin,
+        "tokens_per_s": sum(r["tokens"] for r in runs) / (end - begin),
+        "decode_tokens_per_s": sum(r["tokens"] - 1 for r in runs) / (end - all_first) if end > all_first else None,
+        "mean_itl_ms": 1e3 * statistics.fmean(itls) if itls else None,
+        "max_itl_ms": 1e3 * max(itls) if itls else None,
+        "mean_ttft_ms": 1e3 * statistics.fmean(r["first"] - r["start"] for r in runs),
+    }
+
+
+def _median(rounds: list[dict], key: str):
+    values = [r[key] for r in rounds if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+async def measure_concurrency_async(engine, streams=STREAMS, *, prompt_tokens: int = 200, max_tokens: int = 128,
+                                    rounds: int = 3) -> dict:
+    """Each stream count ``rounds`` times, the counts interleaved (1, 2, .., 16, 1, 2, ..) so that a slow
+    spell of a shared machine does not land on one count only; medians are reported."""
     streams = sorted(set(int(c) for c in streams))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    source = history_ids(engine.tokenizer, prompt_tokens * (sum(streams) + 1) + 1)
+    source = history_ids(engine.tokenizer, prompt_tokens * (rounds * sum(streams) + 1) + 1)
     prompts = iter(source[i : i + prompt_tokens] for i in range(0, len(source) - prompt_tokens, prompt_tokens))
     started = time.perf_counter()
     await _stream(engine, next(prompts), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "bench-warmup")
-    results = []
-    for count in streams:
-        batch = [next(prompts) for _ in range(count)]
-        keys = [f"bench-c{count}-{i}" for i in range(count)]
-        runs = await asyncio.gather(*(_stream(engine, p, params, k) for p, k in zip(batch, keys, strict=True)))
-        begin, end = min(r["start"] for r in runs), max(r["end"] for r in runs)
-        tokens = sum(r["tokens"] for r in runs)
-        all_first = max(r["first"] for r in runs if r["first"] is not None)
-        decode_tokens = sum(r["tokens"] - 1 for r in runs)
-        itls = [r["itl_s"] for r in runs if r["itl_s"] is not None]
-        results.append({
-            "streams": count,
-            "generated_tokens": tokens,
-            "wall_s": end - begin,
-            "tokens_per_s": tokens / (end - begin),
-            "decode_tokens_per_s": decode_tokens / (end - all_first) if end > all_first else None,
-            "mean_itl_ms": 1e3 * statistics.fmean(itls) if itls else None,
-            "max_itl_ms": 1e3 * max(itls) if itls else None,
-            "mean_ttft_ms": 1e3 * statistics.fmean(r["first"] - r["start"] for r in runs),
-        })
-        for key, run in zip(keys, runs, strict=True):
-            await engine.delete_session(key, run["session_id"])
-        log.info("%2d streams: %.1f tokens/s, inter-token %.1f ms, TTFT %.0f ms", count,
-                 results[-1]["tokens_per_s"], results[-1]["mean_itl_ms"] or float("nan"), results[-1]["mean_ttft_ms"])
+    measured: dict[int, list[dict]] = {count: [] for count in streams}
+    for index in range(rounds):
+        for count in streams:
+            measured[count].append(await _round(engine, count, prompts, params, f"r{index}"))
+            last = measured[count][-1]
+            log.info("round %d, %2d streams: %.1f tokens/s (decode phase %.1f), inter-token %.1f ms, TTFT %.0f ms",
+                     index + 1, count, last["tokens_per_s"], last["decode_tokens_per_s"] or float("nan"),
+                     last["mean_itl_ms"] or float("nan"), last["mean_ttft_ms"])
+    keys = ("generated_tokens", "wall_s", "tokens_per_s", "decode_tokens_per_s", "mean_itl_ms", "max_itl_ms",
+            "mean_ttft_ms")
+    results = [{"streams": count, "rounds": len(runs), **{k: _median(runs, k) for k in keys}, "per_round": runs}
+               for count, runs in measured.items()]
 
     def at(count: int, key: str):
         return next((r[key] for r in results if r["streams"] == count), None)
@@ -95,15 +112,20 @@ async def measure_concurrency_async(engine, streams=STREAMS, *, prompt_tokens: i
         "suite": "concurrency",
         "environment": environment(engine.loaded, engine.config),
         "settings": {"streams": streams, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
-                     "max_batch": engine.config.max_batch},
+                     "max_batch": engine.config.max_batch, "rounds": rounds},
         "results": results,
         "ratios": {
             "compared": [hi, lo],
             "tokens_per_s": ratio(at(hi, "tokens_per_s"), at(lo, "tokens_per_s")),
+            "decode_tokens_per_s": ratio(at(hi, "decode_tokens_per_s"), at(lo, "decode_tokens_per_s")),
             "mean_itl_ms": ratio(at(hi, "mean_itl_ms"), at(lo, "mean_itl_ms")),
         },
         "seconds": time.perf_counter() - started,
-        "notes": [],
+        "notes": [
+            "tokens/s counts every generated token over the wall time from the first request to the last finish "
+            "(prefills of all prompts included); decode-phase tokens/s counts from the moment every stream has its "
+            "first token, i.e. while all sessions are generating together. Medians over the rounds.",
+        ],
     }
 
 
@@ -122,7 +144,9 @@ def table(report: dict) -> str:
     def fmt(v) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    text += f"\n{hi} vs {lo} streams: throughput {fmt(r['tokens_per_s'])}x, inter-token latency {fmt(r['mean_itl_ms'])}x\n"
+    text += (f"\n{hi} vs {lo} streams: decode-phase throughput {fmt(r['decode_tokens_per_s'])}x, throughput with "
+             f"prefills {fmt(r['tokens_per_s'])}x, inter-token latency {fmt(r['mean_itl_ms'])}x "
+             f"(medians of {report['settings']['rounds']} rounds)\n")
     return text
 
 
@@ -130,7 +154,11 @@ def plot(report: dict, path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n = [r["streams"] for r in report["results"]]
-    ax.plot(n, [r["tokens_per_s"] for r in report["results"]], "o-", color="tab:blue", label="aggregate tokens/s")
+    ax.plot(n, [r["decode_tokens_per_s"] for r in report["results"]], "o-", color="tab:blue",
+            label="decode-phase tokens/s")
+    ax.plot(n, [r["tokens_per_s"] for r in report["results"]], "o:", color="tab:blue", alpha=0.5,
+            label="tokens/s with prefills")
+    ax.legend(loc="upper left")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent sessions")
     ax.set_ylabel("aggregate tokens/s", color="tab:blue")
@@ -145,6 +173,9 @@ def plot(report: dict, path) -> None:
 
 
 def run_concurrency(engine, out_dir, quick: bool = False, streams=None, **kwargs) -> dict:
+    if quick:
+        kwargs.setdefault("rounds", 1)
+        kwargs.setdefault("max_tokens", 64)
     report = measure_concurrency(engine, streams or (QUICK_STREAMS if quick else STREAMS), **kwargs)
     report["files"] = write_report(out_dir, "concurrency", report, table(report), plot)
     return report

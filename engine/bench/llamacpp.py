@@ -10,7 +10,8 @@ more fed one at a time, teacher-forced so both do identical work) and the same n
 - sinkserve: the :class:`~engine.runner.Runner` over a :class:`~engine.cache.SinkCache` (sinks + window,
   StreamingLLM, arXiv 2309.17453; section 4.5 compares it with dense attention and the sliding window with
   re-computation, see the ``decode`` suite), prefilled in chunks of ``chunk``, then one decode step per
-  token, on the dequantized weights in the configured dtype.
+  token: prefill on the float weights, decode with the weights the engine serves with (``quantize=auto``
+  on a CPU: the GGUF's own Q4_1 codes through torch's int4 kernel, see engine/quantize.py).
 
 Report (``llamacpp.json``): ``prefill_tokens_per_s`` and ``decode_tokens_per_s`` of each, and the ratios
 sinkserve / llama.cpp.
@@ -109,8 +110,10 @@ def measure_llamacpp(loaded: LoadedModel, *, prefill_tokens: int = 512, decode_s
             "decode_sinkserve_over_llamacpp": ratio(ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"]),
         },
     })
-    report["notes"].append("llama.cpp computes in the GGUF's quantized format; sinkserve on the dequantized "
-                           f"weights in {report['environment']['dtype']}. Decode steps are teacher-forced.")
+    mode = report["environment"].get("quantize_in_effect")
+    decode_weights = f"{mode} weights" if mode else f"the dequantized weights in {report['environment']['dtype']}"
+    report["notes"].append("llama.cpp computes in the GGUF's quantized format; sinkserve prefills on the dequantized "
+                           f"float weights and decodes with {decode_weights}. Decode steps are teacher-forced.")
     return report
 
 

@@ -10,7 +10,15 @@ import torch
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.loader import prepare
-from engine.quantize import Int4Linear, float_weights, int4_codes, int4_dequantize, quantize, quantize_int4
+from engine.quantize import (
+    Int4Linear,
+    PackedLinear,
+    float_weights,
+    int4_codes,
+    int4_dequantize,
+    quantize,
+    quantize_int4,
+)
 from engine.runner import Runner
 from tests.tiny_models import tiny_chat_engine_parts, tiny_model
 
@@ -63,6 +71,13 @@ def test_int4_linear_uses_codes_for_few_rows_and_float_weights_for_many():
         torch.testing.assert_close(layer(few), expected)
 
 
+def test_packed_linear_is_the_float_linear():
+    linear = torch.nn.Linear(64, 300, bias=False).requires_grad_(False)
+    layer = PackedLinear(linear, max_rows=8)
+    for x in (torch.randn(1, 64), torch.randn(2, 4, 64), torch.randn(20, 64)):  # packed, packed, plain
+        torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
 def test_int4_model_decodes_like_the_float_model():
     """The embedded model's situation: float weights that are dequantized 4-bit weights."""
     model, _ = tiny_chat_engine_parts()
@@ -84,7 +99,7 @@ def test_int4_model_decodes_like_the_float_model():
     quantize_int4(model, torch.device("cpu"))
     swapped = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down of both layers; not the output projection
-    assert not isinstance(model.get_output_embeddings(), Int4Linear)
+    assert isinstance(model.get_output_embeddings(), PackedLinear)  # float32, packed
     got = decode(Runner(model, cache))
     # same weights; only the activations entering the 4-bit matmuls are rounded to bf16
     assert float((got - reference).abs().max()) < 0.02 * float(reference.abs().max())
