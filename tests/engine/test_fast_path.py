@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.loader import prepare
+from engine.quantize import quantize_int4
 from engine.runner import Runner
 from tests.tiny_models import tiny_model
 
@@ -23,8 +25,11 @@ def _greedy(runner: Runner, prompts: list[list[int]], steps: int) -> tuple[list[
     return out, logits
 
 
-def test_compiled_decode_matches_eager():
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compiled_decode_matches_eager(quantize):
     model = tiny_model("llama")
+    if quantize:  # the CPU default for the embedded model: int4 decode weights
+        quantize_int4(model, torch.device("cpu"))
     config = EngineConfig(sink_tokens=4, window=28, evict_block=4)
     loaded = prepare(model, None, "tiny", config)
     make = lambda compiled: Runner(  # noqa: E731
