@@ -29,7 +29,7 @@ class EngineConfig:
 
     model: str | None = None
     device: str = "auto"  # "auto" -> cuda when available, else cpu
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto" -> bfloat16 on a GPU, float32 on a CPU
     sink_tokens: int = 4
     window: int = 1020
     evict_block: int = 64  # window tokens evicted at once when the cache is full
@@ -52,8 +52,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, got {self.dtype!r}")
         if self.sink_tokens < 0:
             raise ValueError("sink_tokens must be >= 0")
         if self.window < 1:

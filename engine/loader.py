@@ -157,12 +157,20 @@ def gguf_weight_types(gguf: Path, directory: Path) -> set[str]:
     return set(types)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on a GPU (twice the speed of float32 there), float32 on a CPU, whose bf16 decode
+    is slower (README)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: set[str]) -> str | None:
     """``auto``: int4 on a CPU when the file stores the weights as Q4_1, whose blocks the int4 codes
     reproduce (engine/quantize.py); otherwise the configured mode, or none."""
     if config.quantize != "auto":
         return config.quantize
-    if device.type == "cpu" and config.dtype == "float32" and weight_types == {"Q4_1"}:
+    if device.type == "cpu" and resolve_dtype(config.dtype, device) == "float32" and weight_types == {"Q4_1"}:
         return "int4"
     return None
 
@@ -210,7 +218,7 @@ def load(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[resolve_dtype(config.dtype, device)])
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)

@@ -50,12 +50,19 @@ class Runner:
         return logits if all_logits else logits[:, -1]
 
     def warm_up(self, token: int = 0) -> None:
-        """Compile the decode path for one and for several rows before serving (uses rows 0 and 1)."""
+        """Compile the decode path before serving, for one and for several rows (uses rows 0 and 1).
+
+        Shapes of size 0 or 1 and a cache exactly full are specialized by ``torch.compile``, so each batch
+        size is compiled at a partly filled cache and at a full one; otherwise the first full window would
+        recompile (a minute on a small CPU) in the middle of a conversation.
+        """
         rows = list(range(min(2, self.cache.rows)))
-        for batch in {1, len(rows)}:
-            for row in rows:
-                self.cache.reset(row)
-            self.decode(rows[:batch], [token] * batch)
+        for batch in sorted({1, len(rows)}):
+            for length in (min(8, self.cache.capacity - 1), self.cache.capacity - 1):
+                for row in rows:
+                    self.cache.reset(row)
+                    self.cache.lengths[row] = length  # zeroed slots: a shape to compile, nothing to read
+                self.decode(rows[:batch], [token] * batch)
         for row in rows:
             self.cache.reset(row)
 

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     # model and cache
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
     sink_tokens: int = 4
     window: int = 1020
     memory_budget_mb: int | None = None  # resident session caches; None: the engine default
@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     quantize: str | None = "auto"  # auto (int4 on CPU for Q4_1 GGUF weights), none, int4, int8
     compile: bool = False  # torch.compile the decode step (slower first start)
     threads: int | None = None  # torch intra-op threads on CPU
+    max_batch: int = EngineConfig.max_batch  # sessions decoding together in one forward pass
+    prefill_chunk: int = EngineConfig.prefill_chunk  # prompt tokens fed per scheduler step (token budget)
 
     # access
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
@@ -90,5 +92,6 @@ class Settings(BaseSettings):
         return EngineConfig(
             model=self.model, device=self.device, dtype=self.dtype,
             sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
-            compile=self.compile, threads=self.threads, quantize=self.quantize, **extra,
+            compile=self.compile, threads=self.threads, quantize=self.quantize, max_batch=self.max_batch,
+            prefill_chunk=self.prefill_chunk, **extra,
         )

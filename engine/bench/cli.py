@@ -39,11 +39,13 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/bench", help="output folder for <suite>.json/.png/.md")
     parser.add_argument("--quick", action="store_true", help="short sizes (a smoke run, minutes on a CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) CPU threads")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on a GPU, else float32")
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", default="auto", type=parse_quantize,
                         help="auto (int4 on CPU for Q4_1 GGUF weights), none, int4 or int8 (see README)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step, as serve --compile does (decode, concurrency)")
     parser.add_argument("--lengths", type=_ints, default=None,
                         help="override the sizes: decode/followup history lengths, concurrency stream counts, "
                              "memory total tokens (its last number)")
@@ -87,7 +89,7 @@ def _run_load(args: argparse.Namespace) -> dict:
     for flag, name in (("--model", "model"), ("--device", "device"), ("--dtype", "dtype")):
         value = getattr(args, name, None)
         if args.serve and value is not None and not (name == "device" and value == "auto") \
-                and not (name == "dtype" and value == "float32"):
+                and not (name == "dtype" and value == "auto"):
             flags += [flag, str(value)]
     if args.serve and args.threads:
         env["SINKSERVE_THREADS"] = str(args.threads)
@@ -116,7 +118,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             from engine.bench.decode import run_decode
 
             reports[suite] = run_decode(loaded, args.out, quick=args.quick, lengths=sizes,
-                                        dense_budget_s=args.dense_budget_s)
+                                        dense_budget_s=args.dense_budget_s, compile_decode=config.compile)
         elif suite == "memory":
             from engine.bench.memory import run_memory
 

@@ -64,7 +64,7 @@ def engine_config(args_or_none=None, **overrides) -> EngineConfig:
     """The engine configuration of a benchmark run (model, device, dtype, threads from the CLI)."""
     fields = {}
     if args_or_none is not None:
-        for name in ("model", "device", "dtype", "threads", "quantize"):
+        for name in ("model", "device", "dtype", "threads", "quantize", "compile"):
             value = getattr(args_or_none, name, None)
             if value is not None:
                 fields[name] = value
@@ -151,7 +151,7 @@ def environment(loaded: LoadedModel | None, config: EngineConfig | None) -> dict
         env["gpu"] = torch.cuda.get_device_name(device)
     if config is not None:
         env["sink_tokens"], env["window"] = config.sink_tokens, config.window
-        env["quantize"] = config.quantize
+        env["quantize"], env["compile"] = config.quantize, config.compile
     if loaded is not None:
         env["quantize_in_effect"] = loaded.quantize
     return env

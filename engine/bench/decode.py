@@ -84,11 +84,16 @@ def _argmax(logits: torch.Tensor) -> int:
 
 
 def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink_tokens: int, window: int,
-                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 8) -> dict[int, dict]:
+                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 8,
+                compile_decode: bool = False) -> dict[int, dict]:
     """Stream ``ids`` through one sink-cache row; at each length time ``decode_steps`` decode steps."""
     cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
-    runner = Runner(loaded.model, cache)
+    runner = Runner(loaded.model, cache, compile_decode=compile_decode)
+    if compile_decode:
+        with Timer(loaded.device) as compiling:
+            runner.warm_up()
+        log.info("compiled the decode step in %.0f s", compiling.seconds)
     chunk = max(1, min(chunk, window))
     results: dict[int, dict] = {}
     fed = streamed = 0
@@ -199,7 +204,7 @@ def _estimate_dense(loaded: LoadedModel, length: int, reference: tuple[float, fl
 def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4, window: int = 1020,
                    evict_block: int = 64, chunk: int = 512, decode_steps: int = 32, recompute_window: int = 1024,
                    recompute_steps: int = 3, dense_budget_s: float = 120.0,
-                   methods=("sinkserve", "dense", "recompute")) -> dict:
+                   methods=("sinkserve", "dense", "recompute"), compile_decode: bool = False) -> dict:
     """Time the decode of each method at each history length; a JSON-ready report."""
     lengths = sorted(set(int(n) for n in lengths))
     ids = history_ids(loaded.tokenizer, max(lengths))
@@ -207,7 +212,7 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
     sink = {}
     if "sinkserve" in methods:
         sink = sink_decode(loaded, ids, lengths, sink_tokens=sink_tokens, window=window, evict_block=evict_block,
-                           chunk=chunk, decode_steps=decode_steps)
+                           chunk=chunk, decode_steps=decode_steps, compile_decode=compile_decode)
     reference = None  # (FLOPs, seconds) of the latest prefill, to estimate the next dense one
     first = sink.get(lengths[0])
     if first and first["history_feed_s"]:
@@ -260,7 +265,7 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
             "lengths": lengths, "sink_tokens": sink_tokens, "window": window, "evict_block": evict_block,
             "chunk": chunk, "decode_steps": decode_steps, "recompute_window": recompute_window,
             "recompute_steps": recompute_steps, "dense_budget_s": dense_budget_s,
-            "model_max_positions": loaded.max_positions,
+            "model_max_positions": loaded.max_positions, "compile_decode": compile_decode,
         },
         "results": [
             {"history_tokens": n, "sinkserve": sink.get(n), "dense": dense.get(n), "recompute": recompute.get(n)}

@@ -36,7 +36,8 @@ def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--evict-block", type=int, default=64)
     ppl.add_argument("--chunk", type=int, default=64, help="tokens per forward pass")
     ppl.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded model)")
-    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: bfloat16 on a GPU, else float32")
     ppl.add_argument("--quantize", default="auto", type=parse_quantize,
                         help="auto (int4 on CPU for Q4_1 GGUF weights), none, int4 or int8 (see README)")
     ppl.add_argument("--out", default="results/ppl", help="output folder for ppl.json, ppl.png, ppl.md")

@@ -55,3 +55,14 @@ def test_int8_quantization_keeps_the_model_close():
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
     with pytest.raises(ValueError):
         EngineConfig(quantize="int3")
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_a_cpu():
+    from engine.loader import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("float16", torch.device("cuda")) == "float16"
+    assert EngineConfig().dtype == "auto"
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(dtype="float8")

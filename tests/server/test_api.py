@@ -119,16 +119,21 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SINKSERVE_API_KEYS", "a, b")
     monkeypatch.setenv("SINKSERVE_WINDOW", "500")
     monkeypatch.setenv("SINKSERVE_API_KEY_FILE", str(keys))
+    monkeypatch.setenv("SINKSERVE_MAX_BATCH", "3")
+    monkeypatch.setenv("SINKSERVE_PREFILL_CHUNK", "64")
     settings = Settings()
     assert settings.allowed_keys() == {"a", "b", "file-key"}
-    assert settings.engine_config().window == 500
+    config = settings.engine_config()
+    assert (config.window, config.max_batch, config.prefill_chunk) == (500, 3, 64)
 
 
 def test_cli_flags_override_env(monkeypatch):
     monkeypatch.setenv("SINKSERVE_PORT", "9000")
     args = build_parser().parse_args(["serve", "--window", "200", "--window", "300", "--api-key", "x",
-                                      "--api-key", "y", "--pin-system-prompt"])
+                                      "--api-key", "y", "--pin-system-prompt", "--max-batch", "4",
+                                      "--prefill-chunk", "128"])
     assert args.window == 300 and args.api_keys == ["x", "y"] and args.pin_system_prompt is True
+    assert (args.max_batch, args.prefill_chunk) == (4, 128)
     assert args.port is None  # not given: the environment decides
 
 
