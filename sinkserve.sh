@@ -25,7 +25,7 @@ cmd="${1:-}"
 case "$cmd" in
     serve)
         scripts/install.sh
-        exec "$venv/bin/sinkserve" serve --host 127.0.0.1 --port 8000 "$@"
+        exec "$venv/bin/sinkserve" serve "$@"  # 127.0.0.1:8000 unless SINKSERVE_HOST/PORT or flags say otherwise
         ;;
     test)
         scripts/install.sh --extras test

@@ -63,8 +63,9 @@ class Engine:
         self.scheduler = Scheduler(runner, store, loaded.tokenizer, loaded.eos_token_ids, self.config)
         self.scheduler.start()
         log.info(
-            "engine ready: %s on %s (%s), cache %d + %d tokens, %d resident sessions (%.1f MB each)",
-            loaded.name, loaded.device, self.config.dtype, self.config.sink_tokens, self.config.window,
+            "engine ready: %s on %s (%s%s), cache %d + %d tokens, %d resident sessions (%.1f MB each)",
+            loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."),
+            f", {loaded.quantize} decode weights" if loaded.quantize else "", self.config.sink_tokens, self.config.window,
             rows, cache.bytes_per_row / 1e6,
         )
         return self
