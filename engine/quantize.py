@@ -1,15 +1,17 @@
 """Weight-only quantization for the CPU decode path.
 
 A decode step multiplies one activation row per sequence by every weight of the model, so on a CPU its
-cost is reading the weights. Two opt-in ways to read fewer bytes:
+cost is reading the weights. Two ways to read fewer bytes (``quantize=auto``, the default, picks int4 on
+a CPU when the GGUF stores its decoder weights as Q4_1, see ``engine.loader.resolve_quantize``):
 
 ``int4``
     Group-wise 4-bit weights (groups of 32 input features, a scale and a zero point per group, computed
     with bf16 activations) through PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel, for the decoder's
     Linear layers. The float weights stay for large batches (prefill chunks), where a float matmul is
-    faster. For a model that comes from a Q4_0/Q4_1 GGUF (the embedded SmolLM2 is Q4_1), the groups are
-    the GGUF's own blocks, so this recovers the file's 4-bit codes: llama.cpp's arithmetic, in PyTorch
-    (tests/engine/test_quantize.py checks that the codes of Q4_1-built weights come back unchanged).
+    faster. For a model that comes from a Q4_1 GGUF (the embedded SmolLM2), the groups are the GGUF's own
+    blocks, whose minimum and maximum give back its scale and offset, so this recovers the file's 4-bit
+    codes: llama.cpp's arithmetic, in PyTorch (tests/engine/test_quantize.py checks that the codes of
+    Q4_1-built weights come back unchanged). For any other model it is a real 4-bit quantization.
     The output projection (``lm_head``, tied to the Q8_0 embeddings in the GGUF) stays in float32, as a
     oneDNN-packed copy for small batches (:class:`PackedLinear`; the same arithmetic, about twice as fast
     for the 8 rows of a batched decode step).
@@ -110,7 +112,8 @@ class PackedLinear(torch.nn.Module):
 
 
 def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT4_GROUP) -> torch.nn.Module:
-    """Swap the decoder's Linear layers (not the output projection) for :class:`Int4Linear`, in place."""
+    """In place: the decoder's Linear layers become :class:`Int4Linear`, the output projection a
+    :class:`PackedLinear` (float32)."""
     if device.type != "cpu":
         raise ValueError("int4 weights run on the CPU only (a GPU decodes in bf16 already)")
     if next(model.parameters()).dtype != torch.float32:
