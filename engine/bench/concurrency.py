@@ -136,7 +136,7 @@ def measure_concurrency(engine, streams=STREAMS, **kwargs) -> dict:
 def table(report: dict) -> str:
     rows = [[r["streams"], r["tokens_per_s"], r["decode_tokens_per_s"], r["mean_itl_ms"], r["mean_ttft_ms"]]
             for r in report["results"]]
-    text = markdown_table(["streams", "aggregate tokens/s", "decode-phase tokens/s", "mean inter-token ms",
+    text = markdown_table(["streams", "tokens/s incl. prefill", "decode-phase tokens/s", "mean inter-token ms",
                            "mean TTFT ms"], rows)
     r = report["ratios"]
     hi, lo = r["compared"]
