@@ -44,6 +44,8 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", default="auto", type=parse_quantize,
                         help="auto (int4 on CPU for Q4_1 GGUF weights), none, int4 or int8 (see README)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="sessions decoding together (concurrency, followup); 64 for the GPU target")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step, as serve --compile does (decode, concurrency)")
     parser.add_argument("--lengths", type=_ints, default=None,
@@ -108,7 +110,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from engine.bench.common import engine_config, load_model
 
     suites = ORDER if args.suite == "all" else (args.suite,)
-    config = engine_config(args, max_batch=16)
+    config = engine_config(args, max_batch=args.max_batch)
     loaded = load_model(config)
     reports: dict[str, dict] = {}
     sizes = args.lengths
