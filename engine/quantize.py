@@ -62,36 +62,11 @@ def int4_dequantize(codes: torch.Tensor, scales_zeros: torch.Tensor, group: int 
     return (codes.float() - 8) * scale + zero
 
 
-class Int4Linear(torch.nn.Module):
-    """A Linear layer that multiplies few rows with 4-bit weights and many rows with the float ones."""
+class SmallBatchLinear(torch.nn.Module):
+    """A Linear layer with a fast path for matmuls of at most ``max_rows`` rows (decode steps).
 
-    def __init__(self, linear: torch.nn.Linear, group: int = INT4_GROUP, max_rows: int = INT4_MAX_ROWS) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # shared, not copied (tied weights stay tied)
-        self.group, self.max_rows = group, max_rows
-        codes, scales_zeros = int4_codes(linear.weight, group)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
-        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
-
-
-class PackedLinear(torch.nn.Module):
-    """A float32 Linear layer whose small-batch matmuls use a oneDNN-packed copy of the weight.
-
-    A plain ``F.linear`` of a few rows against a wide weight (the 49k-row output projection) spends most of
-    its time re-laying the weight out; packing it once makes a decode step's projection about twice as fast.
+    Larger batches (prefill chunks) and ``float_weights`` use the float weights, which stay shared with the
+    original layer (tied weights stay tied).
     """
 
     def __init__(self, linear: torch.nn.Linear, max_rows: int = INT4_MAX_ROWS) -> None:
@@ -99,16 +74,58 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.max_rows = max_rows
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)  # tuned for 8 rows
-        self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > self.max_rows or torch.compiler.is_compiling():  # inductor packs weights its own way
+        if rows > self.max_rows or not self._fast_path_available():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        out = self._few_rows(x.reshape(rows, self.in_features))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _fast_path_available(self) -> bool:
+        return True
+
+    def _few_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` (rows, in_features) times the weight, plus the bias: (rows, out_features)."""
+        raise NotImplementedError
+
+
+class Int4Linear(SmallBatchLinear):
+    """Few rows multiply with 4-bit weights (bf16 activations), many rows with the float ones."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int = INT4_GROUP, max_rows: int = INT4_MAX_ROWS) -> None:
+        super().__init__(linear, max_rows)
+        self.group = group
+        codes, scales_zeros = int4_codes(linear.weight, group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+
+    def _few_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
+                                                        self.scales_zeros).to(flat.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
+
+
+class PackedLinear(SmallBatchLinear):
+    """A float32 Linear layer whose small-batch matmuls use a oneDNN-packed copy of the weight.
+
+    A plain ``F.linear`` of a few rows against a wide weight (the 49k-row output projection) spends most of
+    its time re-laying the weight out; packing it once makes a decode step's projection about twice as fast.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, max_rows: int = INT4_MAX_ROWS) -> None:
+        super().__init__(linear, max_rows)
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)  # tuned for 8 rows
+        self.register_buffer("packed", packed, persistent=False)
+
+    def _fast_path_available(self) -> bool:
+        return not torch.compiler.is_compiling()  # inductor packs weights its own way
+
+    def _few_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
 
 
 def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT4_GROUP) -> torch.nn.Module:
@@ -143,7 +160,7 @@ def parse_quantize(value: str | None) -> str | None:
 @contextmanager
 def float_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``model`` on its float weights only, e.g. as the float32 baseline of a benchmark."""
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear | PackedLinear)]
+    layers = [m for m in model.modules() if isinstance(m, SmallBatchLinear)]
     saved = [m.max_rows for m in layers]
     for m in layers:
         m.max_rows = -1
