@@ -127,11 +127,9 @@ def model_source(spec: str | None) -> Path:
     return path
 
 
-def model_directory(spec: str | None, cache_dir: Path) -> Path:
-    path = model_source(spec)
-    if path.suffix == ".gguf":
-        return converted_gguf(path, cache_dir)
-    return path
+def model_directory(source: Path, cache_dir: Path) -> Path:
+    """Where transformers loads ``source`` from: the converted copy of a GGUF, else the directory itself."""
+    return converted_gguf(source, cache_dir) if source.suffix == ".gguf" else source
 
 
 def gguf_weight_types(gguf: Path, directory: Path) -> set[str]:
@@ -207,13 +205,13 @@ def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) 
 
 def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase:
     """Just the tokenizer (converting the GGUF on first use)."""
-    return AutoTokenizer.from_pretrained(str(model_directory(spec, cache_dir)))
+    return AutoTokenizer.from_pretrained(str(model_directory(model_source(spec), cache_dir)))
 
 
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
     source = model_source(config.model)
-    directory = converted_gguf(source, config.cache_dir) if source.suffix == ".gguf" else source
+    directory = model_directory(source, config.cache_dir)
     weight_types = gguf_weight_types(source, directory) if source.suffix == ".gguf" else set()
     device = resolve_device(config.device)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
