@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -101,6 +102,25 @@ class StreamShutdown:
         return finish.finish_reason
 
 
+async def sse_events(chunks: AsyncIterator[dict], gen: Generation, slot: Slot,
+                     shutdown: StreamShutdown) -> AsyncIterator[dict]:
+    """A streamed reply's SSE events: ``chunks``, then ``[DONE]``; an unexpected failure becomes an error
+    event. The shutdown watcher, the generation and the concurrency slot are released whatever happens
+    (the client leaving closes this generator)."""
+    watcher = shutdown.watch(gen)
+    try:
+        async for chunk in chunks:
+            yield chunk
+        yield {"data": "[DONE]"}
+    except Exception:
+        yield unexpected_error_event()
+        yield {"data": "[DONE]"}
+    finally:
+        watcher.cancel()
+        gen.cancel()
+        slot.release()
+
+
 def session_headers(gen: Generation, evicted: int | None = None) -> dict[str, str]:
     evicted = gen.admission.evicted_tokens if evicted is None else evicted
     return {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(evicted)}
@@ -121,8 +141,11 @@ async def cancel_on_disconnect(request: Request, gen: Generation) -> None:
     gen.cancel()
 
 
-async def collect(gen: Generation, timer: TokenTimer, request: Request) -> Collected:
-    """Run a generation to its end (non-streaming); cancelled and failed ones become HTTP errors."""
+async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Request) -> Collected:
+    """Run a generation to its end (non-streaming); cancelled and failed ones become HTTP errors.
+
+    The request's concurrency slot and the generation are released whatever happens.
+    """
     parts: list[str] = []
     tokens: list[TokenEvent] = []
     finish = None
@@ -137,6 +160,8 @@ async def collect(gen: Generation, timer: TokenTimer, request: Request) -> Colle
                 finish = event
     finally:
         watcher.cancel()
+        slot.release()
+        gen.cancel()
     assert finish is not None
     check_finish(finish)
     parts.append(finish.text)

@@ -29,8 +29,8 @@ from server.generation import (
     fingerprint,
     session_headers,
     sinkserve_info,
+    sse_events,
     start_generation,
-    unexpected_error_event,
     usage_info,
 )
 from server.limits import Slot
@@ -81,11 +81,7 @@ async def create_chat_completion(
         shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
         events = stream_chat(gen, slot, timer, first, body.include_usage, params.logprobs, shutdown)
         return shutdown.response(events, gen)
-    try:
-        result = await collect(gen, timer, request)
-    finally:
-        slot.release()
-        gen.cancel()
+    result = await collect(gen, slot, timer, request)
     finish = result.finish
     logprobs = None
     if params.logprobs:
@@ -99,46 +95,43 @@ async def create_chat_completion(
     )
 
 
-async def stream_chat(
+def stream_chat(
     gen: Generation, slot: Slot, timer: TokenTimer, base: ChatCompletionChunk, include_usage: bool,
     want_logprobs: bool, shutdown: StreamShutdown | None = None,
 ) -> AsyncIterator[dict]:
     """Chunks exactly as OpenAI sends them; every chunk shares ``base``'s id, created and model."""
+    shutdown = shutdown or StreamShutdown()
+    chunks = _chat_chunks(gen, timer, base, include_usage, want_logprobs, shutdown)
+    return sse_events(chunks, gen, slot, shutdown)
 
+
+async def _chat_chunks(
+    gen: Generation, timer: TokenTimer, base: ChatCompletionChunk, include_usage: bool, want_logprobs: bool,
+    shutdown: StreamShutdown,
+) -> AsyncIterator[dict]:
     def chunk(choices: list[ChunkChoice], usage=None) -> dict:
         data = base.model_copy(update={"choices": choices, "usage": usage})
         return {"data": json.dumps(data.model_dump(exclude=None if include_usage else {"usage"}))}
 
-    shutdown = shutdown or StreamShutdown()
-    watcher = shutdown.watch(gen)
-    try:
-        yield chunk([ChunkChoice(delta={"role": "assistant", "content": ""})])
-        pending = []  # logprobs of tokens whose text is still held back (stop strings, partial UTF-8)
-        async for event in gen:
-            if isinstance(event, TokenEvent):
-                timer.token()
-                if want_logprobs and (lp := chat_logprobs(event)):
-                    pending.append(lp)
-                if event.text:
-                    logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
-                    yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
-                    pending = []
-                continue
-            reason = shutdown.finish_reason(event)
-            if reason not in ("stop", "length"):
-                yield error_event(event)
-                break
-            if event.text or pending:
+    yield chunk([ChunkChoice(delta={"role": "assistant", "content": ""})])
+    pending = []  # logprobs of tokens whose text is still held back (stop strings, partial UTF-8)
+    async for event in gen:
+        if isinstance(event, TokenEvent):
+            timer.token()
+            if want_logprobs and (lp := chat_logprobs(event)):
+                pending.append(lp)
+            if event.text:
                 logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
                 yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
-            yield chunk([ChunkChoice(delta={}, finish_reason=reason)])
-            if include_usage:
-                yield chunk([], usage=usage_info(event))
-        yield {"data": "[DONE]"}
-    except Exception:
-        yield unexpected_error_event()
-        yield {"data": "[DONE]"}
-    finally:
-        watcher.cancel()
-        gen.cancel()
-        slot.release()
+                pending = []
+            continue
+        reason = shutdown.finish_reason(event)
+        if reason not in ("stop", "length"):
+            yield error_event(event)
+            return
+        if event.text or pending:
+            logprobs = ChoiceLogprobs(content=pending) if want_logprobs else None
+            yield chunk([ChunkChoice(delta={"content": event.text}, logprobs=logprobs)])
+        yield chunk([ChunkChoice(delta={}, finish_reason=reason)])
+        if include_usage:
+            yield chunk([], usage=usage_info(event))

@@ -27,8 +27,8 @@ from server.generation import (
     fingerprint,
     session_headers,
     sinkserve_info,
+    sse_events,
     start_generation,
-    unexpected_error_event,
     usage_info,
 )
 from server.limits import Slot
@@ -88,11 +88,7 @@ async def create_completion(
         shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
         events = stream_completion(gen, slot, timer, base, body.include_usage, params.logprobs, shutdown)
         return shutdown.response(events, gen)
-    try:
-        result = await collect(gen, timer, request)
-    finally:
-        slot.release()
-        gen.cancel()
+    result = await collect(gen, slot, timer, request)
     finish = result.finish
     logprobs = legacy_logprobs(result.tokens) if params.logprobs else None
     response.headers.update(session_headers(gen, finish.usage.evicted_tokens))
@@ -103,9 +99,18 @@ async def create_completion(
     )
 
 
-async def stream_completion(
+def stream_completion(
     gen: Generation, slot: Slot, timer: TokenTimer, base: CompletionResponse, include_usage: bool,
     want_logprobs: bool, shutdown: StreamShutdown | None = None,
+) -> AsyncIterator[dict]:
+    shutdown = shutdown or StreamShutdown()
+    chunks = _completion_chunks(gen, timer, base, include_usage, want_logprobs, shutdown)
+    return sse_events(chunks, gen, slot, shutdown)
+
+
+async def _completion_chunks(
+    gen: Generation, timer: TokenTimer, base: CompletionResponse, include_usage: bool, want_logprobs: bool,
+    shutdown: StreamShutdown,
 ) -> AsyncIterator[dict]:
     exclude = {"sinkserve"} if include_usage else {"sinkserve", "usage"}
 
@@ -113,33 +118,22 @@ async def stream_completion(
         data = base.model_copy(update={"choices": choices, "usage": usage})
         return {"data": json.dumps(data.model_dump(exclude=exclude))}
 
-    shutdown = shutdown or StreamShutdown()
-    watcher = shutdown.watch(gen)
-    try:
-        offset, pending = 0, []
-        async for event in gen:
-            if isinstance(event, TokenEvent):
-                timer.token()
-                pending.append(event)
-                if event.text:
-                    logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
-                    yield chunk([CompletionChoice(text=event.text, logprobs=logprobs)])
-                    offset += sum(len(e.text) for e in pending)
-                    pending = []
-                continue
-            reason = shutdown.finish_reason(event)
-            if reason not in ("stop", "length"):
-                yield error_event(event)
-                break
-            logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
-            yield chunk([CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=reason)])
-            if include_usage:
-                yield chunk([], usage=usage_info(event))
-        yield {"data": "[DONE]"}
-    except Exception:
-        yield unexpected_error_event()
-        yield {"data": "[DONE]"}
-    finally:
-        watcher.cancel()
-        gen.cancel()
-        slot.release()
+    offset, pending = 0, []
+    async for event in gen:
+        if isinstance(event, TokenEvent):
+            timer.token()
+            pending.append(event)
+            if event.text:
+                logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
+                yield chunk([CompletionChoice(text=event.text, logprobs=logprobs)])
+                offset += sum(len(e.text) for e in pending)
+                pending = []
+            continue
+        reason = shutdown.finish_reason(event)
+        if reason not in ("stop", "length"):
+            yield error_event(event)
+            return
+        logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
+        yield chunk([CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=reason)])
+        if include_usage:
+            yield chunk([], usage=usage_info(event))
