@@ -20,8 +20,8 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from engine.bench.common import history_ids
-from engine.bench.load import LocalServer
+from bench.common import history_ids
+from bench.load import LocalServer
 from engine.config import EngineConfig
 from engine.loader import load_tokenizer
 

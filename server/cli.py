@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from engine.bench.cli import add_bench_parser, run_bench
+from bench.cli import add_bench_parser, run_bench
 from engine.evaluate.cli import add_eval_parser, run_eval
 from engine.quantize import QUANTIZE_CHOICES
 

@@ -1,10 +1,10 @@
-"""CI-short run of the load benchmark (engine/bench/load.py) against the tiny server process."""
+"""CI-short run of the load benchmark (bench/load.py) against the tiny server process."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.bench.load import check_loopback, measure_load, table
+from bench.load import check_loopback, measure_load, table
 from tests.server.procs import ServerProcess
 
 CLIENTS = 4

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from engine.bench.common import (
+from bench.common import (
     current_rss_bytes,
     environment,
     history_ids,

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 
-from engine.bench.common import (
+from bench.common import (
     environment,
     history_ids,
     markdown_table,

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from engine.bench.common import (
+from bench.common import (
     Timer,
     available_memory_bytes,
     environment,

@@ -8,12 +8,12 @@ import types
 
 import pytest
 
-from engine.bench import common
-from engine.bench.concurrency import run_concurrency
-from engine.bench.decode import measure_decode, run_decode
-from engine.bench.followup import measure_followup
-from engine.bench.llamacpp import SKIPPED, measure_llamacpp, run_llamacpp
-from engine.bench.memory import run_memory
+from bench import common
+from bench.concurrency import run_concurrency
+from bench.decode import measure_decode, run_decode
+from bench.followup import measure_followup
+from bench.llamacpp import SKIPPED, measure_llamacpp, run_llamacpp
+from bench.memory import run_memory
 from engine.config import EngineConfig
 from engine.loader import prepare
 from tests.tiny_models import tiny_chat_engine_parts, tiny_engine

@@ -20,7 +20,7 @@ import logging
 import statistics
 import time
 
-from engine.bench.common import environment, history_ids, markdown_table, pyplot, ratio, write_report
+from bench.common import environment, history_ids, markdown_table, pyplot, ratio, write_report
 from engine.events import FinishEvent, TokenEvent
 from engine.sampling import SamplingParams
 

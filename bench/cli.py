@@ -1,7 +1,7 @@
 """Command line of the benchmarks: ``sinkserve bench SUITE [--out DIR] [--quick] ...``.
 
 Mounted under a CLI with :func:`add_bench_parser` and dispatched with :func:`run_bench`; also runnable on
-its own: ``python -m engine.bench.cli decode --quick``. Each suite writes ``OUT/<suite>.json``,
+its own: ``python -m bench.cli decode --quick``. Each suite writes ``OUT/<suite>.json``,
 ``OUT/<suite>.png`` and ``OUT/<suite>.md``. The baselines are StreamingLLM's (arXiv 2309.17453, section
 4.5): dense attention with a growing cache and the sliding window with re-computation.
 """
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.bench import SUITES
+from bench import SUITES
 from engine.config import DTYPES
 from engine.quantize import parse_quantize
 
@@ -53,7 +53,7 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
                              "memory total tokens (its last number)")
     parser.add_argument("--dense-budget-s", type=float, default=120.0,
                         help="decode: skip dense prefills estimated to take longer than this")
-    load = parser.add_argument_group("load (HTTP load on a loopback server; see engine/bench/load.py)")
+    load = parser.add_argument_group("load (HTTP load on a loopback server; see bench/load.py)")
     target = load.add_mutually_exclusive_group()
     target.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (loopback only)")
     target.add_argument("--serve", action="store_true", help="start `sinkserve serve` on a free 127.0.0.1 port")
@@ -83,7 +83,7 @@ def _engine(loaded, config, data_dir: str):
 
 
 def _run_load(args: argparse.Namespace) -> dict:
-    from engine.bench.load import run_load
+    from bench.load import run_load
 
     if not args.serve and args.url is None:
         raise SystemExit("bench load needs --url URL (a loopback server) or --serve")
@@ -107,7 +107,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     """Run the suite(s) ``args`` describe (parsed by :func:`add_bench_parser`); returns the reports."""
     if args.suite == "load":
         return {"load": _run_load(args)}
-    from engine.bench.common import engine_config, load_model
+    from bench.common import engine_config, load_model
 
     suites = ORDER if args.suite == "all" else (args.suite,)
     config = engine_config(args, max_batch=args.max_batch)
@@ -117,16 +117,16 @@ def run_bench(args: argparse.Namespace) -> dict:
     for suite in suites:
         log.info("running the %s benchmark%s", suite, " (quick)" if args.quick else "")
         if suite == "decode":
-            from engine.bench.decode import run_decode
+            from bench.decode import run_decode
 
             reports[suite] = run_decode(loaded, args.out, quick=args.quick, lengths=sizes,
                                         dense_budget_s=args.dense_budget_s, compile_decode=config.compile)
         elif suite == "memory":
-            from engine.bench.memory import run_memory
+            from bench.memory import run_memory
 
             reports[suite] = run_memory(loaded, args.out, quick=args.quick, tokens=sizes[-1] if sizes else None)
         elif suite == "llamacpp":
-            from engine.bench.llamacpp import run_llamacpp
+            from bench.llamacpp import run_llamacpp
 
             reports[suite] = run_llamacpp(loaded, args.out, quick=args.quick)
         else:
@@ -134,11 +134,11 @@ def run_bench(args: argparse.Namespace) -> dict:
                 engine = _engine(loaded, config, data_dir)
                 try:
                     if suite == "followup":
-                        from engine.bench.followup import run_followup
+                        from bench.followup import run_followup
 
                         reports[suite] = run_followup(engine, args.out, quick=args.quick, lengths=sizes)
                     else:
-                        from engine.bench.concurrency import run_concurrency
+                        from bench.concurrency import run_concurrency
 
                         reports[suite] = run_concurrency(engine, args.out, quick=args.quick, streams=sizes)
                 finally:
@@ -147,7 +147,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench.cli", description="sinkserve benchmarks")
+    parser = argparse.ArgumentParser(prog="python -m bench.cli", description="sinkserve benchmarks")
     _fill_bench_parser(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

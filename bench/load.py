@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from engine.bench.common import DEFAULT_TEXT, markdown_table, pyplot, write_report
+from bench.common import DEFAULT_TEXT, markdown_table, pyplot, write_report
 
 log = logging.getLogger(__name__)
 

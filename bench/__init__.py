@@ -1,16 +1,16 @@
 """Benchmarks of sinkserve: decode cost, follow-up latency, concurrency, memory and llama.cpp.
 
-Each suite (``engine.bench.<suite>``) has a core ``measure_*`` function that takes a loaded model (or a
+Each suite (``bench.<suite>``) has a core ``measure_*`` function that takes a loaded model (or a
 started :class:`~engine.engine.Engine`) and sizes, and returns a JSON-ready report; ``run_*`` loads the
 model, runs it and writes ``OUT/<suite>.json``, ``OUT/<suite>.png`` and ``OUT/<suite>.md``.
 The baselines follow StreamingLLM (Xiao et al. 2023, arXiv 2309.17453, section 4.5 "Efficiency
 Results"): dense attention whose cache grows with the conversation, and a sliding window with
 re-computation, which re-encodes the last ``window`` tokens for every generated token.
 
-``load`` is the exception: it drives a running server over HTTP (:mod:`engine.bench.load`).
+``load`` is the exception: it drives a running server over HTTP (:mod:`bench.load`).
 
 Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,all}`` (see
-:mod:`engine.bench.cli`; ``all`` runs every suite but ``load``).
+:mod:`bench.cli`; ``all`` runs every suite but ``load``).
 """
 
 SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from engine.bench.common import Timer, environment, history_ids, markdown_table, pyplot, ratio, write_report
+from bench.common import Timer, environment, history_ids, markdown_table, pyplot, ratio, write_report
 from engine.cache import SinkCache
 from engine.loader import LoadedModel, embedded_gguf_path
 from engine.runner import Runner
