@@ -1,7 +1,13 @@
-"""Token sampling as small pure functions over one row of logits.
+"""Token sampling as small pure functions over logits: one row at a time, or a whole batch at once.
 
-The scheduler calls these once per decode row (``V`` = vocabulary size, 49152 for SmolLM2);
-nothing here loops over the vocabulary in Python and nothing modifies its input in place.
+The per-row functions (``process_logits`` then ``sample``; ``V`` = vocabulary size, 49152 for SmolLM2)
+are the reference and the path for rows with penalties, logit_bias, a seed or logprobs. Rows with plain
+settings (temperature, top-k, top-p, min-p: ``plain``) are sampled together by ``sample_batch``: one op
+sequence over the (B, V) logits with the settings as per-row tensors and one host transfer for the whole
+batch (as nano-vllm and gpt-fast sample), token-for-token equal to the reference given the same uniform
+numbers (tests/engine/test_sampling.py). Draws are by inverse CDF from one uniform number per token, so the
+two paths can be compared exactly. Nothing here loops over the vocabulary in Python and nothing modifies
+its input in place.
 
 Pipeline (``process_logits``), in this order:
 
@@ -18,7 +24,8 @@ Pipeline (``process_logits``), in this order:
    ``logit[j] -= presence * (count[j] > 0) + frequency * count[j]``, where ``count`` is counted over
    ``generated_ids`` only -- the tokens generated so far for *this request*, never the prompt.
 4. temperature (skipped when 0: greedy decoding takes the argmax of the penalised logits).
-5. filters, each setting dropped tokens to ``-inf``: top-k; top-p / nucleus sampling (Holtzman et
+5. filters, each setting dropped tokens to ``-inf``: top-k (tokens tied with the k-th are kept, as in
+   Hugging Face's and vLLM's top-k); top-p / nucleus sampling (Holtzman et
    al. 2019, "The Curious Case of Neural Text Degeneration", arXiv:1904.09751); min-p (Nguyen et
    al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent LLM Outputs",
    arXiv:2407.01082). Each filter looks at the distribution left by the previous one, as the
@@ -180,19 +187,19 @@ def penalize_logits(
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the ``k`` highest logits (ties broken by ``topk``), the rest ``-inf``."""
+    """Keep the ``k`` highest logits and any tied with the ``k``-th (as Hugging Face and vLLM do), the rest
+    ``-inf``; ties are kept so the kept set never depends on a sort's tie-breaking."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kept = logits.topk(k, dim=-1).indices  # (k,)
-    out = torch.full_like(logits, -math.inf)  # (V,)
-    return out.scatter(-1, kept, logits.gather(-1, kept))  # (V,)
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (1,)
+    return logits.masked_fill(logits < kth, -math.inf)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest most-probable set whose probability mass is >= ``p`` (nucleus)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (V,), (V,)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (V,), (V,)
     probs = sorted_logits.softmax(dim=-1)  # (V,)
     mass_before = probs.cumsum(dim=-1) - probs  # (V,) mass of strictly more probable tokens
     drop_sorted = mass_before >= p  # (V,) the first token always has mass_before == 0 < p
@@ -235,18 +242,26 @@ def process_logits(
     return filter_logits(penalize_logits(logits, params, context_ids, generated_ids), params)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           uniform: torch.Tensor | None = None) -> int:
     """One token id from processed ``logits`` (V,): argmax when greedy, else a draw.
 
+    The draw is by inverse CDF: the first token whose cumulative probability exceeds ``uniform`` (a 0-d
+    tensor in [0, 1), drawn from ``generator`` when not given) times the total, so one uniform number per
+    token and the batched :func:`sample_batch` picks the same token from the same number.
     Extreme settings (huge penalties or biases) can overflow the distribution; then the most likely
     finite token is taken rather than failing the request.
     """
     if is_greedy(params):
         return int(logits.nan_to_num(nan=-math.inf).argmax(dim=-1))
     probs = logits.to(torch.float32).softmax(dim=-1)  # (V,)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+    cdf = probs.cumsum(dim=-1)  # (V,)
+    if not bool(torch.isfinite(probs).all()) or float(cdf[-1]) <= 0:
         return int(logits.nan_to_num(nan=-math.inf).argmax(dim=-1))
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if uniform is None:
+        uniform = torch.rand((), generator=generator, device=logits.device)
+    point = (uniform.to(cdf.device) * cdf[-1]).reshape(1)  # (1,)
+    return int(torch.searchsorted(cdf, point, right=True).clamp_max(cdf.shape[-1] - 1))
 
 
 def token_logprobs(logits: torch.Tensor, token_id: int, k: int) -> tuple[float, list[tuple[int, float]]]:
@@ -260,3 +275,85 @@ def token_logprobs(logits: torch.Tensor, token_id: int, k: int) -> tuple[float, 
         return chosen, []
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (k,), sorted descending
     return chosen, list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+
+# ----- the batched path ----------------------------------------------------------------------------------
+def plain(params: SamplingParams) -> bool:
+    """Whether :func:`sample_batch` can sample a row with ``params``: temperature, top-k, top-p and min-p
+    only (no penalties, logit_bias, seed or logprobs, which take the per-row path above)."""
+    return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and not params.logit_bias and params.seed is None and not params.logprobs)
+
+
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor | None = None
+                 ) -> list[int]:
+    """One token for each row of ``logits`` (B, V) whose ``params`` are :func:`plain`: one op sequence over
+    the whole batch on its device and one host transfer at the end.
+
+    Row ``i`` gets exactly ``sample(process_logits(logits[i], params[i], [], []), params[i],
+    uniform=uniforms[i])``: the same filters with per-row settings as tensors, the same inverse-CDF draw.
+    ``uniforms`` (B,) defaults to fresh draws from the device's default generator.
+    """
+    if not all(plain(p) for p in params):
+        raise ValueError("sample_batch takes rows with plain settings only (see plain())")
+    batch, vocab = logits.shape
+    device = logits.device
+    logits = logits.to(torch.float32)  # (B, V)
+    greedy = [is_greedy(p) for p in params]
+    if all(greedy):
+        return logits.nan_to_num(nan=-math.inf).argmax(dim=-1).tolist()
+    temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                               dtype=torch.float32, device=device)  # (B,)
+    out = logits / temperature[:, None]  # (B, V)
+    out = _top_k_rows(out, [p.top_k if 0 < p.top_k < vocab else 0 for p in params])
+    out = _top_p_rows(out, [p.top_p for p in params])
+    out = _min_p_rows(out, [p.min_p for p in params])
+    probs = out.softmax(dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    if uniforms is None:
+        uniforms = torch.rand(batch, device=device)  # (B,)
+    points = uniforms.to(device=device, dtype=torch.float32)[:, None] * cdf[:, -1:]  # (B, 1)
+    drawn = torch.searchsorted(cdf, points, right=True).clamp_max(vocab - 1)[:, 0]  # (B,)
+    broken = ~torch.isfinite(probs).all(dim=-1) | (cdf[:, -1] <= 0)  # (B,) overflowed settings: take the best
+    drawn = torch.where(broken, out.nan_to_num(nan=-math.inf).argmax(dim=-1), drawn)
+    if any(greedy):
+        argmax = logits.nan_to_num(nan=-math.inf).argmax(dim=-1)  # (B,)
+        drawn = torch.where(torch.tensor(greedy, device=device), argmax, drawn)
+    return drawn.tolist()
+
+
+def _top_k_rows(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """:func:`top_k_filter` per row of ``logits`` (B, V) with ``ks[i]`` (0: keep all)."""
+    if not any(ks):
+        return logits
+    k = torch.tensor(ks, device=logits.device)  # (B,)
+    values = logits.topk(max(ks), dim=-1).values  # (B, kmax), descending
+    kth = values.gather(-1, (k - 1).clamp_min(0)[:, None])  # (B, 1)
+    kth = kth.masked_fill((k == 0)[:, None], -math.inf)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def _top_p_rows(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """:func:`top_p_filter` on the rows of ``logits`` (B, V) with ``ps[i] < 1`` (a sort each: only those)."""
+    rows = [i for i, p in enumerate(ps) if p < 1.0]
+    if not rows:
+        return logits
+    index = torch.tensor(rows, device=logits.device)  # (R,)
+    sub = logits.index_select(0, index)  # (R, V)
+    p = torch.tensor([ps[i] for i in rows], dtype=torch.float32, device=logits.device)  # (R,)
+    sorted_logits, order = sub.sort(dim=-1, descending=True, stable=True)  # (R, V), (R, V)
+    probs = sorted_logits.softmax(dim=-1)  # (R, V)
+    mass_before = probs.cumsum(dim=-1) - probs  # (R, V)
+    drop_sorted = mass_before >= p[:, None]  # (R, V)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (R, V) back to vocabulary order
+    return logits.index_copy(0, index, sub.masked_fill(drop, -math.inf))
+
+
+def _min_p_rows(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    """:func:`min_p_filter` per row of ``logits`` (B, V) with ``min_ps[i]`` (0: keep all)."""
+    if not any(m > 0.0 for m in min_ps):
+        return logits
+    min_p = torch.tensor(min_ps, dtype=torch.float32, device=logits.device)  # (B,)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values  # (B, 1)
+    return logits.masked_fill(probs < threshold, -math.inf)

@@ -11,8 +11,10 @@ from engine.sampling import (
     SamplingParams,
     make_generator,
     penalize_logits,
+    plain,
     process_logits,
     sample,
+    sample_batch,
     token_logprobs,
 )
 
@@ -53,13 +55,14 @@ def test_temperature_scales_logits():
     torch.testing.assert_close(out, logits * 2)
 
 
-def test_top_k_keeps_exactly_k():
-    logits = torch.tensor([0.1, 5.0, 3.0, 3.0, -1.0, 4.0, 3.0])
+def test_top_k_keeps_the_k_highest_and_their_ties():
+    logits = torch.tensor([0.1, 5.0, 3.0, 2.0, -1.0, 4.0, 2.5])
     out = process_logits(logits, SamplingParams(top_k=3), [], [])
-    assert len(kept(out)) == 3
-    assert {1, 5} <= kept(out)
+    assert kept(out) == {1, 2, 5}
     torch.testing.assert_close(out[list(kept(out))], logits[list(kept(out))])
     assert kept(process_logits(logits, SamplingParams(top_k=0), [], [])) == set(range(7))
+    tied = torch.tensor([0.1, 5.0, 3.0, 3.0, -1.0, 4.0, 3.0])  # the 3rd highest, 3.0, three times
+    assert kept(process_logits(tied, SamplingParams(top_k=3), [], [])) == {1, 2, 3, 5, 6}
 
 
 def test_top_p_keeps_smallest_set_with_mass():
@@ -200,3 +203,83 @@ def test_overflowing_penalties_fall_back_to_the_best_finite_token():
     params = SamplingParams(temperature=0.5, frequency_penalty=1e38, presence_penalty=1e38)
     token = sample(process_logits(logits, params, [2, 2, 2], [2, 2, 2]), params, torch.Generator().manual_seed(0))
     assert token in (0, 1)
+
+
+# ----- the batched path against the per-row reference ----------------------------------------------------
+MIXED = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=0.9, min_p=0.1),
+    SamplingParams(temperature=0.5, top_k=40, top_p=0.9, min_p=0.02),
+    SamplingParams(temperature=0.0, top_k=3, top_p=0.5),
+    SamplingParams(temperature=2.0, top_k=1),
+    SamplingParams(temperature=1e-7),
+]
+
+
+def reference(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> list[int]:
+    return [sample(process_logits(row, p, [], []), p, uniform=u) for row, p, u in zip(logits, params, uniforms, strict=True)]
+
+
+@pytest.mark.parametrize("vocab", [50, 1000])
+def test_batch_matches_the_reference_token_for_token(vocab):
+    gen = torch.Generator().manual_seed(5)
+    mismatches, drawn = 0, set()
+    for trial in range(40):
+        logits = 3 * torch.randn(len(MIXED), vocab, generator=gen)  # (B, V)
+        if trial % 2:
+            logits = logits.round()  # many exact ties: top-k and top-p boundaries fall on them
+        uniforms = torch.rand(len(MIXED), generator=gen)  # (B,)
+        batched = sample_batch(logits, MIXED, uniforms=uniforms)
+        expected = reference(logits, MIXED, uniforms)
+        mismatches += batched != expected
+        drawn.update(batched[1:6])
+    assert mismatches == 0
+    assert len(drawn) > 20  # the sampled rows really were sampled
+
+
+def test_batch_of_greedy_rows_is_the_argmax():
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    logits[2, 7] = math.nan
+    params = [SamplingParams(temperature=0.0, top_p=0.3)] * 6
+    expected = logits.nan_to_num(nan=-math.inf).argmax(-1).tolist()
+    assert sample_batch(logits, params) == expected == reference(logits, params, torch.zeros(6))
+
+
+def test_batch_rows_shuffled_keep_their_tokens():
+    gen = torch.Generator().manual_seed(9)
+    logits, uniforms = torch.randn(len(MIXED), 200, generator=gen), torch.rand(len(MIXED), generator=gen)
+    order = torch.randperm(len(MIXED), generator=gen).tolist()
+    forward = sample_batch(logits, MIXED, uniforms=uniforms)
+    shuffled = sample_batch(logits[order], [MIXED[i] for i in order], uniforms=uniforms[order])
+    assert shuffled == [forward[i] for i in order]
+
+
+def test_batch_draws_follow_the_distribution():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, -0.5, -1.0]]).repeat(2000, 1)  # (4000, 4)
+    params = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0, top_k=2)] * 2000
+    torch.manual_seed(0)
+    tokens = torch.tensor(sample_batch(logits, params)).reshape(2000, 2)
+    p0 = torch.softmax(torch.tensor([2.0, 0.0, 0.0, 0.0]) / 0.5, -1)[0].item()
+    assert abs((tokens[:, 0] == 0).float().mean().item() - p0) < 0.03
+    second = torch.softmax(torch.tensor([0.0, 1.0]), -1)  # top-2 keeps tokens 1 and 0
+    assert set(tokens[:, 1].tolist()) == {0, 1}
+    assert abs((tokens[:, 1] == 1).float().mean().item() - second[1].item()) < 0.03
+
+
+def test_overflowed_batch_row_takes_the_best_finite_token():
+    logits = torch.tensor([[1.0, 2.0, math.inf], [1.0, 3.0, 2.0]])
+    params = [SamplingParams(temperature=0.5), SamplingParams(temperature=0.5, top_k=1)]
+    assert sample_batch(logits, params, uniforms=torch.tensor([0.3, 0.9])) == [2, 1]
+    assert reference(logits, params, torch.tensor([0.3, 0.9])) == [2, 1]
+
+
+def test_plain_rows_and_the_rest():
+    assert plain(SamplingParams(temperature=0.3, top_k=4, top_p=0.9, min_p=0.1, stop=("x",), max_tokens=9))
+    for special in ({"seed": 1}, {"logprobs": True}, {"logit_bias": {1: 2.0}}, {"repetition_penalty": 1.1},
+                    {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}):
+        assert not plain(SamplingParams(**special)), special
+    with pytest.raises(ValueError, match="plain"):
+        sample_batch(torch.zeros(1, 4), [SamplingParams(seed=3)])
