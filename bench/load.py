@@ -10,7 +10,7 @@ after ``seconds`` or ``max_requests``, and whatever is still running ``drain_s``
 Only loopback servers are accepted (``127.0.0.1``, ``localhost``, ``::1``): this is a load generator, it
 must not be pointed at someone else's machine. ``sinkserve bench load --serve`` starts ``sinkserve
 serve`` itself on a free port of 127.0.0.1 (``--tiny``: the tests' tiny random model,
-``tests.server.launcher``), one API key per client so each client owns its sessions.
+``bench.tiny_server``; both through :mod:`bench.serve_process`), one API key per client so each client owns its sessions.
 
 Recorded per request: start time, time to first token (TTFT), inter-token latencies (ITL, between
 consecutive content chunks), completion tokens, prompt tokens served from the session cache, HTTP status
@@ -33,9 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +44,13 @@ from urllib.parse import urlparse
 import httpx
 
 from bench.common import DEFAULT_TEXT, markdown_table, pyplot, write_report
+from bench.serve_process import ServerProcess
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 BAN_SPECIAL = {"0": -100, "1": -100, "2": -100}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: full turns
 WARMUP_FRACTION = 0.2
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_loopback(url: str) -> str:
@@ -500,65 +498,6 @@ def plot(report: dict, path) -> None:
     plt.close(fig)
 
 
-# ----- a server of our own ------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalServer:
-    """``sinkserve serve`` (or, ``tiny``, ``tests.server.launcher serve``) on a free port of 127.0.0.1."""
-
-    def __init__(self, data_dir: Path, keys: list[str], *, tiny: bool = False, flags: list[str] | None = None,
-                 env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        module = "tests.server.launcher" if tiny else "server.cli"
-        extra = ["--window", "100"] if tiny else []
-        self.cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--data-dir", str(data_dir), "--log-level", "warning", *extra, *(flags or [])]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        if keys:
-            self.env["SINKSERVE_API_KEYS"] = ",".join(keys)
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 300.0) -> LocalServer:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("the server did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: graceful shutdown, sessions persisted
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def __enter__(self) -> LocalServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 def run_load(out_dir, *, url: str | None = None, serve: bool = False, tiny: bool = False, clients: int = 32,
              seconds: float = 60.0, api_keys=None, serve_flags: list[str] | None = None,
              serve_env: dict[str, str] | None = None, **kwargs) -> dict:
@@ -573,14 +512,14 @@ def run_load(out_dir, *, url: str | None = None, serve: bool = False, tiny: bool
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="sinkserve-load-") as data_dir:
-            server = LocalServer(Path(data_dir), keys, tiny=tiny, flags=serve_flags, env=serve_env,
-                                 log_path=out / "load-server.log")
+            server = ServerProcess(Path(data_dir), *(serve_flags or []), tiny=tiny, keys=keys, env=serve_env,
+                                   log_path=out / "load-server.log")
             started = time.perf_counter()
             with server:
                 log.info("server %s up in %.1f s (pid %d, %s)", server.url, time.perf_counter() - started,
                          server.proc.pid, "tiny model" if tiny else "real model")
                 report = measure_load(server.url, clients=clients, seconds=seconds, api_keys=keys,
                                       pid=server.proc.pid, **kwargs)
-        report["environment"]["server"] = "tests.server.launcher (tiny random model)" if tiny else "sinkserve serve"
+        report["environment"]["server"] = "bench.tiny_server (tiny random model)" if tiny else "sinkserve serve"
     report["files"] = write_report(out_dir, "load", report, table(report), plot)
     return report

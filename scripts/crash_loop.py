@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Crash safety: kill -9 the server at random moments while it serves sessions; check what survives.
 
-Each round starts the server (``tests/server/launcher.py``: the real ``serve`` command around a tiny
+Each round starts the server (``bench/serve_process.py``, ``bench/tiny_server.py``: the real ``serve`` command around a tiny
 model, or ``--real`` for the embedded model), drives streaming chats on a pool of named sessions from a
 few client threads, and SIGKILLs it after a random delay. After every kill each ``*.safetensors`` file in
 the data dir must open with safetensors' ``safe_open`` and carry sinkserve metadata and tensors; the next
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from tests.server.procs import BAN_SPECIAL, ServerProcess  # noqa: E402
+from bench.serve_process import ServerProcess  # noqa: E402
+from bench.tiny_server import BAN_SPECIAL  # noqa: E402
 
 TENSORS = {"k", "v", "meta", "tokens"}
 META = {"format", "id", "owner", "created", "last_used", "shape", "dtype"}
@@ -84,8 +85,7 @@ def run(kills: int, data_dir: Path, seed: int, clients: int, real: bool, log_pat
     counts = {"requests": 0, "deletes": 0, "interrupted": 0}
     flags = ["--window", "252"] if real else []
     for round_ in range(kills + 1):
-        server = ServerProcess(data_dir, *flags, log_path=log_path,
-                               module="server.cli" if real else "tests.server.launcher")
+        server = ServerProcess(data_dir, *flags, tiny=not real, log_path=log_path)
         try:
             server.start()
             with httpx.Client(base_url=server.url, timeout=10) as client:

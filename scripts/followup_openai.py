@@ -21,7 +21,7 @@ from pathlib import Path
 from openai import OpenAI
 
 from bench.common import history_ids
-from bench.load import LocalServer
+from bench.serve_process import ServerProcess
 from engine.config import EngineConfig
 from engine.loader import load_tokenizer
 
@@ -46,7 +46,7 @@ def measure(lengths: list[int]) -> list[dict]:
     tokenizer = load_tokenizer(None, EngineConfig().cache_dir)
     keys = ["session-key", "fresh-key"]
     rows = []
-    with tempfile.TemporaryDirectory() as data, LocalServer(Path(data), keys) as server:
+    with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), keys=keys) as server:
         session = OpenAI(base_url=f"{server.url}/v1", api_key=keys[0], timeout=600)
         fresh = OpenAI(base_url=f"{server.url}/v1", api_key=keys[1], timeout=600)
         for i, length in enumerate(lengths):

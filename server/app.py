@@ -2,19 +2,23 @@
 
 Pattern from full-stack-fastapi-template and the FastAPI docs on lifespan events
 (https://fastapi.tiangolo.com/advanced/events/). An engine passed to ``create_app`` belongs to the
-caller (tests share one tiny engine across apps); one the app builds is loaded in a background thread,
-so ``/health`` answers 503 while the weights load, and is drained and stopped on shutdown.
+caller (tests share one tiny engine across apps); otherwise the app builds one with ``engine_factory``
+(``Engine`` by default; ``bench.tiny_server`` passes a tiny model's) from the settings' engine config,
+loads it in a background thread, so ``/health`` answers 503 while the weights load, and drains and
+stops it on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from engine.config import EngineConfig
 from engine.engine import Engine
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit, KeyLimiter
@@ -24,6 +28,8 @@ from server.routes import chat, completions, health, metrics, models, sessions
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineConfig], Engine]
 
 
 async def _load(app: FastAPI, engine: Engine) -> None:
@@ -40,7 +46,7 @@ async def lifespan(app: FastAPI):
     if app.state.engine is not None:  # the caller's engine: the caller starts and stops it
         yield
         return
-    engine = Engine(settings.engine_config())
+    engine = app.state.engine_factory(settings.engine_config())
     app.state.engine = engine
     loader = asyncio.create_task(_load(app, engine))
     try:
@@ -55,11 +61,14 @@ async def lifespan(app: FastAPI):
             log.info("engine stopped; sessions persisted")
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The app; ``engine``: a started engine the caller owns, else one ``engine_factory`` builds at start."""
     settings = settings or Settings()
     app = FastAPI(title="sinkserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.engine_factory = engine_factory or Engine
     app.state.load_error = None
     app.state.api_keys = settings.allowed_keys()
     app.state.limiter = KeyLimiter(settings.max_concurrent_per_key)

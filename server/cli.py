@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, engine_factory=None) -> int:
     import uvicorn
 
     from server.app import create_app
@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     # after a clean shutdown. A SIGTERM is a requested stop, so it exits 0.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        uvicorn.run(create_app(settings, engine_factory=engine_factory), host=settings.host, port=settings.port, log_level=settings.log_level,
                     timeout_graceful_shutdown=settings.timeout_graceful_shutdown)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -90,19 +90,17 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, engine_factory=None) -> int:
+    """Run the command ``argv`` names; ``engine_factory`` replaces ``Engine`` for ``serve`` (bench.tiny_server)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        return serve(args, engine_factory)
     if args.command == "eval":
         run_eval(args)
         return 0
-    if args.command == "bench":
-        run_bench(args)
-        return 0
-    log.error("'sinkserve %s' is not yet available", args.command)
-    return 2
+    run_bench(args)  # the parser accepts no other command
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import time
 import httpx
 import pytest
 
-import server.app
 from server.app import create_app
 from server.cli import build_parser, main
 from server.settings import Settings
@@ -96,9 +95,8 @@ class SlowEngine:
         self.stopped.set()
 
 
-def test_health_while_loading(monkeypatch):
-    monkeypatch.setattr(server.app, "Engine", SlowEngine)
-    live = LiveServer(create_app(Settings())).start()
+def test_health_while_loading():
+    live = LiveServer(create_app(Settings(), engine_factory=SlowEngine)).start()
     try:
         loading = httpx.get(f"{live.url}/health")
         assert loading.status_code == 503 and loading.json() == {"status": "loading"}

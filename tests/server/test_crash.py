@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.server.procs import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_crash_loop_three_kills(tmp_path):

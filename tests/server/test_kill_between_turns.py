@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.server.procs import ServerProcess
+from bench.serve_process import ServerProcess
 
 
 def _chat(url: str, messages: list[dict], session_id: str | None = None) -> httpx.Response:
@@ -16,7 +16,7 @@ def _chat(url: str, messages: list[dict], session_id: str | None = None) -> http
 def test_restart_after_kill_reuses_the_saved_cache(tmp_path):
     data_dir = tmp_path / "sessions"
     history = [{"role": "user", "content": "Remember the word lighthouse. " * 5}]
-    server = ServerProcess(data_dir).start()
+    server = ServerProcess(data_dir, tiny=True).start()
     try:
         first = _chat(server.url, history)
         assert first.status_code == 200
@@ -25,7 +25,7 @@ def test_restart_after_kill_reuses_the_saved_cache(tmp_path):
         expected = _chat(server.url, history, session_id="reference-" + session_id[-8:])  # same turn, fresh
     finally:
         server.kill()  # SIGKILL right after the reply: no shutdown hook runs
-    restarted = ServerProcess(data_dir).start()
+    restarted = ServerProcess(data_dir, tiny=True).start()
     try:
         second = _chat(restarted.url, history, session_id=session_id)
         assert second.status_code == 200, second.text

@@ -1,11 +1,11 @@
-"""CI-short run of the load benchmark (bench/load.py) against the tiny server process."""
+"""CI-short run of the load benchmark (bench/load.py) against the tiny server process (bench/serve_process.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from bench.load import check_loopback, measure_load, table
-from tests.server.procs import ServerProcess
+from bench.serve_process import ServerProcess
 
 CLIENTS = 4
 KEYS = [f"load-{i}" for i in range(CLIENTS)]
@@ -24,7 +24,7 @@ def test_accepts_loopback():
 
 def test_short_load(tmp_path):
     flags = [arg for key in KEYS for arg in ("--api-key", key)]
-    server = ServerProcess(tmp_path / "data", *flags, log_path=tmp_path / "server.log").start()
+    server = ServerProcess(tmp_path / "data", *flags, tiny=True, log_path=tmp_path / "server.log").start()
     try:
         report = measure_load(server.url, clients=CLIENTS, seconds=5, api_keys=KEYS, pid=server.proc.pid,
                               turns=4, max_tokens=16, drain_s=30, request_timeout=30)

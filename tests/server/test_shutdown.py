@@ -8,13 +8,14 @@ import time
 
 import httpx
 
-from tests.server.procs import BAN_SPECIAL, ServerProcess
+from bench.serve_process import ServerProcess
+from bench.tiny_server import BAN_SPECIAL
 
 GRACE = 3.0
 
 
 def test_sigterm_mid_stream_finishes_the_stream_and_persists_the_session(tmp_path):
-    server = ServerProcess(tmp_path / "sessions", "--graceful-timeout", str(GRACE),
+    server = ServerProcess(tmp_path / "sessions", "--graceful-timeout", str(GRACE), tiny=True,
                            env={"SINKSERVE_MAX_TOKENS_CAP": "1000000"}).start()
     try:
         body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 1_000_000,

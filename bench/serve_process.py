@@ -1,0 +1,91 @@
+"""One ``sinkserve serve`` process on a free port of 127.0.0.1: the launcher of the benchmarks and the tests.
+
+``ServerProcess(data_dir, *flags).start()`` runs ``python -m server.cli serve`` (or, ``tiny=True``,
+``python -m bench.tiny_server serve``: the same command line around a tiny random model) with the
+interpreter running this code, waits for ``GET /health`` to answer 200, and is stopped with
+``stop()`` (SIGTERM: graceful shutdown, sessions persisted) or ``kill()`` (SIGKILL: nothing runs).
+Only installed modules are used, so it works from a wheel as well as from a checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+TINY_WINDOW = "100"  # the tiny model has 128 positions: sinks + window must fit
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``sinkserve serve`` (``tiny``: around the tiny model) as a child process; a context manager too."""
+
+    def __init__(self, data_dir: Path, *flags: str, tiny: bool = False, keys: list[str] | None = None,
+                 env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = Path(data_dir)
+        self.tiny = tiny
+        module = "bench.tiny_server" if tiny else "server.cli"
+        extra = ["--window", TINY_WINDOW] if tiny else []  # later flags win: a caller's --window overrides
+        self.cmd = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--data-dir", str(data_dir), "--log-level", "warning", *extra, *flags]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if tiny:
+            self.env.setdefault("OMP_NUM_THREADS", "1")
+        if keys:
+            self.env["SINKSERVE_API_KEYS"] = ",".join(keys)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> ServerProcess:
+        """Start the process and wait until ``/health`` answers 200 (RuntimeError if it exits or times out)."""
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (child owns it)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if self.log_path:
+            out.close()  # the child holds its own descriptor
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting"
+                                   + (f" (log: {self.log_path})" if self.log_path else ""))
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("the server did not become healthy")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (graceful shutdown, sessions persisted); SIGKILL if it has not exited after ``timeout``."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs (crash tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
