@@ -6,7 +6,11 @@
 #
 # Installs through the same scripts/install.sh as a native checkout. The CUDA wheels of torch on PyPI
 # bring their own CUDA libraries, so a slim Python base is enough; the host needs only the NVIDIA driver
-# and the NVIDIA Container Toolkit.
+# (new enough for the CUDA of the torch build: the entry point logs torch.version.cuda) and the NVIDIA
+# Container Toolkit. The CUDA image refuses to start without a usable GPU (SINKSERVE_REQUIRE_CUDA, set
+# from TORCH_VARIANT by docker/entrypoint.sh; 0 allows the CPU). A C compiler is installed because
+# `--compile` needs one: Inductor builds C++ kernels on a CPU and Triton builds its launcher on a GPU; their
+# caches live on the volume, so a restart does not compile again.
 FROM python:3.11.11-slim-bookworm
 
 ARG TORCH_VARIANT=cuda
@@ -20,6 +24,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SINKSERVE_EDITABLE=0 \
     PATH=/opt/venv/bin:${PATH}
 
+# gcc and the C library headers for torch.compile (Triton's launcher, Inductor's C++ kernels); unpinned on
+# purpose: build tools of the pinned Debian release, with its security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 
 # torch first, in its own layer: by far the largest download, and it changes only with the lock file.
@@ -30,12 +41,17 @@ RUN scripts/install.sh --torch-only
 COPY . .
 RUN scripts/install.sh --no-editable --no-extras \
     && useradd --system --create-home --uid 10001 --user-group sinkserve \
-    && mkdir -p /data/models /data/sessions \
+    && mkdir -p /data/models /data/sessions /data/cache/inductor /data/cache/triton \
     && chown -R sinkserve:sinkserve /data
 
-# Converted weights (/data/models) and saved sessions (/data/sessions) live on the volume.
+# Converted weights (/data/models), saved sessions (/data/sessions) and compiled kernels (/data/cache) live
+# on the volume. NVIDIA_*: what the NVIDIA Container Toolkit exposes (all GPUs; CUDA and nvidia-smi).
 ENV SINKSERVE_HOME=/data \
     HF_HOME=/data/hf \
+    TORCHINDUCTOR_CACHE_DIR=/data/cache/inductor \
+    TRITON_CACHE_DIR=/data/cache/triton \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     SINKSERVE_HOST=0.0.0.0 \
     SINKSERVE_PORT=8000
 VOLUME ["/data"]
