@@ -1,0 +1,142 @@
+"""Stored responses: what ``previous_response_id``, ``GET /v1/responses/{id}`` and its input items read.
+
+A stored response is one JSON file, ``<data_dir>/responses/<id>.json``, next to the session files:
+the response object as returned, the input items of its request, the owner (a hash of the API key,
+``engine.engine.owner_of``), the session that produced it, that session's stream length after it, and
+the conversation it represents (the input messages after the instructions, and the output) so a later
+response can render the whole chain without walking it. Each file is self-contained: deleting one
+response never breaks a later one that chained from it.
+
+Files are written atomically (temporary file, fsync, rename, fsync of the folder), so a kill -9 leaves
+either the old state or the new one. A response expires ``ttl_s`` after its creation, the session TTL
+(``EngineConfig.session_ttl_s``): expired files are removed on start-up, on lookups, and by a sweep at
+most once a minute when new responses are saved.
+
+Reads and writes block on the file system: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESPONSE_ID = re.compile(r"^resp_[A-Za-z0-9]{1,128}$")
+FORMAT_VERSION = 1
+SWEEP_EVERY_S = 60.0
+
+
+@dataclass
+class StoredResponse:
+    id: str
+    owner: str
+    created_at: float
+    session_id: str
+    stream_tokens: int  # the session's stream length once this response was generated
+    messages: list[dict[str, Any]]  # the conversation up to and including the output (no instructions)
+    input_items: list[dict[str, Any]]  # this request's input items, with ids, as input_items lists them
+    response: dict[str, Any]  # the response object as returned
+    format: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ResponseStore:
+    """One folder of stored responses, scoped by owner, expiring after ``ttl_s``."""
+
+    def __init__(self, root: Path, ttl_s: float) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
+        self._last_sweep = 0.0
+        for stale in self.root.glob(".*.tmp"):  # a write interrupted by a crash
+            stale.unlink(missing_ok=True)
+        self.sweep()
+
+    def path(self, response_id: str) -> Path | None:
+        """The file of ``response_id``; ``None`` for anything that is not a plain response id."""
+        if not isinstance(response_id, str) or not RESPONSE_ID.match(response_id):
+            return None
+        return self.root / f"{response_id}.json"
+
+    def put(self, record: StoredResponse) -> None:
+        path = self.path(record.id)
+        assert path is not None, record.id
+        data = json.dumps(asdict(record), separators=(",", ":")).encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.root)
+        if time.time() - self._last_sweep > SWEEP_EVERY_S:
+            self.sweep()
+
+    def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        """The stored response, or ``None`` when unknown, deleted, expired or someone else's."""
+        path = self.path(response_id)
+        if path is None:
+            return None
+        record = self._read(path)
+        if record is None or record.owner != owner:
+            return None
+        if self._expired(record):
+            path.unlink(missing_ok=True)
+            return None
+        return record
+
+    def delete(self, owner: str, response_id: str) -> bool:
+        if self.get(owner, response_id) is None:
+            return False
+        self.path(response_id).unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        return True
+
+    def sweep(self) -> int:
+        """Remove expired files (unreadable ones are left alone); returns how many went."""
+        self._last_sweep = time.time()
+        removed = 0
+        for path in self.root.glob("resp_*.json"):
+            record = self._read(path)
+            if record is not None and self._expired(record):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d expired stored responses", removed)
+        return removed
+
+    def _expired(self, record: StoredResponse) -> bool:
+        return time.time() - record.created_at > self.ttl_s
+
+    def _read(self, path: Path) -> StoredResponse | None:
+        try:
+            data = json.loads(path.read_bytes())
+            if data.get("format") != FORMAT_VERSION:
+                return None
+            return StoredResponse(**data)
+        except FileNotFoundError:
+            return None
+        except Exception:  # a damaged or foreign file reads as absent, never as a server error
+            log.warning("ignoring unreadable stored response %s", path.name)
+            return None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX: the folder entry lives in the folder's own blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,378 @@
+"""The OpenAI Responses API wire format as pydantic models: the create request, input items, the
+response object, stored input items and the streaming events.
+
+Shapes follow the ``openai`` SDK's types (``openai/types/responses/``: ``response_create_params``,
+``response_input_param``, ``response``, ``response_output_message``, ``response_usage``,
+``response_*_event``) and the API reference (https://platform.openai.com/docs/api-reference/responses).
+Unlike chat completions, unknown request fields are refused (``extra="forbid"``): a 400 naming the
+field. Fields OpenAI defines that sinkserve does not implement are accepted only at their "off" value
+(``null``, ``false``, ``[]``), so clients that send them empty keep working; any other value is a
+400 naming the field. ``text.format`` other than text and ``tools`` are refused here until the
+structured-output and tool machinery is wired in (see the route).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from engine.sampling import SamplingParams
+from server.errors import APIError
+
+
+def new_id(prefix: str) -> str:
+    """OpenAI-style ids: ``resp_``, ``msg_``, ``fc_`` and 48 hex digits (192 random bits)."""
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+# ----- input items ---------------------------------------------------------------------------------
+class InputText(_Strict):
+    type: Literal["input_text"]
+    text: str
+    prompt_cache_breakpoint: None = None
+
+
+class OutputText(_Strict):
+    """Assistant text, in the input (replayed history) and in the output."""
+
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list, max_length=0)
+    logprobs: list[dict[str, Any]] | None = None
+
+
+class MessageItem(_Strict):
+    """``EasyInputMessage``, ``Message`` and a replayed ``ResponseOutputMessage`` in one model."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[Annotated[InputText | OutputText, Field(discriminator="type")]]
+    id: str | None = None
+    status: ItemStatus | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def to_message(self) -> dict[str, Any]:
+        """The chat message the template renders."""
+        return {"role": self.role, "content": self.text()}
+
+    def stored(self) -> dict[str, Any]:
+        """The item as ``input_items`` lists it (``ResponseInputMessageItem`` / ``ResponseOutputMessage``)."""
+        kind = "output_text" if self.role == "assistant" else "input_text"
+        if isinstance(self.content, str):
+            parts = [{"type": kind, "text": self.content}]
+        else:
+            parts = [part.model_dump(exclude_none=True) for part in self.content]
+        if self.role == "assistant":
+            for part in parts:
+                part.setdefault("annotations", [])
+        return {"id": self.id or new_id("msg"), "type": "message", "role": self.role, "status": "completed",
+                "content": parts}
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: ItemStatus | None = None
+
+    def stored(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fc"), "status": "completed"}
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: ItemStatus | None = None
+
+    def stored(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fco"), "status": "completed"}
+
+
+def _item_type(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("type", "message")  # EasyInputMessage may omit its type
+    return getattr(value, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type, custom_error_type="invalid_item",
+                  custom_error_message="item type must be message, function_call or function_call_output"),
+]
+_ITEMS = TypeAdapter(list[InputItem])
+_ITEM_TAGS = {"message", "function_call", "function_call_output"}
+
+
+# ----- the create request --------------------------------------------------------------------------
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: None = None  # OpenAI's verbosity hint has no meaning for a plain model: refused if set
+
+
+# Fields of OpenAI's request that sinkserve accepts only when off (see the module docstring).
+OFF_FIELDS: dict[str, tuple] = {
+    "background": (None, False),
+    "conversation": (None,),
+    "context_management": (None, []),
+    "include": (None, []),
+    "max_tool_calls": (None,),
+    "prompt": (None,),
+    "prompt_cache_options": (None,),
+    "prompt_cache_retention": (None,),
+    "reasoning": (None,),
+    "service_tier": (None, "auto", "default"),
+    "stream_options": (None,),
+    "top_logprobs": (None, 0),
+    "moderation": (None,),
+    "image": (None,),
+    "access_programs": (None,),
+    "background_options": (None,),
+}
+
+
+class ResponseCreateRequest(_Strict):
+    model: str | None = None  # None: the served model
+    input: str | list[InputItem]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: StrictBool = True
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: StrictBool = False
+    text: TextConfig | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    parallel_tool_calls: StrictBool = True
+    metadata: dict[str, str] | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
+    user: str | None = None
+    safety_identifier: str | None = Field(None, max_length=128)
+    # Codex CLI sends one per conversation; sessions are already found by token prefix within the API
+    # key's scope, so the key is echoed but needs no other effect (README, Responses API).
+    prompt_cache_key: str | None = None
+    # accepted only when off: OFF_FIELDS
+    background: Any = None
+    conversation: Any = None
+    context_management: Any = None
+    include: Any = None
+    max_tool_calls: Any = None
+    prompt: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning: Any = None
+    service_tier: Any = None
+    stream_options: Any = None
+    top_logprobs: Any = None
+    moderation: Any = None
+    image: Any = None
+    access_programs: Any = None
+    background_options: Any = None
+
+    @field_validator(*OFF_FIELDS)
+    @classmethod
+    def _off(cls, value: Any, info) -> Any:
+        if value not in OFF_FIELDS[info.field_name]:
+            raise ValueError(f"{info.field_name} is not supported by this server (leave it unset)")
+        return value
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, value: Any) -> Any:
+        """Item errors name the item's field (``input.2.role``), not pydantic's union branches."""
+        if isinstance(value, str) or not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("input must not be empty")
+        try:
+            return _ITEMS.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"] if p not in _ITEM_TAGS and "[" not in str(p))
+            raise ValueError(f"input.{loc}: {first['msg']}") from None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if len(metadata) > 16:
+            raise ValueError("at most 16 key-value pairs")
+        for key, value in metadata.items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("keys are at most 64 characters, values at most 512")
+        return metadata
+
+    def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
+        if isinstance(self.input, str):
+            return [MessageItem(role="user", content=self.input)]
+        return list(self.input)
+
+    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
+        if self.max_output_tokens is not None and self.max_output_tokens > max_tokens_cap:
+            raise APIError(400, f"max_output_tokens is {self.max_output_tokens}, this server allows at most "
+                           f"{max_tokens_cap}", param="max_output_tokens", code="invalid_value")
+        try:
+            return SamplingParams(
+                max_tokens=min(self.max_output_tokens or default_max_tokens, max_tokens_cap),
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+# ----- the response object -------------------------------------------------------------------------
+class OutputMessage(_Out):
+    id: str = Field(default_factory=lambda: new_id("msg"))
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: ItemStatus = "completed"
+    content: list[OutputText] = Field(default_factory=list)
+
+
+class FunctionCallOutput(_Out):
+    id: str = Field(default_factory=lambda: new_id("fc"))
+    type: Literal["function_call"] = "function_call"
+    status: ItemStatus = "completed"
+    call_id: str
+    name: str
+    arguments: str
+
+
+class InputTokensDetails(_Out):
+    cached_tokens: int  # served from the session's cache
+    cache_write_tokens: int  # prefilled into the session's cache by this response
+
+
+class OutputTokensDetails(_Out):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(_Out):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(_Out):
+    reason: Literal["max_output_tokens"] = "max_output_tokens"
+
+
+class ResponseError(_Out):
+    code: Literal["server_error", "rate_limit_exceeded", "invalid_prompt"] = "server_error"
+    message: str
+
+
+class ResponseSinkserve(_Out):
+    """sinkserve's extension, as in chat completions: the session this response continued."""
+
+    session_id: str
+    evicted_tokens: int
+    cached_tokens: int
+
+
+class ResponseObject(_Out):
+    id: str = Field(default_factory=lambda: new_id("resp"))
+    object: Literal["response"] = "response"
+    created_at: float = Field(default_factory=lambda: float(int(time.time())))
+    status: Literal["completed", "failed", "in_progress", "cancelled", "incomplete"] = "in_progress"
+    background: bool = False
+    completed_at: float | None = None
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[OutputMessage | FunctionCallOutput] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    prompt_cache_key: str | None = None
+    reasoning: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    service_tier: Literal["default"] = "default"
+    store: bool = True
+    temperature: float | None = None
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    tool_choice: str | dict[str, Any] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    top_p: float | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
+    usage: ResponseUsage | None = None
+    user: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    sinkserve: ResponseSinkserve | None = None
+
+    @classmethod
+    def for_request(cls, body: ResponseCreateRequest, model: str) -> ResponseObject:
+        """The response as created: its echo of the request's settings, no output yet."""
+        text = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {}
+        return cls(
+            model=model, instructions=body.instructions, max_output_tokens=body.max_output_tokens,
+            parallel_tool_calls=body.parallel_tool_calls, previous_response_id=body.previous_response_id,
+            prompt_cache_key=body.prompt_cache_key, safety_identifier=body.safety_identifier, store=body.store,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            text={"format": {"type": "text"}, **text}, tool_choice=body.tool_choice, tools=body.tools,
+            truncation=body.truncation, user=body.user, metadata=body.metadata or {},
+        )
+
+
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
+
+
+class InputItemList(_Out):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
