@@ -12,6 +12,23 @@ from pathlib import Path
 from engine.quantize import QUANTIZE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
+# request fields whose default the model (generation_config.json) or the operator may set (engine/loader.py)
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def check_sampling_defaults(defaults) -> None:
+    """ValueError unless ``defaults`` maps names of SAMPLING_DEFAULT_FIELDS to values SamplingParams takes."""
+    from engine.sampling import SamplingParams
+
+    if not isinstance(defaults, dict):
+        raise ValueError(f"sampling_defaults must be a JSON object, got {defaults!r}")
+    unknown = sorted(set(defaults) - set(SAMPLING_DEFAULT_FIELDS))
+    if unknown:
+        raise ValueError(f"sampling_defaults: unknown field(s) {unknown}; allowed: {list(SAMPLING_DEFAULT_FIELDS)}")
+    for name, value in defaults.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (name == "top_k" and value != int(value)):
+            raise ValueError(f"sampling_defaults: {name} must be a number, got {value!r}")
+    SamplingParams(**defaults)  # its own range checks
 
 
 def default_home() -> Path:
@@ -35,7 +52,6 @@ class EngineConfig:
     evict_block: int = 64  # window tokens evicted at once when the cache is full
     prefill_chunk: int = 256  # prompt tokens per forward pass
     max_batch: int = 8  # decode rows per step
-    step_token_budget: int = 512  # tokens per scheduler step (decode rows + one prefill chunk)
     cache_dir: Path = field(default_factory=lambda: default_home() / "models")
     data_dir: Path = field(default_factory=lambda: default_home() / "sessions")
     memory_budget_bytes: int = 2 * 1024**3  # resident (device) session caches
@@ -49,7 +65,8 @@ class EngineConfig:
     quantize: str | None = "auto"
     compile: bool = False  # torch.compile the decode step (slow first start; see README)
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
-    seed: int = 0
+    # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's
+    sampling_defaults: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -66,6 +83,8 @@ class EngineConfig:
             raise ValueError(f"quantize must be 'auto', one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if self.sampling_defaults is not None:
+            check_sampling_defaults(self.sampling_defaults)
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
 

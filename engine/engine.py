@@ -107,7 +107,7 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        return self.loaded.model.get_output_embeddings().weight.shape[0]
+        return self.loaded.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)

