@@ -69,7 +69,7 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` command to a CLI's sub-parsers."""
-    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, all")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, profile, all")
     _fill_bench_parser(parser)
     return parser
 
@@ -137,6 +137,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                         from bench.followup import run_followup
 
                         reports[suite] = run_followup(engine, args.out, quick=args.quick, lengths=sizes)
+                    elif suite == "profile":
+                        from bench.profile import run_profile
+
+                        reports[suite] = run_profile(engine, args.out, quick=args.quick, batches=sizes)
                     else:
                         from bench.concurrency import run_concurrency
 
