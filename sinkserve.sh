@@ -6,6 +6,8 @@
 #   ./sinkserve.sh test [ARGS...]    install with the test extras, then: python -m pytest -q ARGS...
 #   ./sinkserve.sh eval [ARGS...]    install, then: sinkserve eval ARGS...
 #   ./sinkserve.sh bench [ARGS...]   install with the bench extras, then: sinkserve bench ARGS...
+#   ./sinkserve.sh cluster [ARGS...] install, then: scripts/cluster.sh ARGS... (redis-server, N replicas
+#                                    and HAProxy on 127.0.0.1:8000; see scripts/cluster.sh --help)
 #   ./sinkserve.sh install [OPTS...] only run scripts/install.sh OPTS... (see scripts/install.sh --help)
 #
 # Later --host/--port given to serve win over the defaults. The environment variables of
@@ -38,6 +40,10 @@ case "$cmd" in
     bench)
         scripts/install.sh --extras bench
         exec "$venv/bin/sinkserve" bench "$@"
+        ;;
+    cluster)
+        scripts/install.sh
+        exec scripts/cluster.sh "$@"
         ;;
     install)
         exec scripts/install.sh "$@"
