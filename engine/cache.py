@@ -15,7 +15,13 @@ Layout and position policy (the paper's section 3.2):
   float64). A key moves at most ``window / evict_block`` times before it is evicted itself, so the rounding
   of re-rotation is bounded and does not grow with the stream (tests/engine/test_cache_exact.py proves it
   against a float64 cache that stores raw keys and rotates exactly on read).
-- Rolling back (``truncate``) just shortens a row: the kept slots are already at the right positions.
+- Rolling back (``rollback``) keeps a prefix of the row's *stream* (every token it was fed): inside the
+  window it just shortens the row (the kept slots are already at the right positions); before the window
+  only the pinned slots can stay (they were never moved), so the row restarts from them. ``RowState``
+  holds this arithmetic, so a session that is not resident (its counters saved) answers the same
+  questions. Nothing outside this module computes slots, positions or evictions.
+- A forward pass that fails leaves every row as it was before it (``CacheStep.undo``): rows that had to
+  evict for the step are restored from a snapshot taken before the shift.
 
 The model never sees this class's policy: each forward borrows a :class:`CacheStep` that writes the new
 keys and values where the step says and returns the row's slots to attend over.
@@ -42,6 +48,38 @@ class CacheShape:
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return self.num_layers * 2 * self.kv_heads * self.head_dim * element
+
+
+@dataclass(frozen=True)
+class RowState:
+    """A row's counters: slots in use, slots never evicted, and tokens evicted since it was reset.
+
+    The row's *stream* is every token fed to it: ``pinned`` tokens at slots ``0..pinned-1``, then
+    ``evicted`` tokens that are gone, then the window (the rest of the slots, oldest first).
+    """
+
+    length: int
+    pinned: int
+    evicted: int = 0
+
+    @property
+    def stream_length(self) -> int:
+        return self.length + self.evicted
+
+    def reusable(self, shared: int, pinned: int) -> int:
+        """How many stream tokens a new stream can keep that shares the first ``shared`` tokens with this
+        one and pins ``pinned``: the cache must then hold exactly what feeding those tokens afresh
+        (with that pinning) would have produced.
+
+        Nothing evicted yet: any prefix (the pinning only decides future evictions). After evictions,
+        with the same pinning: any prefix that ends inside the window. Otherwise only the pinned slots
+        both pinnings agree on (they were never moved)."""
+        shared = min(shared, self.stream_length)
+        if self.evicted == 0:
+            return shared
+        if pinned == self.pinned and shared >= self.pinned + self.evicted:
+            return shared
+        return min(shared, self.pinned, pinned)
 
 
 def evictions_for(length: int, pinned: int, capacity: int, block: int, new_tokens: int) -> int:
@@ -112,6 +150,17 @@ class SinkCache:
         self._zero(row)
         self.lengths[row], self.pinned[row], self.evicted[row] = 0, pinned, 0
 
+    def state(self, row: int) -> RowState:
+        return RowState(self.lengths[row], self.pinned[row], self.evicted[row])
+
+    def max_chunk(self, row: int) -> int:
+        """The most tokens one forward pass can feed to ``row``: its window."""
+        return self.capacity - self.pinned[row]
+
+    def planned_evictions(self, row: int, new_tokens: int, chunk: int) -> int:
+        """Tokens that feeding ``new_tokens`` to ``row`` in chunks of ``chunk`` will evict (nothing moves)."""
+        return planned_evictions(self.lengths[row], self.pinned[row], self.capacity, self.evict_block, new_tokens, chunk)
+
     def _zero(self, row: int) -> None:
         for buffers in (self.k, self.v):
             for buf in buffers:
@@ -142,13 +191,21 @@ class SinkCache:
         self.lengths[row] = length - evict
         self.evicted[row] += evict
 
-    def truncate(self, row: int, length: int) -> None:
-        """Roll a row back to its first ``length`` slots (a regenerated or edited turn)."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot truncate a row of {self.lengths[row]} slots to {length}")
-        if self.evicted[row] and length < self.pinned[row]:
-            raise ValueError("cannot roll back into the pinned prefix after eviction")
-        self.lengths[row] = length
+    def rollback(self, row: int, keep: int, pinned: int | None = None) -> None:
+        """Keep the first ``keep`` tokens of the row's stream and pin ``pinned`` slots from now on (default:
+        unchanged). ``keep`` must be what :meth:`RowState.reusable` allows for that pinning."""
+        state = self.state(row)
+        pinned = state.pinned if pinned is None else pinned
+        if pinned >= self.capacity:
+            raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
+        if not 0 <= keep <= state.stream_length or state.reusable(keep, pinned) != keep:
+            raise ValueError(f"cannot keep {keep} tokens of {state} pinning {pinned}")
+        if keep == 0:
+            self.reset(row, pinned)
+        elif state.evicted and keep < state.pinned + state.evicted:  # back to the never-moved pinned slots
+            self.lengths[row], self.evicted[row], self.pinned[row] = keep, 0, pinned
+        else:
+            self.lengths[row], self.pinned[row] = keep - state.evicted, pinned
 
     # ----- moving rows -------------------------------------------------------------------------------
     def export_row(self, row: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -171,6 +228,16 @@ class SinkCache:
             self.v[layer][row, :, :n] = state["v"][layer].to(self.device, self.dtype)
         self.lengths[row], self.pinned[row], self.evicted[row] = n, pinned, evicted
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make ``dst`` an exact copy of ``src`` (a conversation branching off another)."""
+        n = self.lengths[src]
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                buf[dst].zero_()
+                buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst], self.pinned[dst], self.evicted[dst] = n, self.pinned[src], self.evicted[src]
+        self.zeroed[dst] = True
+
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange two rows (the scheduler keeps decoding rows contiguous so a batch is a view)."""
         if a == b:
@@ -186,21 +253,39 @@ class SinkCache:
     # ----- one forward pass --------------------------------------------------------------------------
     def step(self, rows: list[int], new_tokens: int) -> CacheStep:
         """Reserve ``new_tokens`` slots in each row (evicting if needed) for one forward pass."""
+        undo = []
         for row in rows:
             if not self.zeroed[row]:
                 self._zero(row)
+            state = self.state(row)
+            evicts = evictions_for(state.length, state.pinned, self.capacity, self.evict_block, new_tokens) > 0
+            undo.append((row, state, self._snapshot(row) if evicts else None))
             self.make_room(row, new_tokens)
-        step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens)
+        step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens, undo)
         for row in rows:
             self.lengths[row] += new_tokens
         return step
+
+    def _snapshot(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A copy of the row's used slots on its device (taken before an eviction moves them)."""
+        n = self.lengths[row]
+        return [k[row, :, :n].clone() for k in self.k], [v[row, :, :n].clone() for v in self.v]
+
+    def _restore(self, row: int, state: RowState, snapshot) -> None:
+        if snapshot is not None:
+            keys, values = snapshot
+            for layer in range(self.shape.num_layers):
+                self.k[layer][row, :, : state.length] = keys[layer]
+                self.v[layer][row, :, : state.length] = values[layer]
+        self.lengths[row], self.pinned[row], self.evicted[row] = state.length, state.pinned, state.evicted
 
 
 class CacheStep:
     """The cache as one forward pass sees it: transformers' attention calls ``update`` per layer."""
 
-    def __init__(self, cache: SinkCache, rows: list[int], offsets: list[int], new_tokens: int) -> None:
+    def __init__(self, cache: SinkCache, rows: list[int], offsets: list[int], new_tokens: int, undo=()) -> None:
         self.cache = cache
+        self._undo = list(undo)  # (row, state before the step, snapshot if it evicted)
         self.rows = rows
         self.offsets = offsets  # first new slot of each row = the new tokens' first position
         self.new_tokens = new_tokens
@@ -210,6 +295,12 @@ class CacheStep:
         device = cache.device
         self._row_index = torch.tensor(rows, device=device)
         self._slot_index = torch.tensor(offsets, device=device)
+
+    def undo(self) -> None:
+        """Put every row back as it was before this step (the forward pass failed)."""
+        for row, state, snapshot in self._undo:
+            self.cache._restore(row, state, snapshot)
+        self._undo = []
 
     def position_ids(self) -> torch.Tensor:
         """In-cache positions of the new tokens, (B, T)."""

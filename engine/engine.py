@@ -150,6 +150,23 @@ class Engine:
         if bad:
             raise InvalidRequest(f"logit_bias token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 
+    def pinned_slots(self, pin_prefix: int) -> int:
+        """Slots a session pins for a request pinning ``pin_prefix`` prompt tokens (0: just the sinks)."""
+        sinks, capacity = self.config.sink_tokens, self.config.cache_size
+        pinned = max(sinks, pin_prefix) if pin_prefix else sinks
+        if pin_prefix and pinned > capacity // 2:
+            raise InvalidRequest(
+                f"the pinned prefix ({pinned} tokens) leaves too little room for the window "
+                f"(cache of {capacity} tokens)"
+            )
+        return pinned
+
+    def health(self) -> tuple[bool, str | None]:
+        """(healthy, why not): unhealthy while loading, or after several engine steps in a row failed."""
+        if self.scheduler is None:
+            return False, "the model is still loading"
+        return self.scheduler.healthy()
+
     # ----- generation --------------------------------------------------------------------------------
     async def generate(
         self,
@@ -159,8 +176,15 @@ class Engine:
         api_key: str | None = None,
         session_id: str | None = None,
         pin_prefix: int = 0,
+        fork: bool = False,
     ) -> Generation:
-        """Queue a generation; returns once it is admitted (its session known), before any token."""
+        """Queue a generation; returns once it is admitted (its session known), before any token.
+
+        ``pin_prefix``: prompt tokens to keep pinned (a rendered system prompt); 0 pins only the sinks.
+        A session pinned differently, or whose pinned prefix differs from the prompt's, is never reused
+        beyond what the new pinning would have produced. ``fork``: when ``session_id`` names a session the
+        prompt diverges from, continue a copy of it (``admission.session_id`` names the copy) instead of
+        rolling it back in place; prompts without a session id always branch that way."""
         scheduler = self._scheduler()
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -169,10 +193,11 @@ class Engine:
         if session_id is not None:
             check_session_id(session_id)
         self.check_params(params)
+        pinned = self.pinned_slots(pin_prefix)
         loop = asyncio.get_running_loop()
         request = Request(
             prompt=list(prompt), params=params, owner=owner_of(api_key), session_id=session_id,
-            pin_prefix=pin_prefix, loop=loop, events=asyncio.Queue(), admitted=loop.create_future(),
+            pinned=pinned, branch=fork, loop=loop, events=asyncio.Queue(), admitted=loop.create_future(),
         )
         scheduler.submit(request)
         try:

@@ -37,6 +37,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the session's cache
     evicted_tokens: int  # tokens of the session's stream no longer in the cache's window
+    pinned_tokens: int = 0  # slots the session never evicts (the sinks, or a pinned system prompt)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Admission:
     prompt_tokens: int
     cached_tokens: int
     evicted_tokens: int  # predicted for the end of the prompt
+    pinned_tokens: int = 0  # slots the session never evicts (the sinks, or a pinned system prompt)
 
 
 class Generation:

@@ -38,15 +38,19 @@ class Runner:
         """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32."""
         step = self.cache.step(rows, tokens.shape[1])
         forward = self._decode_forward if tokens.shape[1] == 1 else self.model.forward
-        out = forward(
-            input_ids=tokens.to(self.device),
-            position_ids=step.position_ids(),
-            attention_mask=self._mask(step),
-            cache=step,
-            use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
-        logits = out.logits.float()  # (B, T or 1, V)
+        try:
+            out = forward(
+                input_ids=tokens.to(self.device),
+                position_ids=step.position_ids(),
+                attention_mask=self._mask(step),
+                cache=step,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
+            logits = out.logits.float()  # (B, T or 1, V)
+        except BaseException:
+            step.undo()  # a failed pass leaves every row as it was
+            raise
         return logits if all_logits else logits[:, -1]
 
     def warm_up(self, token: int = 0) -> None:

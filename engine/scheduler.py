@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.cache import SinkCache, planned_evictions
-from engine.errors import EngineError, InvalidRequest, Overloaded, SessionBusy, ShuttingDown
+from engine.cache import SinkCache
+from engine.errors import EngineError, Overloaded, SessionBusy, ShuttingDown
 from engine.events import Admission, FinishEvent, TokenEvent, TokenLogprob, Usage
 from engine.runner import Runner
 from engine.sampling import (
@@ -30,12 +30,13 @@ from engine.sampling import (
     sample,
     token_logprobs,
 )
-from engine.sessions import Session, SessionStore, common_prefix
-from engine.stops import IncrementalDetokenizer, StopMatcher
+from engine.sessions import Session, SessionStore
+from engine.stops import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
-REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks back at
+REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks at, besides every generated token
+MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Request:
     params: SamplingParams
     owner: str
     session_id: str | None
-    pin_prefix: int
+    pinned: int  # slots the session must pin: the sinks, or the whole rendered system prompt
+    branch: bool  # a named session the prompt diverges from is continued as a copy (never rolled back)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     admitted: asyncio.Future
@@ -81,7 +83,10 @@ class Scheduler:
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0}
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0,
+                         "failed_steps": 0, "forks": 0}
+        self.failed_in_a_row = 0
+        self.last_failure: str | None = None
         self._stop = threading.Event()
         self._draining = False
         self._wake = threading.Event()
@@ -131,10 +136,9 @@ class Scheduler:
                 self._take_inbox()
                 self._admit()
                 worked = self.step()
-            except Exception as exc:  # never let one bad step kill the engine
+            except Exception as exc:  # a bug outside a forward pass: fail what runs, keep serving
                 log.exception("engine step failed")
-                for request in list(self.running):
-                    self._finish(request, "error", error=str(exc))
+                self._failed(list(self.running), exc)
                 worked = True
             if time.monotonic() - last_expiry > 60:
                 self.store.expire()
@@ -144,6 +148,12 @@ class Scheduler:
                 self._wake.clear()
         for request in self.running + list(self.waiting):
             self._finish(request, "cancelled", error="the server shut down")
+
+    def healthy(self) -> tuple[bool, str | None]:
+        """Unhealthy after MAX_FAILED_STEPS forward passes in a row failed (a broken device, say)."""
+        if self.failed_in_a_row >= MAX_FAILED_STEPS:
+            return False, f"{self.failed_in_a_row} engine steps in a row failed; last: {self.last_failure}"
+        return True, None
 
     def _take_inbox(self) -> None:
         while True:
@@ -167,11 +177,30 @@ class Scheduler:
         prefilling = [r for r in self.running if r.pending]
         decoding = [r for r in self.running if not r.pending][: self.config.max_batch]
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._guarded(lambda: self._prefill_chunk(prefilling[0]), prefilling[:1])
         if decoding:
-            self._decode(decoding)
+            self._guarded(lambda: self._decode(decoding), decoding)
         self.counters["steps"] += bool(prefilling or decoding)
         return bool(prefilling or decoding)
+
+    def _guarded(self, work, requests: list[Request]) -> None:
+        """Run one forward pass and its sampling; if it raises, only its requests fail. The runner has
+        then put their cache rows back, and their streams were not extended: the sessions are exactly as
+        before the pass."""
+        try:
+            work()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._failed(requests, exc)
+        else:
+            self.failed_in_a_row = 0
+
+    def _failed(self, requests: list[Request], exc: Exception) -> None:
+        self.failed_in_a_row += 1
+        self.counters["failed_steps"] += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"
+        for request in requests:
+            self._finish(request, "error", error=str(exc))
 
     # ----- admission ---------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -207,74 +236,50 @@ class Scheduler:
         self.waiting = still_waiting
 
     def _find_session(self, request: Request) -> Session | None:
+        """The session this request continues (None while it is busy): the named one, else the best
+        match, else a new one."""
+        store = self.store
         if request.session_id:
             try:
-                session = self.store.get(request.owner, request.session_id)
+                session = store.get(request.owner, request.session_id)
             except EngineError:
-                if request.session_id in self.store.sessions:
+                if request.session_id in store.sessions:
                     raise
-                session = self.store.create(request.owner, request.session_id)
+                session = store.create(request.owner, request.session_id, pinned=request.pinned)
         else:
-            session = self.store.match(request.owner, request.prompt) or self.store.create(request.owner)
+            session = store.match(request.owner, request.prompt, request.pinned)
+            session = session or store.create(request.owner, pinned=request.pinned)
         return None if session.busy else session
 
     def _start(self, request: Request, session: Session) -> None:
         session.busy = True
         protect = {r.session.id for r in self.running}
-        row = self.store.make_resident(session, protect)
-        self.store.sync(session)
+        branch = request.branch or not request.session_id  # implicit matches never roll a session back
+        try:
+            continued, keep = self.store.prepare(session, request.prompt, request.pinned, branch=branch,
+                                                 protect=protect)
+        finally:
+            session.busy = False
+        continued.busy = True
+        self.counters["forks"] += continued is not session
         prompt = request.prompt
-        keep = self._reusable_prefix(session, prompt)
-        if keep == 0 or keep < len(session.tokens):
-            self._rewind(session, row, keep, request.pin_prefix)
-        keep = len(session.tokens)
-        request.session = session
+        request.session = continued
         request.pending = prompt[keep:]
         request.cached_tokens = keep
-        request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-8:])
+        request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
         request.generator = make_generator(request.params, self.cache.device)
         self.running.append(request)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(prompt)
         self.counters["cached_tokens"] += keep
-        evicted = self.cache.evicted[row] + planned_evictions(
-            self.cache.lengths[row], self.cache.pinned[row], self.cache.capacity, self.cache.evict_block,
-            len(request.pending), self._chunk(row),
-        )
-        admission = Admission(session.id, len(prompt), keep, evicted)
+        row = continued.row
+        evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
+        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 
     def _chunk(self, row: int) -> int:
-        return min(self.config.chunk_size, self.cache.capacity - self.cache.pinned[row])
-
-    def _reusable_prefix(self, session: Session, prompt: list[int]) -> int:
-        """How much of the session's stream this prompt keeps: all, a rollback point, or nothing."""
-        shared = common_prefix(session.tokens, prompt)
-        if shared == len(prompt):
-            shared -= 1  # the last prompt token must be fed again to get logits
-        if shared == len(session.tokens):
-            return shared
-        first_in_window = session.evicted + session.pinned  # stream index of the oldest window token
-        if session.evicted == 0 or shared >= first_in_window:
-            return max(shared, 0)
-        return 0  # diverged before the window: re-stream the conversation
-
-    def _rewind(self, session: Session, row: int, keep: int, pin_prefix: int) -> None:
-        if keep == 0:
-            pinned = max(self.cache.sink_tokens, pin_prefix)
-            if pin_prefix and pinned > self.cache.capacity // 2:
-                raise InvalidRequest(
-                    f"the pinned prefix ({pinned} tokens) leaves too little room for the window "
-                    f"(cache of {self.cache.capacity} tokens)"
-                )
-            self.cache.reset(row, pinned)
-            session.tokens = []
-        else:
-            slot = keep - session.evicted if session.evicted else keep
-            self.cache.truncate(row, slot)
-            del session.tokens[keep:]
-        self.store.sync(session)
+        return min(self.config.chunk_size, self.cache.max_chunk(row))
 
     def _reject(self, request: Request, error: Exception) -> None:
         request.loop.call_soon_threadsafe(_fail, request.admitted, error)
@@ -284,9 +289,8 @@ class Scheduler:
         session = request.session
         chunk = request.pending[: self._chunk(session.row)]
         logits = self.runner.forward([session.row], torch.tensor([chunk]))  # (1, V)
-        session.tokens.extend(chunk)
+        session.extend(chunk)
         del request.pending[: len(chunk)]
-        self.store.sync(session)
         if not request.pending:
             self._sample(request, logits[0])
 
@@ -294,14 +298,14 @@ class Scheduler:
         rows = self.store.compact([r.session for r in requests])
         tokens = [r.next_token for r in requests]
         logits = self.runner.decode(rows, tokens)  # (B, V)
-        for request, token, row_logits in zip(requests, tokens, logits, strict=True):
-            request.session.tokens.append(token)
-            self.store.sync(request.session)
+        for request, token in zip(requests, tokens, strict=True):  # every row was fed: record it first
+            request.session.extend([token])
+        for request, row_logits in zip(requests, logits, strict=True):
             self._sample(request, row_logits)
 
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
         params = request.params
-        context = request.session.tokens[-REPETITION_CONTEXT:] + request.generated
+        context = request.prompt[-REPETITION_CONTEXT:] + request.generated
         penalized = penalize_logits(logits, params, context, request.generated)
         token = sample(filter_logits(penalized, params), params, request.generator)
         request.generated.append(token)
@@ -343,7 +347,6 @@ class Scheduler:
         evicted, saved = 0, None
         if session is not None:
             session.busy = False
-            self.store.sync(session)
             evicted = session.evicted
             if session.tokens and reason != "error":
                 saved = self.store.save(session)
@@ -352,6 +355,7 @@ class Scheduler:
             completion_tokens=len(request.generated),
             cached_tokens=request.cached_tokens,
             evicted_tokens=evicted,
+            pinned_tokens=session.pinned if session is not None else 0,
         )
         finish = FinishEvent(finish_reason=reason, usage=usage, text=tail, error=error)
         if saved is None:

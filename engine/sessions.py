@@ -7,9 +7,15 @@ Its cache lives in one of three places, moved by least-recent use within memory 
 - ``disk``: ``data_dir/<id>.safetensors`` (keys, values, tokens, metadata), written atomically
   (temporary file + rename) after every completed turn, when it leaves memory, and on shutdown.
 
-Finding a session (the llama.cpp server matches slots the same way): an explicit id, else the idle
-session of the same owner whose stream shares the longest token prefix with the new prompt, provided
-that prefix covers at least half of that session's stream; else a new session.
+Finding a session: an explicit id, else the idle session of the same owner from which the new prompt
+can *reuse* the most tokens (not merely share the most: a prefix that ends before a session's window
+cannot be kept, see :meth:`~engine.cache.RowState.reusable`), the most recently used on a tie; else a
+new session.
+
+Branches: a prompt that diverges from the session it continues (an edited or regenerated turn, a second
+tab) continues a *copy* of it (:meth:`SessionStore.fork`), so no branch destroys another; abandoned
+branches age out through the memory budgets and the TTL. Only a request that names its session and does
+not ask for a fork rolls that session back in place.
 
 All methods run on the engine's worker thread except the read-only listing helpers.
 """
@@ -32,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.cache import SinkCache
+from engine.cache import RowState, SinkCache
 from engine.errors import InvalidRequest, SessionNotFound
 
 log = logging.getLogger(__name__)
@@ -64,19 +70,51 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class Session:
+    """A conversation's token stream and where its cache lives.
+
+    Its counters (slots in use, pinned, evicted) are read from its cache row when resident, else from
+    ``parked``, the counters of the copy in host memory or on disk: never kept in step by hand."""
+
     id: str
     owner: str
+    cache: SinkCache = field(repr=False)
     tokens: list[int] = field(default_factory=list)  # the stream the cache reflects
+    parked: RowState = field(default_factory=lambda: RowState(0, 0))
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     row: int | None = None  # device row when resident
     host_state: dict[str, torch.Tensor] | None = None
     on_disk: bool = False
     busy: bool = False
-    evicted: int = 0
-    pinned: int = 0
-    in_cache: int = 0
-    saved_tokens: int = -1  # stream length of the last saved copy
+    version: int = 0  # bumped whenever the stream changes
+    saved_version: int = -1  # version of the last saved copy
+
+    @property
+    def state(self) -> RowState:
+        return self.cache.state(self.row) if self.row is not None else self.parked
+
+    @property
+    def evicted(self) -> int:
+        return self.state.evicted
+
+    @property
+    def pinned(self) -> int:
+        return self.state.pinned
+
+    @property
+    def in_cache(self) -> int:
+        return self.state.length
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Record tokens the cache row was just fed."""
+        self.tokens.extend(tokens)
+        self.version += 1
+
+    def reusable(self, prompt: Sequence[int], pinned: int) -> int:
+        """Stream tokens a prompt pinning ``pinned`` can keep (never all of it: its last token must be fed
+        again to get logits)."""
+        shared = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        return self.state.reusable(shared, pinned)
 
     @property
     def location(self) -> str:
@@ -85,13 +123,14 @@ class Session:
         return "host" if self.host_state is not None else "disk"
 
     def describe(self, bytes_per_token: int) -> dict:
+        state = self.state
         return {
             "id": self.id,
             "tokens_seen": len(self.tokens),
-            "tokens_in_cache": self.in_cache,
-            "tokens_evicted": self.evicted,
-            "pinned_tokens": self.pinned,
-            "cache_bytes": self.in_cache * bytes_per_token,
+            "tokens_in_cache": state.length,
+            "tokens_evicted": state.evicted,
+            "pinned_tokens": state.pinned,
+            "cache_bytes": state.length * bytes_per_token,
             "location": self.location,
             "created": int(self.created),
             "last_used": int(self.last_used),
@@ -120,25 +159,62 @@ class SessionStore:
             raise SessionNotFound(f"session {session_id!r} not found")
         return session
 
-    def create(self, owner: str, session_id: str | None = None) -> Session:
+    def create(self, owner: str, session_id: str | None = None, pinned: int | None = None) -> Session:
         session_id = check_session_id(session_id) if session_id else new_session_id()
         if session_id in self.sessions:
             raise SessionNotFound(f"session {session_id!r} not found")  # someone else's: never reveal it
-        session = Session(id=session_id, owner=owner, pinned=self.cache.sink_tokens)
+        pinned = self.cache.sink_tokens if pinned is None else pinned
+        session = Session(id=session_id, owner=owner, cache=self.cache, parked=RowState(0, pinned))
         with self._lock:
             self.sessions[session_id] = session
         return session
 
-    def match(self, owner: str, prompt: Sequence[int]) -> Session | None:
-        """The idle session of ``owner`` that this prompt continues best (see module docstring)."""
-        best, best_len = None, 0
+    def match(self, owner: str, prompt: Sequence[int], pinned: int) -> Session | None:
+        """The idle session of ``owner`` from which this prompt reuses the most tokens (see the module
+        docstring), the most recently used on a tie; None when none can reuse any."""
+        best, best_key = None, (0, 0.0)
         for session in self.sessions.values():
             if session.owner != owner or session.busy or not session.tokens:
                 continue
-            shared = common_prefix(session.tokens, prompt)
-            if shared > best_len and 2 * shared >= len(session.tokens):
-                best, best_len = session, shared
+            key = (session.reusable(prompt, pinned), session.last_used)
+            if key[0] > 0 and key > best_key:
+                best, best_key = session, key
         return best
+
+    def prepare(self, session: Session, prompt: Sequence[int], pinned: int, *, branch: bool,
+                protect: set[str]) -> tuple[Session, int]:
+        """Make ``session`` ready to be fed ``prompt``: returns the session to feed (itself, or a fork of it
+        when the prompt diverges and ``branch`` is set) and how many prompt tokens its cache already holds."""
+        keep = session.reusable(prompt, pinned)
+        if branch and 0 < keep < len(session.tokens):
+            child = self.fork(session, keep, pinned, protect)
+            return child, len(child.tokens)
+        row = self.make_resident(session, protect)
+        if keep < len(session.tokens) or pinned != session.pinned:
+            self.cache.rollback(row, keep, pinned)
+            del session.tokens[keep:]
+            session.version += 1
+        return session, keep
+
+    def fork(self, source: Session, keep: int, pinned: int, protect: set[str]) -> Session:
+        """A new session of the same owner whose cache is ``source``'s first ``keep`` stream tokens."""
+        child = self.create(source.owner, pinned=pinned)
+        child.busy = True
+        row = self._free_row(protect | {source.id, child.id})
+        self.row_owner[row], child.row = child.id, row
+        if source.row is not None:
+            self.cache.copy_row(source.row, row)
+        else:
+            state = source.host_state or (self._read(source) if source.on_disk else None)
+            if state is None:  # its file was unreadable: nothing to copy
+                self.cache.reset(row, pinned)
+                keep = 0
+            else:
+                self.cache.import_row(row, state)
+        self.cache.rollback(row, keep, pinned)
+        child.extend(source.tokens[:keep])
+        source.last_used = time.time()
+        return child
 
     def owned(self, owner: str) -> list[Session]:
         with self._lock:
@@ -155,7 +231,7 @@ class SessionStore:
         session.row = row
         state = session.host_state or (self._read(session) if session.on_disk else None)
         if state is None:
-            self.cache.reset(row, session.pinned)
+            self.cache.reset(row, session.parked.pinned)
         else:
             self.cache.import_row(row, state)
         session.host_state = None
@@ -177,7 +253,7 @@ class SessionStore:
     def offload(self, session: Session) -> None:
         """Move a resident session's cache to host memory (then the oldest host copies to disk)."""
         assert session.row is not None
-        self.sync(session)
+        session.parked = session.state
         session.host_state = self.cache.export_row(session.row)
         self.row_owner[session.row] = None
         session.row = None
@@ -190,17 +266,9 @@ class SessionStore:
             if used <= self.host_budget:
                 break
             used -= _state_bytes(session.host_state)
-            if session.saved_tokens != len(session.tokens) or not session.on_disk:
+            if session.saved_version != session.version or not session.on_disk:
                 self._write(session, session.host_state).result()
             session.host_state = None
-
-    def sync(self, session: Session) -> None:
-        """Copy the cache row's counters into the session (after a step changed them)."""
-        if session.row is not None:
-            row = session.row
-            session.in_cache = self.cache.lengths[row]
-            session.evicted = self.cache.evicted[row]
-            session.pinned = self.cache.pinned[row]
 
     def compact(self, sessions: list[Session]) -> list[int]:
         """Move ``sessions`` (all resident) to rows 0..k-1 so a batched step reads a view, not a copy."""
@@ -232,7 +300,6 @@ class SessionStore:
         """Write the session in the background (atomic); the export is a snapshot taken now.
 
         Returns the write's future (None when there was nothing new to write)."""
-        self.sync(session)
         if session.row is not None:
             state = self.cache.export_row(session.row)
         elif session.host_state is not None:
@@ -256,7 +323,7 @@ class SessionStore:
             "shape": json.dumps([self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]),
             "dtype": str(self.cache.dtype),
         }
-        session.saved_tokens = len(session.tokens)
+        session.saved_version = session.version
         session.on_disk = True
         target = self.path(session.id)
         return self._writer.submit(_atomic_save, tensors, meta, target)
@@ -268,6 +335,8 @@ class SessionStore:
         except Exception:  # unreadable file: start the cache over rather than fail the request
             log.exception("session %s: saved cache unreadable, re-streaming", session.id)
             session.tokens = []
+            session.parked = RowState(0, session.parked.pinned)
+            session.version += 1
             return None
 
     def _load_index(self) -> None:
@@ -284,14 +353,13 @@ class SessionStore:
                 session = Session(
                     id=check_session_id(meta["id"]),
                     owner=meta["owner"],
+                    cache=self.cache,
                     tokens=tokens,
+                    parked=RowState(n, pinned, evicted),
                     created=float(meta["created"]),
                     last_used=float(meta["last_used"]),
                     on_disk=True,
-                    evicted=evicted,
-                    pinned=pinned,
-                    in_cache=n,
-                    saved_tokens=len(tokens),
+                    saved_version=0,
                 )
             except Exception:  # a foreign or damaged file: ignore it, never crash the server
                 log.warning("ignoring unreadable session file %s", path.name)
@@ -321,7 +389,7 @@ class SessionStore:
     def close(self) -> None:
         """Persist every session that changed since its last save; wait for the writes."""
         for session in list(self.sessions.values()):
-            if session.saved_tokens != len(session.tokens) and session.tokens:
+            if session.saved_version != session.version and session.tokens:
                 self.save(session)
         self._writer.shutdown(wait=True)
 

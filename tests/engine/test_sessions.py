@@ -46,13 +46,27 @@ async def test_follow_up_reuses_the_whole_stream(engine):
     assert second.usage.cached_tokens == len(prompt) + len(tokens) - 1  # the last sampled token was never fed
 
 
-async def test_regenerate_rolls_back_to_the_divergence_point(engine):
+async def test_an_edit_continues_a_copy_and_keeps_the_original(engine):
     prompt, _ = turn(engine, [], "hello")
     tokens, _, admission = await reply(engine, prompt)
+    original = list(engine.scheduler.store.sessions[admission.session_id].tokens)
     edited = prompt + tokens[:3] + [tokens[3] + 1]  # diverges inside the window
     _, finish, again = await reply(engine, edited)
-    assert again.session_id == admission.session_id
+    assert again.session_id != admission.session_id  # a branch of its own
     assert finish.usage.cached_tokens == len(prompt) + 3
+    assert engine.scheduler.store.sessions[admission.session_id].tokens == original  # untouched
+
+
+async def test_a_named_session_rolls_back_in_place(engine):
+    prompt, _ = turn(engine, [], "hello")
+    tokens, _, admission = await reply(engine, prompt, session_id="named")
+    edited = prompt + tokens[:3] + [tokens[3] + 1]
+    _, finish, again = await reply(engine, edited, session_id="named")
+    assert again.session_id == "named"
+    assert finish.usage.cached_tokens == len(prompt) + 3
+    _, finish, forked = await reply(engine, prompt + tokens[:2] + [tokens[2] + 1], session_id="named", fork=True)
+    assert forked.session_id != "named" and finish.usage.cached_tokens == len(prompt) + 2
+    assert engine.scheduler.store.sessions["named"].tokens[: len(edited)] == edited
 
 
 async def test_same_seed_same_tokens_different_sessions(engine):
