@@ -1,0 +1,91 @@
+"""Structured outputs: OpenAI's ``response_format`` as an engine ``Grammar``, and the field error both it
+and the tools (server/tools.py) raise.
+
+``response_format`` (https://platform.openai.com/docs/api-reference/chat/create#chat-create-response_format):
+``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` (any JSON object) and
+``{"type": "json_schema", "json_schema": {"name", "description", "schema", "strict"}}``. The schema is
+always enforced by the grammar, ``strict`` or not (``strict: false`` cannot loosen decoding; it only
+tells OpenAI to skip its own subset checks); a schema the grammar engine cannot implement is refused,
+never ignored. A ``json_schema`` without ``schema`` means any JSON object, as with ``json_object``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.grammar import Grammar
+
+MAX_SCHEMA_CHARS = 32_768  # one response_format schema or one tool's parameters, as compact JSON
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for schema and function names
+
+
+class FieldError(InvalidRequest):
+    """A bad request field; ``param`` names it (``response_format.json_schema.schema``, ``tools[0]...``)."""
+
+    code = "invalid_value"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def as_dict(value: Any) -> Any:
+    """Pydantic models (the server's request models) as plain JSON-like values; dicts stay as they are."""
+    dump = getattr(value, "model_dump", None)
+    return dump(exclude_none=True) if callable(dump) else value
+
+
+def check_schema(schema: Any, param: str) -> dict:
+    """A JSON Schema object of bounded size, or FieldError naming ``param``."""
+    if not isinstance(schema, Mapping):
+        raise FieldError(f"{param} must be a JSON Schema object, not {type(schema).__name__}", param)
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise FieldError(f"{param} is not valid JSON: {exc}", param) from exc
+    if size > MAX_SCHEMA_CHARS:
+        raise FieldError(f"{param} is {size} characters as compact JSON; the limit is {MAX_SCHEMA_CHARS}", param)
+    return dict(schema)
+
+
+def response_format_grammar(response_format: Any) -> Grammar | None:
+    """The grammar ``response_format`` asks for; None for plain text (or no response_format)."""
+    response_format = as_dict(response_format)
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise FieldError("response_format must be an object", "response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    if kind != "json_schema":
+        raise FieldError(
+            f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}", "response_format.type"
+        )
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise FieldError("response_format.json_schema must be an object with name and schema",
+                         "response_format.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise FieldError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
+                         "response_format.json_schema.name")
+    if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+        raise FieldError("response_format.json_schema.strict must be a boolean", "response_format.json_schema.strict")
+    if spec.get("schema") is None:
+        return Grammar.json_object()
+    return Grammar.json_schema(check_schema(spec["schema"], "response_format.json_schema.schema"))
+
+
+def response_format_schema(response_format: Any) -> dict | None:
+    """The JSON schema a reply must follow (``{"type": "object"}`` for json_object); None for text."""
+    grammar = response_format_grammar(response_format)
+    if grammar is None:
+        return None
+    return {"type": "object"} if grammar.kind == "json_object" else json.loads(grammar.source)
