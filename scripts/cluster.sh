@@ -11,7 +11,7 @@
 #   --redis-port R      redis-server port (default P+100)
 #   --data-dir DIR      shared session directory (default: sessions/ in the state directory)
 #   --state-dir DIR     logs, generated haproxy.cfg, redis files, pid files (default: a new temp dir,
-#                       removed on exit)
+#                       removed on a clean exit, kept after an error)
 #   --serve-cmd CMD     command that runs one replica (default: "$SINKSERVE_VENV/bin/sinkserve serve");
 #                       it gets --host 127.0.0.1 --port PORT --data-dir DIR SERVE_ARGS...
 #   --no-restart        do not restart a replica that exits (default: restarted after 1 s, like compose's
@@ -37,7 +37,8 @@ serve_cmd="$venv/bin/sinkserve serve"
 restart=1
 serve_args=()
 
-die() { echo "cluster: error: $*" >&2; exit 1; }
+failed=0
+die() { echo "cluster: error: $*" >&2; failed=1; exit 1; }
 say() { echo "cluster: $*"; }
 
 while [[ $# -gt 0 ]]; do
@@ -109,7 +110,7 @@ stop_all() {
             [[ "$name" == "$group"* ]] && { wait "${pids[$name]}" 2>/dev/null || true; }
         done
     done
-    if [[ $own_state -eq 1 ]]; then
+    if [[ $own_state -eq 1 && $failed -eq 0 ]]; then
         rm -rf "$state_dir"
     fi
     say "stopped"
@@ -149,6 +150,20 @@ start_replica() {  # start_replica INDEX
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$state_dir" --save "" --appendonly no \
     --loglevel warning >"$state_dir/redis.log" 2>&1 &
 pids[redis]=$!
+redis_ok() {
+    local line=""
+    { exec 4<>"/dev/tcp/127.0.0.1/$redis_port"; } 2>/dev/null || return 1
+    printf 'PING\r\n' >&4
+    IFS= read -r -t 2 line <&4 || true
+    exec 4<&- 4>&-
+    [[ "$line" == "+PONG"* ]]
+}
+deadline=$((SECONDS + 30))
+until redis_ok; do
+    kill -0 "${pids[redis]}" 2>/dev/null || die "redis-server exited (port $redis_port in use? log: $state_dir/redis.log)"
+    ((SECONDS < deadline)) || die "redis-server not answering on port $redis_port"
+    sleep 0.1
+done
 
 # ----- replicas ------------------------------------------------------------------------------------------
 for ((i = 1; i <= replicas; i++)); do
