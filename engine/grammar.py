@@ -210,7 +210,7 @@ class BatchMask:
     def __init__(self, max_batch: int, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self.bitmask = torch.zeros(max_batch, (vocab_size + 31) // 32, dtype=torch.int32)  # (B_max, W)
-        self._bits = torch.arange(32, dtype=torch.int32)  # (32,)
+        self._bits = torch.tensor([1 << b for b in range(32)], dtype=torch.int64).to(torch.int32)  # (32,)
 
     def apply(self, logits: torch.Tensor, constraints: list[Constraint | None]) -> list[int]:
         """Set the logits of disallowed tokens to -inf in the rows that have a constraint, in place.
@@ -227,11 +227,11 @@ class BatchMask:
         dead = [i for k, i in enumerate(rows) if not constraints[i].fill_mask(self.bitmask[k])]
         live = [k for k, i in enumerate(rows) if i not in dead]
         if live:
-            words = self.bitmask[live].to(logits.device)  # (n, W) int32
-            bits = self._bits.to(logits.device)
-            allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]  # (n, V)
-            index = torch.tensor([rows[k] for k in live], device=logits.device)
-            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+            words = self.bitmask[live].to(logits.device, non_blocking=True)  # (n, W) int32
+            bits = self._bits.to(logits.device)  # (32,) the value of each bit
+            banned = (words.unsqueeze(-1) & bits).eq(0).flatten(1)[:, : self.vocab_size]  # (n, V)
+            for j, k in enumerate(live):  # in place, row by row: no copy of the batch's logits
+                logits[rows[k]].masked_fill_(banned[j], float("-inf"))
         return dead
 
 
