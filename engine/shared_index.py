@@ -34,7 +34,8 @@ again, so a replica whose Redis is down keeps serving its local sessions at full
 tries. The caller logs, counts and carries on as a single server would.
 
 Session files: :func:`version_path`, :func:`parse_version_path`, :func:`saved_versions`,
-:func:`collect_garbage` (old versions and abandoned temporary files).
+:func:`next_local_version` (when Redis is down), :func:`collect_garbage` (old versions),
+:func:`collect_temp_files` (abandoned temporary files).
 
 This module knows nothing of HTTP; it is driven by the session store (engine/sessions.py).
 """
@@ -57,7 +58,7 @@ import redis
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "sinkserve:"
-LEASE_TTL_MS = 10_000  # a crashed replica's sessions are free again after this
+LEASE_TTL_MS = 5_000  # a crashed replica's sessions are free again after this (renewed every third)
 VERSION_FILE = re.compile(r"^(?P<id>[A-Za-z0-9_-]{1,128})\.v(?P<version>\d+)\.safetensors$")
 
 # KEYS[1] lease key; ARGV[1] holder token. Delete only if we still hold it.
@@ -267,9 +268,11 @@ class SharedIndex:
                 del self._held[lease.session_id]
 
     def _keep(self) -> None:
-        while not self._stop.wait(LEASE_TTL_MS / 3000):
+        period = LEASE_TTL_MS / 3000
+        while not self._stop.wait(period):
             with self._held_lock:
                 leases = list(self._held.values())
+            period = min([lease.ttl_ms for lease in leases] + [LEASE_TTL_MS]) / 3000
             for lease in leases:
                 try:
                     if not self.renew_lease(lease):
@@ -423,6 +426,12 @@ def saved_versions(data_dir: Path, session_id: str) -> list[tuple[int, Path]]:
         if parsed and parsed[0] == session_id:
             found.append((parsed[1], path))
     return sorted(found, reverse=True)
+
+
+def next_local_version(data_dir: Path, session_id: str) -> int:
+    """One above the newest version file present: the version to write when Redis cannot allocate one."""
+    found = saved_versions(data_dir, session_id)
+    return found[0][0] + 1 if found else 1
 
 
 def collect_garbage(data_dir: Path, session_id: str, current: int, keep: int = 2) -> list[Path]:

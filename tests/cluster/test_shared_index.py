@@ -17,6 +17,7 @@ from engine.shared_index import (
     SharedIndex,
     collect_garbage,
     collect_temp_files,
+    next_local_version,
     parse_version_path,
     prefix_digests,
     saved_versions,
@@ -82,10 +83,15 @@ def test_keep_alive_renews_past_the_ttl(index, monkeypatch):
 
     monkeypatch.setattr(mod, "LEASE_TTL_MS", 300)  # keeper period: 0.1 s
     lease = index.acquire_lease("s4", ttl_ms=300)
+    short = index.acquire_lease("s4b", ttl_ms=150)  # renewed at its own pace
+    index.keep_alive(short)
     index.keep_alive(lease)
     time.sleep(0.8)
-    assert index.lease_holder("s4") == "replica-a"
+    assert index.lease_holder("s4") == "replica-a" and index.lease_holder("s4b") == "replica-a"
     assert index.release_lease(lease) and index.lease_holder("s4") is None
+    index.forget(short)
+    time.sleep(0.4)
+    assert index.lease_holder("s4b") is None  # no longer renewed: it lapsed
 
 
 # ----- versions and records ---------------------------------------------------------------------------
@@ -220,6 +226,7 @@ def test_version_files_and_garbage_collection(tmp_path):
     with pytest.raises(ValueError):
         version_path(tmp_path, "../etc", 1)
     assert [v for v, _ in saved_versions(tmp_path, "sess_x")] == [5, 3, 2, 1]
+    assert next_local_version(tmp_path, "sess_x") == 6 and next_local_version(tmp_path, "sess_none") == 1
     removed = collect_garbage(tmp_path, "sess_x", current=3)
     assert sorted(p.name for p in removed) == ["sess_x.v1.safetensors"]
     assert [v for v, _ in saved_versions(tmp_path, "sess_x")] == [5, 3, 2]  # v5: not yet published
