@@ -33,9 +33,7 @@ index answers ``IndexUnavailable`` at once for ``retry_after_s`` instead of wait
 again, so a replica whose Redis is down keeps serving its local sessions at full speed. ``ping()`` always
 tries. The caller logs, counts and carries on as a single server would.
 
-Session files: :func:`version_path`, :func:`parse_version_path`, :func:`saved_versions`,
-:func:`next_local_version` (when Redis is down), :func:`collect_garbage` (old versions),
-:func:`collect_temp_files` (abandoned temporary files).
+The version files themselves are named and collected by engine/session_versions.py.
 
 This module knows nothing of HTTP; it is driven by the session store (engine/sessions.py).
 """
@@ -44,13 +42,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import redis
@@ -59,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "sinkserve:"
 LEASE_TTL_MS = 5_000  # a crashed replica's sessions are free again after this (renewed every third)
-VERSION_FILE = re.compile(r"^(?P<id>[A-Za-z0-9_-]{1,128})\.v(?P<version>\d+)\.safetensors$")
 
 # KEYS[1] lease key; ARGV[1] holder token. Delete only if we still hold it.
 _RELEASE = """
@@ -401,62 +396,3 @@ def _record(session_id: str, fields: dict[str, str] | None) -> SessionRecord | N
         replica=fields.get("replica", ""),
         updated=float(fields.get("updated", 0.0)),
     )
-
-
-# ----- session files: immutable versions on the shared directory -------------------------------------
-def version_path(data_dir: Path, session_id: str, version: int) -> Path:
-    """``data_dir/<id>.v<version>.safetensors`` (the id must already be checked: a plain token)."""
-    name = f"{session_id}.v{int(version)}.safetensors"
-    if not VERSION_FILE.match(name):
-        raise ValueError(f"bad session id or version: {session_id!r} v{version!r}")
-    return Path(data_dir) / name
-
-
-def parse_version_path(path: Path | str) -> tuple[str, int] | None:
-    """(session id, version) of a versioned session file name, else None."""
-    match = VERSION_FILE.match(Path(path).name)
-    return (match["id"], int(match["version"])) if match else None
-
-
-def saved_versions(data_dir: Path, session_id: str) -> list[tuple[int, Path]]:
-    """The session's version files present in ``data_dir``, newest first."""
-    found = []
-    for path in Path(data_dir).glob(f"{session_id}.v*.safetensors"):
-        parsed = parse_version_path(path)
-        if parsed and parsed[0] == session_id:
-            found.append((parsed[1], path))
-    return sorted(found, reverse=True)
-
-
-def next_local_version(data_dir: Path, session_id: str) -> int:
-    """One above the newest version file present: the version to write when Redis cannot allocate one."""
-    found = saved_versions(data_dir, session_id)
-    return found[0][0] + 1 if found else 1
-
-
-def collect_garbage(data_dir: Path, session_id: str, current: int, keep: int = 2) -> list[Path]:
-    """Delete the session's version files older than the ``keep`` newest at or below ``current``.
-
-    Versions above ``current`` are left alone (a writer may be about to publish them); keeping the
-    previous version too lets a replica that looked up the index just before a publish still open the
-    file it was told about. Returns the deleted paths."""
-    removed = []
-    older = [(v, p) for v, p in saved_versions(data_dir, session_id) if v <= current]
-    for _, path in older[keep:]:
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def collect_temp_files(data_dir: Path, older_than_s: float = 3600.0) -> list[Path]:
-    """Delete temporary files (``.*.tmp``) untouched for ``older_than_s``: on a shared directory a fresh
-    one may be another replica's write in progress, so only old ones are abandoned."""
-    removed, cutoff = [], time.time() - older_than_s
-    for path in Path(data_dir).glob(".*.tmp"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed.append(path)
-        except FileNotFoundError:
-            continue
-    return removed

@@ -1,5 +1,5 @@
-"""engine/shared_index.py against a real redis-server: leases, versions, the prefix index, TTLs, outages,
-and the versioned session files."""
+"""engine/shared_index.py against a real redis-server (leases, versions, the prefix index, TTLs, outages)
+and engine/session_versions.py (the versioned session files)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,15 @@ import time
 import numpy as np
 import pytest
 
-from engine.shared_index import (
-    IndexUnavailable,
-    PublishRejected,
-    SharedIndex,
+from engine.session_versions import (
     collect_garbage,
     collect_temp_files,
     next_local_version,
     parse_version_path,
-    prefix_digests,
     saved_versions,
     version_path,
 )
+from engine.shared_index import IndexUnavailable, PublishRejected, SharedIndex, prefix_digests
 from tests.cluster.redis_process import RedisProcess, needs_redis
 
 pytestmark = needs_redis
