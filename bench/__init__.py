@@ -7,11 +7,11 @@ The baselines follow StreamingLLM (Xiao et al. 2023, arXiv 2309.17453, section 4
 Results"): dense attention whose cache grows with the conversation, and a sliding window with
 re-computation, which re-encodes the last ``window`` tokens for every generated token.
 
-``load`` is the exception: it drives a running server over HTTP (:mod:`bench.load`). ``profile``
+``load`` and ``api`` are the exceptions: they drive a server over HTTP (:mod:`bench.load`, :mod:`bench.api`). ``profile``
 splits a decode step's time into forward, sampling, detokenization, hand-off and bookkeeping.
 
-Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,profile,all}`` (see
-:mod:`bench.cli`; ``all`` runs every suite but ``load``).
+Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,api,profile,all}`` (see
+:mod:`bench.cli`; ``all`` runs every suite but ``load``, ``api`` and ``profile``).
 """
 
-SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load", "profile")
+SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load", "api", "profile")

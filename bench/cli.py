@@ -65,11 +65,15 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     load.add_argument("--api-key", dest="api_keys", action="append", default=None,
                       help="with --url: bearer key(s), cycled over the clients (repeatable)")
+    api = parser.add_argument_group("api (streaming clients through the HTTP API; see bench/api.py)")
+    api.add_argument("--other-url", default=None,
+                     help="another OpenAI-compatible server to run the same workload against, interleaved")
+    api.add_argument("--rounds", type=int, default=None, help="rounds (medians reported); default 3, --quick 1")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` command to a CLI's sub-parsers."""
-    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, profile, all")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, api, profile, all")
     _fill_bench_parser(parser)
     return parser
 
@@ -103,10 +107,21 @@ def _run_load(args: argparse.Namespace) -> dict:
         raise SystemExit(str(exc)) from exc
 
 
+def _run_api(args: argparse.Namespace) -> dict:
+    from bench.api import run_api
+
+    env = {"SINKSERVE_THREADS": str(args.threads)} if args.threads else {}
+    flags = [] if args.model is None else ["--model", args.model]
+    return run_api(args.out, url=args.url, other_url=args.other_url, quick=args.quick, clients=args.lengths,
+                   rounds=args.rounds, tiny=args.tiny, serve_flags=flags, serve_env=env)
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the suite(s) ``args`` describe (parsed by :func:`add_bench_parser`); returns the reports."""
     if args.suite == "load":
         return {"load": _run_load(args)}
+    if args.suite == "api":
+        return {"api": _run_api(args)}
     from bench.common import engine_config, load_model
 
     suites = ORDER if args.suite == "all" else (args.suite,)

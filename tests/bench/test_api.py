@@ -1,0 +1,33 @@
+"""The HTTP API benchmark against a real tiny server (twice: as sinkserve and as the "other" server)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.api import run_api
+from bench.serve_process import ServerProcess
+
+
+def test_api_bench_interleaves_two_servers(tmp_path):
+    with ServerProcess(tmp_path / "data", tiny=True) as server:
+        report = run_api(tmp_path / "out", url=server.url, other_url=server.url + "/", clients=[1, 3], rounds=2,
+                         max_tokens=6)
+    saved = json.loads((tmp_path / "out" / "api.json").read_text())
+    assert set(saved["results"]) == {"sinkserve", "other"}
+    for results in saved["results"].values():
+        assert [r["clients"] for r in results] == [1, 3]
+        for r in results:
+            assert len(r["per_round"]) == 2
+            assert all(run["chunks"] <= 6 * r["clients"] for run in r["per_round"])
+            assert r["aggregate_tokens_per_s"] > 0 and r["ttft_ms"] > 0
+    assert saved["ratios"]["aggregate_tokens_per_s at 3"] > 0
+    assert "| sinkserve | 1 |" in (tmp_path / "out" / "api.md").read_text()
+    assert report["targets"]["other"]["url"] == server.url
+
+
+def test_cli_parses_bench_api():
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "api", "--quick", "--other-url", "http://127.0.0.1:8080",
+                                      "--rounds", "2", "--lengths", "1,8"])
+    assert (args.suite, args.other_url, args.rounds, args.lengths) == ("api", "http://127.0.0.1:8080", 2, [1, 8])
