@@ -43,12 +43,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import redis
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,10 @@ def prefix_digests(tokens: Sequence[int], lengths: Iterable[int]) -> dict[int, s
     wanted = sorted({n for n in lengths if 0 < n <= len(tokens)})
     if not wanted:
         return {}
-    data = np.asarray(tokens, dtype="<u4").tobytes()  # (T,) uint32 little-endian
+    ids = array("I", tokens)  # (T,) uint32
+    if sys.byteorder == "big":
+        ids.byteswap()
+    data = memoryview(ids.tobytes())  # little-endian, 4 bytes a token
     hasher = hashlib.blake2b(digest_size=16)
     out, done = {}, 0
     for n in wanted:
