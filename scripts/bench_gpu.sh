@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The benchmark suite on one CUDA GPU in bfloat16, short sizes, within 5 minutes; results in docs/results/gpu/.
-# concurrency runs 1, 8 and 64 sessions in one batch (the GPU target: 10,000 tokens/s at 64 sessions).
+# The benchmarks on one CUDA GPU in bfloat16, short sizes, within 5 minutes; results in docs/results/gpu/.
+# scripts/bench_gpu.py loads the model once and runs decode, concurrency (1, 8 and 64 sessions in one batch,
+# max_batch 64: the GPU target), followup, memory, sampled decoding and offloading (64 sessions over 16 cache
+# rows) on it, then `bench api` (streamed chat completions through a real `sinkserve serve`).
 #
-# Usage: scripts/bench_gpu.sh [extra `sinkserve bench` flags, e.g. --threads 8]
-# Env: SINKSERVE_BENCH_OUT (default docs/results/gpu), SINKSERVE_BENCH_SUITES (default
-#      "decode concurrency followup memory"),
-#      SINKSERVE_BENCH_TIMEOUT (seconds, default 300), PYTHON (default <repo>/.venv/bin/python, else python3).
-# Writes OUT/<suite>.json, OUT/<suite>.png, OUT/<suite>.md and OUT/gpu.txt (the GPU's name).
+# Usage: scripts/bench_gpu.sh [scripts/bench_gpu.py flags, e.g. --model DIR --suites decode,api --compile]
+# Env: SINKSERVE_BENCH_OUT (default docs/results/gpu), SINKSERVE_BENCH_TIMEOUT (seconds, default 300),
+#      PYTHON (default <repo>/.venv/bin/python, else python3).
+# Writes OUT/<suite>.json|.png|.md, OUT/gpu_extra.json (sampling, offload) and OUT/gpu.txt (the card and
+# torch's CUDA). Exits non-zero when a suite fails or the time runs out.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="${SINKSERVE_BENCH_OUT:-docs/results/gpu}"
-suites="${SINKSERVE_BENCH_SUITES:-decode concurrency followup memory}"
 limit="${SINKSERVE_BENCH_TIMEOUT:-300}"
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
@@ -23,22 +24,21 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "[bench_gpu] error: nvidia-smi not found: this script needs a CUDA GPU" >&2
     exit 2
 fi
-gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
-echo "[bench_gpu] GPU: $gpu"
+gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)"
+cuda="$("$python" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
+echo "[bench_gpu] GPU: $gpu; torch $cuda"
 mkdir -p "$out"
-printf '%s\n' "$gpu" > "$out/gpu.txt"
+printf '%s\ntorch %s\n' "$gpu" "$cuda" > "$out/gpu.txt"
 
 started=$SECONDS
-for suite in $suites; do
-    left=$((limit - (SECONDS - started)))
-    if ((left <= 15)); then
-        echo "[bench_gpu] out of time before $suite" >&2
-        break
-    fi
-    sizes=(--quick)
-    if [[ "$suite" == concurrency ]]; then sizes=(--lengths "1,8,64" --max-batch 64); fi
-    timeout --signal=INT --kill-after=15 "$left" \
-        "$python" -m server.cli bench "$suite" --device cuda --dtype bfloat16 "${sizes[@]}" --out "$out" "$@" \
-        || echo "[bench_gpu] $suite failed or ran out of time" >&2
-done
+status=0
+# the Python side stops starting suites 20 s before the limit; the timeout is the backstop
+timeout --signal=INT --kill-after=15 "$limit" \
+    "$python" scripts/bench_gpu.py --out "$out" --budget-s "$((limit > 40 ? limit - 20 : limit))" "$@" || status=$?
+if ((status == 124)); then
+    echo "[bench_gpu] error: ran past ${limit}s" >&2
+elif ((status != 0)); then
+    echo "[bench_gpu] error: a suite failed (exit $status)" >&2
+fi
 echo "[bench_gpu] done in $((SECONDS - started)) s; results in $out/"
+exit "$status"

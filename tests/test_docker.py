@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHELL_SCRIPTS = ["scripts/install.sh", "sinkserve.sh", ".ci/run", "docker/entrypoint.sh"]
+SHELL_SCRIPTS = ["scripts/install.sh", "sinkserve.sh", ".ci/run", "docker/entrypoint.sh", "scripts/gpu_check.sh",
+                 "scripts/bench_gpu.sh"]
 
 
 def find_tool(name: str) -> str | None:
@@ -75,6 +76,7 @@ def test_compose_gpu_config() -> None:
     assert env["SINKSERVE_SINK_TOKENS"] == "4"
     assert env["SINKSERVE_WINDOW"] == "1020"
     assert "SINKSERVE_API_KEYS" in env
+    assert env["SINKSERVE_REQUIRE_CUDA"] == "1"  # no silent CPU fallback on a GPU host
 
 
 def test_compose_cpu_override() -> None:
@@ -85,6 +87,7 @@ def test_compose_cpu_override() -> None:
     assert svc["build"]["args"]["TORCH_VARIANT"] == "cpu"
     assert svc["environment"]["SINKSERVE_DEVICE"] == "cpu"
     assert svc["environment"]["SINKSERVE_DTYPE"] == "float32"
+    assert svc["environment"]["SINKSERVE_REQUIRE_CUDA"] == "0"
     assert svc["image"] != compose_config("compose.yaml")["services"]["sinkserve"]["image"]
 
 
@@ -122,6 +125,54 @@ def test_dockerfile_installs_like_a_checkout() -> None:
         "docker/entrypoint.sh",
     ):
         assert needed not in ignored
+
+
+def test_dockerfile_can_compile_and_keeps_compiled_kernels() -> None:
+    """``--compile`` needs a C compiler (Triton's launcher, Inductor's C++ kernels) and its caches belong on
+    the volume, or every restart compiles again; the NVIDIA runtime is told what to expose."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"apt-get install -y --no-install-recommends build-essential", text)
+    assert "rm -rf /var/lib/apt/lists/*" in text
+    env = dict(re.findall(r"^\s+([A-Z_]+)=(\S+?) *\\?$", text, re.M))
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/data/") and env["TRITON_CACHE_DIR"].startswith("/data/")
+    for cache in (env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"]):
+        assert re.search(rf"mkdir -p [^\n]*{re.escape(cache)}", text), f"{cache} is not created for the user"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+
+
+def _entrypoint(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """docker/entrypoint.sh with a stand-in ``sinkserve`` that records its arguments, and this venv's python."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    fake = bin_dir / "sinkserve"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "argv"}\n')
+    fake.chmod(0o755)
+    return subprocess.run(
+        [str(ROOT / "docker/entrypoint.sh")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **env),
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_cuda_image_refuses_to_serve_without_cuda(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is usable here: the refusal cannot be observed")
+    refused = _entrypoint(tmp_path, SINKSERVE_TORCH="cuda")
+    assert refused.returncode == 1, refused.stderr
+    assert "CUDA is required" in refused.stderr and "torch.version.cuda" in refused.stderr
+    assert not (tmp_path / "argv").exists()  # the server never started
+    allowed = _entrypoint(tmp_path, SINKSERVE_TORCH="cuda", SINKSERVE_REQUIRE_CUDA="0")
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "argv").read_text().split() == ["serve", "--host", "0.0.0.0", "--port", "8000"]
+    (tmp_path / "argv").unlink()
+    cpu_image = _entrypoint(tmp_path, SINKSERVE_TORCH="cpu")
+    assert cpu_image.returncode == 0, cpu_image.stderr
+    assert "torch.version.cuda" in cpu_image.stderr and (tmp_path / "argv").exists()
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)

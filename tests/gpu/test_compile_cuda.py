@@ -1,0 +1,65 @@
+"""The compiled decode step on CUDA against eager: the same greedy tokens through a rolling window, and the
+number of graphs compiled while serving after the warm-up (``torch._dynamo``'s counters, what
+``TORCH_LOGS=recompiles`` logs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.runner import Runner
+from tests.gpu.conftest import deep_model, needs_gpu, runner_on
+
+pytestmark = needs_gpu
+
+
+def _greedy(runner: Runner, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
+    rows = list(range(len(prompts)))
+    last = [int(runner.prefill(row, p, 16).argmax()) for row, p in zip(rows, prompts, strict=True)]
+    out = [[t] for t in last]
+    for _ in range(steps):
+        logits = runner.decode(rows, last)  # (B, V)
+        last = logits.argmax(-1).tolist()
+        for seq, token in zip(out, last, strict=True):
+            seq.append(token)
+    return out, logits
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_matches_eager(dev, dtype):
+    torch._dynamo.reset()
+    model = deep_model(num_hidden_layers=2)
+    make = lambda compiled: runner_on(model, dev, dtype, rows=2, window=28, evict_block=4,  # noqa: E731
+                                      compile_decode=compiled)
+    prompts = [[1, 5, 9, 13, 2], [4, 8, 15, 16, 23, 42, 11]]
+    eager, eager_logits = _greedy(make(False), prompts, steps=40)  # 40 steps: the window rolls
+    fast = make(True)
+    fast.warm_up()
+    warmed = _graphs()
+    compiled, compiled_logits = _greedy(fast, prompts, steps=40)
+    print(f"{dtype}: {warmed} graphs after the warm-up, {_graphs() - warmed} compiled while decoding")
+    if dtype == torch.float32:
+        assert compiled == eager
+        torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-3, rtol=1e-3)
+    else:  # bf16 kernels fuse differently: the same tokens until a near tie, then logits of the same scale
+        assert compiled[0][:4] == eager[0][:4] and compiled[1][:4] == eager[1][:4]
+    assert _graphs() == warmed, "serving compiled again after the warm-up (batch sizes 1 and 2 are warmed)"
+
+
+@pytest.mark.skipif(not hasattr(Runner, "buckets"), reason=(
+    "batch-size buckets (1, 2, 4, ... max_batch, each warmed at start) and CUDA graphs over them are not "
+    "implemented yet (issue 17, Build): decode batch sizes the warm-up did not cover may recompile"))
+def test_every_bucket_is_warmed_and_never_recompiles(dev):
+    model = deep_model(num_hidden_layers=2)
+    runner = runner_on(model, dev, torch.bfloat16, rows=16, window=60, evict_block=4, compile_decode=True)
+    runner.warm_up()
+    warmed = _graphs()
+    for batch in range(1, 17):
+        runner.decode(list(range(batch)), [1] * batch)
+    assert _graphs() == warmed
