@@ -17,6 +17,7 @@ from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
+from engine.grammar import Constraint, Grammar, GrammarCompiler
 from engine.loader import LoadedModel, load
 from engine.prompts import PromptEncoder
 from engine.runner import Runner
@@ -42,6 +43,7 @@ class Engine:
         self.loaded = loaded
         self.scheduler: Scheduler | None = None
         self._encoder: PromptEncoder | None = None
+        self._grammars: GrammarCompiler | None = None
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -150,6 +152,13 @@ class Engine:
         if bad:
             raise InvalidRequest(f"logit_bias token ids out of the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
 
+    async def constraint(self, grammar: Grammar) -> Constraint:
+        """A fresh matcher of ``grammar`` for one generation, compiled off the event loop (cached by
+        grammar); raises InvalidRequest for a grammar that is invalid or unsupported."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_model(self.loaded)
+        return await asyncio.to_thread(self._grammars.constraint, grammar)
+
     def pinned_slots(self, pin_prefix: int) -> int:
         """Slots a session pins for a request pinning ``pin_prefix`` prompt tokens (0: just the sinks)."""
         sinks, capacity = self.config.sink_tokens, self.config.cache_size
@@ -177,6 +186,7 @@ class Engine:
         session_id: str | None = None,
         pin_prefix: int = 0,
         fork: bool = False,
+        constraint: Constraint | None = None,
     ) -> Generation:
         """Queue a generation; returns once it is admitted (its session known), before any token.
 
@@ -184,7 +194,8 @@ class Engine:
         A session pinned differently, or whose pinned prefix differs from the prompt's, is never reused
         beyond what the new pinning would have produced. ``fork``: when ``session_id`` names a session the
         prompt diverges from, continue a copy of it (``admission.session_id`` names the copy) instead of
-        rolling it back in place; prompts without a session id always branch that way."""
+        rolling it back in place; prompts without a session id always branch that way. ``constraint``:
+        the grammar the reply must follow, from :meth:`constraint` (one per generation)."""
         scheduler = self._scheduler()
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -197,7 +208,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         request = Request(
             prompt=list(prompt), params=params, owner=owner_of(api_key), session_id=session_id,
-            pinned=pinned, branch=fork, loop=loop, events=asyncio.Queue(), admitted=loop.create_future(),
+            pinned=pinned, branch=fork, constraint=constraint, loop=loop, events=asyncio.Queue(), admitted=loop.create_future(),
         )
         scheduler.submit(request)
         try:

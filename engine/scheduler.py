@@ -21,6 +21,7 @@ import torch
 from engine.cache import SinkCache
 from engine.errors import EngineError, Overloaded, SessionBusy, ShuttingDown
 from engine.events import Admission, FinishEvent, TokenEvent, TokenLogprob, Usage
+from engine.grammar import BatchMask, Constraint
 from engine.runner import Runner
 from engine.sampling import (
     SamplingParams,
@@ -49,6 +50,7 @@ class Request:
     session_id: str | None
     pinned: int  # slots the session must pin: the sinks, or the whole rendered system prompt
     branch: bool  # a named session the prompt diverges from is continued as a copy (never rolled back)
+    constraint: Constraint | None  # a grammar the reply must follow (engine/grammar.py), or None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     admitted: asyncio.Future
@@ -86,6 +88,7 @@ class Scheduler:
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0,
                          "failed_steps": 0, "forks": 0}
         self.failed_in_a_row = 0
+        self.masks: BatchMask | None = None  # built at the first constrained request
         self.last_failure: str | None = None
         self._stop = threading.Event()
         self._draining = False
@@ -291,7 +294,7 @@ class Scheduler:
         logits = self.runner.forward([session.row], torch.tensor([chunk]))  # (1, V)
         session.extend(chunk)
         del request.pending[: len(chunk)]
-        if not request.pending:
+        if not request.pending and self._constrain([request], logits):
             self._sample(request, logits[0])
 
     def _decode(self, requests: list[Request]) -> None:
@@ -300,8 +303,25 @@ class Scheduler:
         logits = self.runner.decode(rows, tokens)  # (B, V)
         for request, token in zip(requests, tokens, strict=True):  # every row was fed: record it first
             request.session.extend([token])
+        live = self._constrain(requests, logits)
         for request, row_logits in zip(requests, logits, strict=True):
-            self._sample(request, row_logits)
+            if request in live:
+                self._sample(request, row_logits)
+
+    def _constrain(self, requests: list[Request], logits: torch.Tensor) -> list[Request]:
+        """Mask the constrained rows' ``logits`` (B, V) in place to their grammar's allowed tokens; the
+        requests whose grammar allows none end with an error. Returns the requests still live."""
+        constraints = [r.constraint for r in requests]
+        if all(c is None for c in constraints):
+            return requests
+        if self.masks is None:
+            self.masks = BatchMask(self.config.max_batch, logits.shape[-1])
+        with torch.inference_mode():  # the logits are inference tensors: masked in place
+            dead = set(self.masks.apply(logits, constraints))
+        for i in sorted(dead):
+            why = requests[i].constraint.error or "no token can continue the required format"
+            self._finish(requests[i], "error", error=f"constrained decoding stopped: {why}")
+        return [r for i, r in enumerate(requests) if i not in dead]
 
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
         params = request.params
@@ -310,14 +330,18 @@ class Scheduler:
         token = sample(filter_logits(penalized, params), params, request.generator)
         request.generated.append(token)
         self.counters["generated_tokens"] += 1
-        if token in self.eos_ids and not params.ignore_eos:
-            self._finish(request, "stop")
+        constraint = request.constraint
+        if constraint is not None and not constraint.accept(token):  # the mask allowed it: a grammar bug
+            self._finish(request, "error", error=f"constrained decoding stopped: {constraint.error}")
+            return
+        if token in self.eos_ids and (not params.ignore_eos or constraint is not None):
+            self._finish(request, "stop")  # under a grammar, a stop token comes only where it may end
             return
         logprob, top = self._logprobs(penalized, token, params)
         text, stopped = request.stops.push(request.detok.push(token))
         request.emit(TokenEvent(text=text, token_id=token, logprob=logprob, top_logprobs=top))
-        if stopped:
-            self._finish(request, "stop", flush=False)
+        if stopped or (constraint is not None and constraint.is_finished()):
+            self._finish(request, "stop", flush=not stopped)
         elif len(request.generated) >= params.max_tokens:
             self._finish(request, "length")
         else:
