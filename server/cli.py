@@ -7,6 +7,7 @@ environment variables or the defaults. Uvicorn's programmatic API: https://www.u
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -16,6 +17,16 @@ from engine.evaluate.cli import add_eval_parser, run_eval
 from engine.quantize import QUANTIZE_CHOICES
 
 log = logging.getLogger("sinkserve")
+
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"temperature\": 0.7}'")
+    return parsed
+
 
 SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--host": ("host", {}),
@@ -36,6 +47,9 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--prefill-chunk": ("prefill_chunk", {"type": int, "help": "prompt tokens fed per step (256)"}),
     "--threads": ("threads", {"type": int, "help": "torch threads on CPU (default: torch's choice)"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
+    "--sampling-defaults": ("sampling_defaults", {
+        "type": _json_object, "help": "JSON object of defaults for sampling fields a request omits, over the "
+        "model's, e.g. '{\"temperature\": 0.7}' (temperature, top_p, top_k, min_p, repetition_penalty)"}),
     "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),
 }
 
@@ -61,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace, engine_factory=None) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from server.app import create_app
     from server.settings import Settings
@@ -69,7 +84,10 @@ def serve(args: argparse.Namespace, engine_factory=None) -> int:
     for dest in ("api_keys", "pin_system_prompt"):
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # e.g. an unknown sampling default: stop before loading anything
+        raise SystemExit(f"sinkserve serve: invalid settings: {exc}") from exc
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("serving on http://%s:%d (sink_tokens=%d, window=%d)", settings.host, settings.port,
              settings.sink_tokens, settings.window)

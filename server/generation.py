@@ -1,32 +1,55 @@
-"""What chat and legacy completions share: admission, collecting events, usage, headers, errors.
+"""The one serving path of every generation route: check -> parameters -> start -> stream or collect.
 
-The engine yields ``TokenEvent``s then one ``FinishEvent`` (``engine/events.py``); this module turns
-them into OpenAI usage and logprob objects. Routes only choose the response shape.
+Like vLLM's ``OpenAIServing`` (``vllm/entrypoints/openai/serving_engine.py``): a route (chat completions,
+legacy completions, Responses) turns its body into prompt tokens and hands them, with a
+:class:`Formatter` of its own, to :meth:`Serving.generate`. That method checks the model and the prompt,
+builds ``engine.SamplingParams`` (the served model's sampling defaults fill omitted fields), takes the
+key's concurrency slot, waits for the engine to admit the request, and then either streams server-sent
+events (the formatter's chunks, with any ``event:`` names it chooses) or collects the whole reply for the
+formatter's JSON body. The shared path owns what every route needs: the session headers, token timing,
+the disconnect watch, graceful shutdown (:class:`StreamShutdown`), error events and releasing the slot
+and the generation whatever happens. Protocol models serialize themselves (``server.protocol``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import anyio
-from fastapi import Request
+from fastapi import Depends, Header, Request, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from engine.engine import Engine
+from engine.errors import InvalidRequest
 from engine.events import FinishEvent, Generation, TokenEvent, TokenLogprob
 from engine.sampling import SamplingParams
-from server.errors import APIError
+from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
+from server.errors import APIError, from_engine_error
 from server.limits import KeyLimiter, Slot
-from server.metrics import TokenTimer
-from server.protocol import PromptTokensDetails, SinkserveInfo, TokenLogprobs, TopLogprob, UsageInfo
+from server.metrics import Metrics, TokenTimer
+from server.protocol import (
+    ErrorResponse,
+    PromptTokensDetails,
+    SinkserveInfo,
+    TokenLogprobs,
+    TopLogprob,
+    UsageInfo,
+    _SamplingRequest,
+)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
+SHUTDOWN_MARGIN_S = 1.5  # streams still running this long before uvicorn's deadline are ended cleanly
+PROMPT_ERRORS = ("prompt token ids", "the prompt")  # how Engine.generate's refusals of a prompt begin
+DONE = {"data": "[DONE]"}  # the end of an OpenAI chat or legacy completion stream
 
 
 def check_model(model: str | None, engine: Engine) -> str:
@@ -49,22 +72,54 @@ def fingerprint(engine: Engine) -> str:
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-async def start_generation(
-    engine: Engine, limiter: KeyLimiter, api_key: str | None, prompt: list[int], params: SamplingParams,
-    session_id: str | None, pin_prefix: int,
-) -> tuple[Generation, Slot]:
-    """Take a concurrency slot for the key, then wait for the engine to admit the request."""
-    slot = limiter.acquire(api_key)
-    try:
-        gen = await engine.generate(prompt, params, api_key=api_key, session_id=session_id, pin_prefix=pin_prefix)
-    except BaseException:
-        slot.release()
-        raise
-    return gen, slot
+@dataclass
+class Run:
+    """One admitted request, as its formatter sees it."""
+
+    model: str
+    fingerprint: str
+    params: SamplingParams
+    gen: Generation
+    include_usage: bool = False
+
+    @property
+    def session_id(self) -> str:
+        return self.gen.session_id
 
 
-PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
-SHUTDOWN_MARGIN_S = 1.5  # streams still running this long before uvicorn's deadline are ended cleanly
+@dataclass
+class Collected:
+    """A non-streamed reply: its text, its token events, its finish."""
+
+    text: str
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+class Formatter:
+    """A route's response shapes. The shared path calls ``start`` once, ``token`` per token event,
+    ``finish`` (or ``error``) once, then ``done`` when streaming, and ``response`` when not; each hook
+    returns the SSE events (dicts with ``data`` and optionally ``event``) to send. A formatter serves
+    one request, so it may keep state (held-back logprobs, text offsets)."""
+
+    def start(self, run: Run) -> Iterable[dict]:
+        return ()
+
+    def token(self, run: Run, event: TokenEvent) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def error(self, run: Run, error: APIError) -> Iterable[dict]:
+        """A failure after the stream began: OpenAI's error object as a data event."""
+        yield ErrorResponse.model_validate(error.body()).sse()
+
+    def done(self, run: Run) -> Iterable[dict]:
+        yield DONE
+
+    def response(self, run: Run, collected: Collected) -> BaseModel:
+        raise NotImplementedError
 
 
 class StreamShutdown:
@@ -73,18 +128,14 @@ class StreamShutdown:
     On SIGTERM sse-starlette sets ``event`` (its watcher polls every 0.5 s) and, by default, cancels the
     stream at once: a cut connection. Instead the stream may keep generating for the grace period
     (``timeout_graceful_shutdown`` less a margin); a generation still running then is cancelled in the
-    engine, and its ``cancelled`` finish is sent as a normal ``length`` finish chunk followed by ``[DONE]``,
-    before uvicorn's own deadline would cut the connection.
+    engine, and its ``cancelled`` finish is sent as a normal ``length`` finish followed by the stream's
+    end, before uvicorn's own deadline would cut the connection.
     """
 
     def __init__(self, timeout_s: float = 10.0) -> None:
         self.event = anyio.Event()
         self.timeout = timeout_s
         self.grace = max(0.0, self.timeout - SHUTDOWN_MARGIN_S)
-
-    def response(self, events, gen: Generation) -> EventSourceResponse:
-        return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen),
-                                   shutdown_event=self.event, shutdown_grace_period=self.timeout)
 
     async def _cancel_after_grace(self, gen: Generation) -> None:
         await self.event.wait()
@@ -102,35 +153,54 @@ class StreamShutdown:
         return finish.finish_reason
 
 
-async def sse_events(chunks: AsyncIterator[dict], gen: Generation, slot: Slot,
-                     shutdown: StreamShutdown) -> AsyncIterator[dict]:
-    """A streamed reply's SSE events: ``chunks``, then ``[DONE]``; an unexpected failure becomes an error
-    event. The shutdown watcher, the generation and the concurrency slot are released whatever happens
-    (the client leaving closes this generator)."""
-    watcher = shutdown.watch(gen)
+def finish_error(finish: FinishEvent) -> APIError:
+    """What a cancelled or failed generation reports."""
+    if finish.finish_reason == "cancelled":
+        return APIError(503, "the generation was cancelled (the server is shutting down)", code="cancelled")
+    log.error("generation failed: %s", finish.error)
+    return APIError(500, f"generation failed: {finish.error}", type="server_error", code="generation_failed")
+
+
+async def stream_events(run: Run, slot: Slot, formatter: Formatter, timer: TokenTimer,
+                        shutdown: StreamShutdown | None = None) -> AsyncIterator[dict]:
+    """A streamed reply's SSE events: the formatter's, then its ``done``; an unexpected failure becomes an
+    error event. The shutdown watcher, the generation and the concurrency slot are released whatever
+    happens (the client leaving closes this generator)."""
+    shutdown = shutdown or StreamShutdown()
+    watcher = shutdown.watch(run.gen)
     try:
-        async for chunk in chunks:
-            yield chunk
-        yield {"data": "[DONE]"}
+        for out in formatter.start(run):
+            yield out
+        async for event in run.gen:
+            if isinstance(event, TokenEvent):
+                timer.token()
+                for out in formatter.token(run, event):
+                    yield out
+                continue
+            reason = shutdown.finish_reason(event)
+            chunks = formatter.error(run, finish_error(event)) if reason in ("cancelled", "error") \
+                else formatter.finish(run, event, reason)
+            for out in chunks:
+                yield out
+        for out in formatter.done(run):
+            yield out
     except Exception:
-        yield unexpected_error_event()
-        yield {"data": "[DONE]"}
+        log.exception("stream failed")
+        for out in formatter.error(run, APIError(500, "internal server error", type="server_error")):
+            yield out
+        for out in formatter.done(run):
+            yield out
     finally:
         watcher.cancel()
-        gen.cancel()
+        run.gen.cancel()
         slot.release()
 
 
-def session_headers(gen: Generation, evicted: int | None = None) -> dict[str, str]:
-    evicted = gen.admission.evicted_tokens if evicted is None else evicted
-    return {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(evicted)}
-
-
-@dataclass
-class Collected:
-    text: str
-    tokens: list[TokenEvent] = field(default_factory=list)
-    finish: FinishEvent | None = None
+def sse_response(events: AsyncIterator[dict], gen: Generation, shutdown: StreamShutdown) -> EventSourceResponse:
+    """The streaming HTTP response (sse-starlette): session headers, keep-alive pings, and the shutdown
+    event and grace period that let ``shutdown`` end the stream cleanly."""
+    return EventSourceResponse(events, ping=PING_SECONDS, sep="\n", headers=session_headers(gen),
+                               shutdown_event=shutdown.event, shutdown_grace_period=shutdown.timeout)
 
 
 async def cancel_on_disconnect(request: Request, gen: Generation) -> None:
@@ -163,34 +233,98 @@ async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Reque
         slot.release()
         gen.cancel()
     assert finish is not None
-    check_finish(finish)
+    if finish.finish_reason in ("cancelled", "error"):
+        raise finish_error(finish)
     parts.append(finish.text)
     return Collected("".join(parts), tokens, finish)
 
 
-def check_finish(finish: FinishEvent) -> None:
-    if finish.finish_reason == "error":
-        log.error("generation failed: %s", finish.error)
-        raise APIError(500, f"generation failed: {finish.error}", type="server_error", code="generation_failed")
-    if finish.finish_reason == "cancelled":
-        raise APIError(503, "the generation was cancelled (the server is shutting down)", code="cancelled")
+def session_headers(gen: Generation, finish: FinishEvent | None = None) -> dict[str, str]:
+    """The session's id, its evicted tokens and, when the engine reports them, its pinned tokens."""
+    counts = finish.usage if finish is not None else gen.admission
+    headers = {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(counts.evicted_tokens)}
+    pinned = getattr(counts, "pinned_tokens", None)
+    if pinned is not None:
+        headers["x-sinkserve-pinned-tokens"] = str(pinned)
+    return headers
 
 
-def error_event(finish: FinishEvent) -> dict:
-    """The SSE event that reports a failure after the stream began (then ``[DONE]`` follows)."""
-    if finish.finish_reason == "cancelled":
-        error = APIError(503, "the generation was cancelled (the server is shutting down)", code="cancelled")
-    else:
-        log.error("generation failed mid-stream: %s", finish.error)
-        error = APIError(500, f"generation failed: {finish.error}", type="server_error", code="generation_failed")
-    return {"data": json.dumps(error.body())}
+class Serving:
+    """One request's path through the server, shared by every generation route (a FastAPI dependency)."""
+
+    def __init__(self, request: Request, engine: Engine, settings: Settings, limiter: KeyLimiter,
+                 metrics: Metrics, api_key: str | None, header_session_id: str | None = None) -> None:
+        self.request, self.engine, self.settings = request, engine, settings
+        self.limiter, self.metrics, self.api_key = limiter, metrics, api_key
+        self.header_session_id = header_session_id
+
+    # ----- check and parameters -----------------------------------------------------------------------
+    def check_model(self, model: str | None) -> str:
+        return check_model(model, self.engine)
+
+    def parameters(self, body: _SamplingRequest) -> SamplingParams:
+        """The request's sampling parameters; the served model's defaults fill the fields it omitted."""
+        return body.to_sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_cap,
+                                       self.engine.loaded.sampling_defaults)
+
+    def check_prompt_length(self, prompt: list[int], param: str) -> None:
+        check_prompt_length(prompt, self.settings, param)
+
+    # ----- start, then stream or collect ----------------------------------------------------------------
+    async def start(self, prompt: list[int], params: SamplingParams, session_id: str | None, pin_prefix: int,
+                    prompt_param: str = "messages", **options) -> tuple[Generation, Slot]:
+        """Take a concurrency slot for the key, then wait for the engine to admit the request.
+        ``options``: further ``Engine.generate`` keywords (``fork``, ``constraint``), passed when given.
+        The engine range-checks the prompt; its refusal names ``prompt_param``."""
+        slot = self.limiter.acquire(self.api_key)
+        try:
+            gen = await self.engine.generate(prompt, params, api_key=self.api_key, session_id=session_id,
+                                             pin_prefix=pin_prefix, **options)
+        except InvalidRequest as exc:
+            slot.release()
+            error = from_engine_error(exc)
+            if str(exc).startswith(PROMPT_ERRORS):
+                error.param = prompt_param
+            raise error from exc
+        except BaseException:
+            slot.release()
+            raise
+        return gen, slot
+
+    async def generate(self, body: _SamplingRequest, prompt: list[int], formatter: Formatter, *,
+                       endpoint: str, params: SamplingParams | None = None, pin_prefix: int = 0,
+                       prompt_param: str = "messages", session_id: str | None = None, **options) -> Response:
+        """Check, start and answer one generation request with ``formatter``'s shapes.
+
+        ``params``: already built with :meth:`parameters` (a route that needed them to build the prompt);
+        ``session_id``: the session the request names, else the body's or the ``X-Session-Id`` header's.
+        """
+        model = self.check_model(body.model)
+        params = params or self.parameters(body)
+        self.check_prompt_length(prompt, prompt_param)
+        session_id = session_id or body.session_id or self.header_session_id
+        options = {name: value for name, value in options.items() if value is not None}
+        gen, slot = await self.start(prompt, params, session_id, pin_prefix, prompt_param, **options)
+        run = Run(model, fingerprint(self.engine), params, gen, include_usage=body.include_usage)
+        timer = TokenTimer(self.metrics, endpoint)
+        if body.stream:
+            shutdown = StreamShutdown(self.settings.timeout_graceful_shutdown)
+            return sse_response(stream_events(run, slot, formatter, timer, shutdown), gen, shutdown)
+        collected = await collect(gen, slot, timer, self.request)
+        return Response(formatter.response(run, collected).model_dump_json(), media_type="application/json",
+                        headers=session_headers(gen, collected.finish))
 
 
-def unexpected_error_event() -> dict:
-    log.exception("stream failed")
-    return {"data": json.dumps(APIError(500, "internal server error", type="server_error").body())}
+def get_serving(request: Request, engine: EngineDep, settings: SettingsDep, limiter: LimiterDep,
+                metrics: MetricsDep, api_key: ApiKeyDep,
+                x_session_id: Annotated[str | None, Header()] = None) -> Serving:
+    return Serving(request, engine, settings, limiter, metrics, api_key, x_session_id)
 
 
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+# ----- OpenAI objects the routes share -----------------------------------------------------------------
 def usage_info(finish: FinishEvent) -> UsageInfo:
     u = finish.usage
     return UsageInfo(
@@ -200,9 +334,10 @@ def usage_info(finish: FinishEvent) -> UsageInfo:
     )
 
 
-def sinkserve_info(gen: Generation, finish: FinishEvent) -> SinkserveInfo:
-    return SinkserveInfo(session_id=gen.session_id, evicted_tokens=finish.usage.evicted_tokens,
-                         cached_tokens=finish.usage.cached_tokens)
+def sinkserve_info(run: Run, finish: FinishEvent) -> SinkserveInfo:
+    return SinkserveInfo(session_id=run.session_id, evicted_tokens=finish.usage.evicted_tokens,
+                         cached_tokens=finish.usage.cached_tokens,
+                         pinned_tokens=getattr(finish.usage, "pinned_tokens", None))
 
 
 def _top(lp: TokenLogprob) -> TopLogprob:

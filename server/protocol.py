@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
+from engine.config import SAMPLING_DEFAULT_FIELDS
 from engine.sampling import SamplingParams
 from engine.sessions import check_session_id
 from server.errors import APIError
@@ -34,6 +36,14 @@ def _now() -> int:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    def sse(self, event: str | None = None, **dump) -> dict:
+        """This object as one server-sent event: its JSON (``model_dump_json(**dump)``) is the ``data``,
+        ``event`` names it (the Responses API does, chat and legacy completions do not)."""
+        out = {"data": self.model_dump_json(**dump)}
+        if event is not None:
+            out["event"] = event
+        return out
 
 
 # ----- requests ------------------------------------------------------------------------------------
@@ -123,7 +133,14 @@ class _SamplingRequest(_Model):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int,
+                           defaults: Mapping[str, float] | None = None) -> SamplingParams:
+        """The engine's parameters. ``defaults`` (the served model's or the operator's sampling defaults)
+        fill only the fields this request did not send (``model_fields_set``): an explicit value wins."""
+        sampling = {name: getattr(self, name) for name in SAMPLING_DEFAULT_FIELDS}
+        for name, value in (defaults or {}).items():
+            if name not in self.model_fields_set:
+                sampling[name] = int(value) if name == "top_k" else value
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None and max_tokens > max_tokens_cap:
             raise APIError(400, f"max_tokens is {max_tokens}, this server allows at most {max_tokens_cap}",
@@ -132,8 +149,7 @@ class _SamplingRequest(_Model):
         try:
             return SamplingParams(
                 max_tokens=min(max_tokens or default_max_tokens, max_tokens_cap),
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                **sampling, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
                 seed=self.seed, stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
@@ -211,6 +227,7 @@ class SinkserveInfo(_Model):
     session_id: str
     evicted_tokens: int
     cached_tokens: int
+    pinned_tokens: int | None = None  # slots the session never evicts (sinks, a pinned system prompt)
 
 
 class AssistantMessage(_Model):

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, check_sampling_defaults
 from engine.quantize import parse_quantize
 
 MiB = 1024 * 1024
@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     threads: int | None = None  # torch intra-op threads on CPU
     max_batch: int = EngineConfig.max_batch  # sessions decoding together in one forward pass
     prefill_chunk: int = EngineConfig.prefill_chunk  # prompt tokens fed per scheduler step (token budget)
+    # defaults for sampling fields a request omits, over the model's (a JSON object in the environment)
+    sampling_defaults: dict[str, float] | None = None
 
     # access
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
@@ -61,6 +63,13 @@ class Settings(BaseSettings):
     @classmethod
     def _quantize(cls, value):
         return parse_quantize(value)
+
+    @field_validator("sampling_defaults", mode="before")
+    @classmethod
+    def _sampling_defaults(cls, value):
+        if value is not None:
+            check_sampling_defaults(value)  # unknown names and bad values stop the start
+        return value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -93,5 +102,5 @@ class Settings(BaseSettings):
             model=self.model, device=self.device, dtype=self.dtype,
             sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
             compile=self.compile, threads=self.threads, quantize=self.quantize, max_batch=self.max_batch,
-            prefill_chunk=self.prefill_chunk, **extra,
+            prefill_chunk=self.prefill_chunk, sampling_defaults=self.sampling_defaults, **extra,
         )

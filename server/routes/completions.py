@@ -2,37 +2,20 @@
 
 Wire format: https://platform.openai.com/docs/api-reference/completions (``text_completion`` objects,
 legacy logprobs with ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``). One prompt per
-request (a string, a list of one string, or a list of token ids); ``echo``, ``suffix`` and ``best_of > 1``
-are refused.
+request (a string, a list of one string, or a list of token ids, which the engine range-checks);
+``echo``, ``suffix`` and ``best_of > 1`` are refused. The serving path is ``server/generation.py``'s;
+this module keeps only the shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import Iterator
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter
 
-from engine.events import Generation, TokenEvent
-from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
-from server.errors import APIError
-from server.generation import (
-    StreamShutdown,
-    check_model,
-    check_prompt_length,
-    collect,
-    error_event,
-    fingerprint,
-    session_headers,
-    sinkserve_info,
-    sse_events,
-    start_generation,
-    usage_info,
-)
-from server.limits import Slot
-from server.metrics import TokenTimer
+from engine.events import FinishEvent, TokenEvent
+from server.generation import Collected, Formatter, Run, ServingDep, sinkserve_info, usage_info
 from server.protocol import (
     STREAM_RESPONSE,
     CompletionChoice,
@@ -58,82 +41,55 @@ def legacy_logprobs(tokens: list[TokenEvent], offset: int = 0) -> CompletionLogp
     return out
 
 
+class CompletionFormatter(Formatter):
+    """``text_completion`` objects, streamed as chunks of the same shape (without ``sinkserve``)."""
+
+    def __init__(self) -> None:
+        self.base: CompletionResponse | None = None
+        self.offset = 0
+        self.pending: list[TokenEvent] = []  # tokens whose text is still held back
+
+    def _chunk(self, run: Run, choices: list[CompletionChoice], usage=None) -> dict:
+        data = self.base.model_copy(update={"choices": choices, "usage": usage})
+        return data.sse(exclude={"sinkserve"} if run.include_usage else {"sinkserve", "usage"})
+
+    def _logprobs(self, run: Run) -> CompletionLogprobs | None:
+        return legacy_logprobs(self.pending, self.offset) if run.params.logprobs else None
+
+    def start(self, run: Run) -> Iterator[dict]:
+        self.base = CompletionResponse(model=run.model, system_fingerprint=run.fingerprint)
+        return iter(())
+
+    def token(self, run: Run, event: TokenEvent) -> Iterator[dict]:
+        self.pending.append(event)
+        if event.text:
+            yield self._chunk(run, [CompletionChoice(text=event.text, logprobs=self._logprobs(run))])
+            self.offset += sum(len(e.text) for e in self.pending)
+            self.pending = []
+
+    def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterator[dict]:
+        yield self._chunk(run, [CompletionChoice(text=finish.text, logprobs=self._logprobs(run),
+                                                 finish_reason=reason)])
+        if run.include_usage:
+            yield self._chunk(run, [], usage=usage_info(finish))
+
+    def response(self, run: Run, collected: Collected) -> CompletionResponse:
+        finish = collected.finish
+        logprobs = legacy_logprobs(collected.tokens) if run.params.logprobs else None
+        return CompletionResponse(
+            model=run.model, system_fingerprint=run.fingerprint,
+            choices=[CompletionChoice(text=collected.text, logprobs=logprobs, finish_reason=finish.finish_reason)],
+            usage=usage_info(finish), sinkserve=sinkserve_info(run, finish),
+        )
+
+
 @router.post(ENDPOINT, response_model=CompletionResponse, responses=STREAM_RESPONSE)
-async def create_completion(
-    body: CompletionRequest,
-    request: Request,
-    response: Response,
-    api_key: ApiKeyDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    limiter: LimiterDep,
-    metrics: MetricsDep,
-    x_session_id: Annotated[str | None, Header()] = None,
-):
-    timer = TokenTimer(metrics, ENDPOINT)
-    model = check_model(body.model, engine)
-    params = body.to_sampling_params(settings.default_max_tokens, settings.max_tokens_cap)
-    if isinstance(body.prompt, list):  # token ids: the engine does not range-check prompts itself
+async def create_completion(body: CompletionRequest, serving: ServingDep):
+    serving.check_model(body.model)
+    params = serving.parameters(body)
+    if isinstance(body.prompt, list):  # token ids: the engine range-checks them
         prompt = body.prompt
-        if not all(0 <= t < engine.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be between 0 and {engine.vocab_size - 1}",
-                           param="prompt", code="invalid_value")
     else:
-        prompt = await asyncio.to_thread(engine.encode, body.prompt)
-    check_prompt_length(prompt, settings, param="prompt")
-    gen, slot = await start_generation(engine, limiter, api_key, prompt, params,
-                                       session_id=body.session_id or x_session_id, pin_prefix=0)
-    if body.stream:
-        base = CompletionResponse(model=model, system_fingerprint=fingerprint(engine))
-        shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
-        events = stream_completion(gen, slot, timer, base, body.include_usage, params.logprobs, shutdown)
-        return shutdown.response(events, gen)
-    result = await collect(gen, slot, timer, request)
-    finish = result.finish
-    logprobs = legacy_logprobs(result.tokens) if params.logprobs else None
-    response.headers.update(session_headers(gen, finish.usage.evicted_tokens))
-    return CompletionResponse(
-        model=model, system_fingerprint=fingerprint(engine),
-        choices=[CompletionChoice(text=result.text, logprobs=logprobs, finish_reason=finish.finish_reason)],
-        usage=usage_info(finish), sinkserve=sinkserve_info(gen, finish),
-    )
-
-
-def stream_completion(
-    gen: Generation, slot: Slot, timer: TokenTimer, base: CompletionResponse, include_usage: bool,
-    want_logprobs: bool, shutdown: StreamShutdown | None = None,
-) -> AsyncIterator[dict]:
-    shutdown = shutdown or StreamShutdown()
-    chunks = _completion_chunks(gen, timer, base, include_usage, want_logprobs, shutdown)
-    return sse_events(chunks, gen, slot, shutdown)
-
-
-async def _completion_chunks(
-    gen: Generation, timer: TokenTimer, base: CompletionResponse, include_usage: bool, want_logprobs: bool,
-    shutdown: StreamShutdown,
-) -> AsyncIterator[dict]:
-    exclude = {"sinkserve"} if include_usage else {"sinkserve", "usage"}
-
-    def chunk(choices: list[CompletionChoice], usage=None) -> dict:
-        data = base.model_copy(update={"choices": choices, "usage": usage})
-        return {"data": json.dumps(data.model_dump(exclude=exclude))}
-
-    offset, pending = 0, []
-    async for event in gen:
-        if isinstance(event, TokenEvent):
-            timer.token()
-            pending.append(event)
-            if event.text:
-                logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
-                yield chunk([CompletionChoice(text=event.text, logprobs=logprobs)])
-                offset += sum(len(e.text) for e in pending)
-                pending = []
-            continue
-        reason = shutdown.finish_reason(event)
-        if reason not in ("stop", "length"):
-            yield error_event(event)
-            return
-        logprobs = legacy_logprobs(pending, offset) if want_logprobs else None
-        yield chunk([CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=reason)])
-        if include_usage:
-            yield chunk([], usage=usage_info(event))
+        prompt = await asyncio.to_thread(serving.engine.encode, body.prompt)
+    return await serving.generate(body, prompt, CompletionFormatter(), endpoint=ENDPOINT, params=params,
+                                  prompt_param="prompt")

@@ -32,7 +32,14 @@ from engine.engine import Engine, owner_of
 from engine.events import FinishEvent, Generation, TokenEvent
 from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
 from server.errors import APIError
-from server.generation import StreamShutdown, check_model, check_prompt_length, collect, session_headers
+from server.generation import (
+    StreamShutdown,
+    check_model,
+    check_prompt_length,
+    collect,
+    session_headers,
+    sse_response,
+)
 from server.limits import Slot
 from server.metrics import TokenTimer
 from server.protocol import STREAM_RESPONSE
@@ -185,11 +192,11 @@ async def create_response(
                 store if body.store else None, gen)
     if body.stream:
         shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
-        return shutdown.response(stream_events(turn, slot, timer, shutdown), gen)
+        return sse_response(stream_events(turn, slot, timer, shutdown), gen, shutdown)
     result = await collect(gen, slot, timer, request)
     turn.finish(result.text, result.finish)
     await turn.save(result.text, result.finish)
-    response.headers.update(session_headers(gen, result.finish.usage.evicted_tokens))
+    response.headers.update(session_headers(gen, result.finish))
     return turn.obj
 
 

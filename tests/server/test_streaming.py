@@ -6,10 +6,11 @@ import asyncio
 import json
 
 from engine.events import Admission, FinishEvent, Generation, TokenEvent, TokenLogprob, Usage
+from engine.sampling import SamplingParams
+from server.generation import Run, stream_events
 from server.limits import KeyLimiter
 from server.metrics import Metrics, TokenTimer
-from server.protocol import ChatCompletionChunk
-from server.routes.chat import stream_chat
+from server.routes.chat import ChatFormatter
 
 
 def fake_generation(*events) -> tuple[Generation, list[bool]]:
@@ -20,12 +21,15 @@ def fake_generation(*events) -> tuple[Generation, list[bool]]:
     return Generation(Admission("s1", 3, 0, 0), queue, lambda: cancelled.append(True)), cancelled
 
 
+def chat_stream(gen: Generation, slot, include_usage=False, logprobs=False):
+    run = Run("m", "fp_x", SamplingParams(logprobs=logprobs), gen, include_usage=include_usage)
+    return stream_events(run, slot, ChatFormatter(), TokenTimer(Metrics(lambda: None), "t"))
+
+
 async def run_stream(gen: Generation, include_usage=False, logprobs=False) -> list[str]:
     limiter = KeyLimiter(1)
     slot = limiter.acquire(None)
-    base = ChatCompletionChunk(model="m", system_fingerprint="fp_x")
-    payloads = [e["data"] async for e in stream_chat(gen, slot, TokenTimer(Metrics(lambda: None), "t"), base,
-                                                     include_usage, logprobs)]
+    payloads = [e["data"] async for e in chat_stream(gen, slot, include_usage, logprobs)]
     assert slot.released and not limiter.active
     return payloads
 
@@ -52,8 +56,7 @@ async def test_closing_the_stream_cancels_the_generation():
     gen, cancelled = fake_generation(TokenEvent("a", 1))
     limiter = KeyLimiter(1)
     slot = limiter.acquire(None)
-    stream = stream_chat(gen, slot, TokenTimer(Metrics(lambda: None), "t"),
-                         ChatCompletionChunk(model="m", system_fingerprint="f"), False, False)
+    stream = chat_stream(gen, slot)
     await anext(stream)
     await anext(stream)
     await stream.aclose()
