@@ -1,0 +1,56 @@
+"""The Responses API with the embedded SmolLM2-135M-Instruct behind a real ``serve`` process: a streamed
+answer that ends on its own (``get_final_response``), and the acceptance chain of issue 13: 10 responses
+through ``previous_response_id``, each adding ~2,000 tokens (20k in all, past the model's 8,192
+positions), each reusing >= 90% of the previous response's input plus output from the session cache.
+
+The chain prefills 20k tokens (about 30 s on an idle 2-core CPU, minutes on a busy one), so it runs only
+with ``SINKSERVE_HEAVY_TESTS=1``; the tiny-model chain of tests/server/test_responses.py runs always."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+import pytest
+from openai import OpenAI
+
+from bench.serve_process import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("responses-embedded")) as server:
+        yield OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_stream_get_final_response_is_the_concatenated_deltas(client):
+    with client.responses.stream(model=MODEL, input="What is the capital of France?", temperature=0,
+                                 max_output_tokens=60) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.completed_at is not None
+    assert final.output_text == "".join(deltas) and "Paris" in final.output_text
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+
+
+@pytest.mark.skipif(not os.environ.get("SINKSERVE_HEAVY_TESTS"), reason="20k-token chain: SINKSERVE_HEAVY_TESTS=1")
+def test_chain_of_ten_long_responses_reuses_the_session(client):
+    text = resources.files("engine").joinpath("data/tinyshakespeare.txt").read_text()
+    previous = None
+    for turn in range(10):
+        passage = text[turn * 8000:(turn + 1) * 8000]  # ~2,000 tokens of Shakespeare
+        response = client.responses.create(
+            model=MODEL, input=f"{passage}\n\nWho speaks first in this passage?", temperature=0,
+            max_output_tokens=16, previous_response_id=previous.id if previous else None,
+        )
+        assert response.status in ("completed", "incomplete")
+        if previous is not None:
+            before = previous.usage.input_tokens + previous.usage.output_tokens
+            assert response.usage.input_tokens >= before + 1500
+            assert response.usage.input_tokens_details.cached_tokens >= 0.9 * before, (turn, response.usage)
+        previous = response
+    assert previous.usage.input_tokens > 18000  # past the model's 8,192 positions
