@@ -18,6 +18,9 @@ One session is grown through all lengths in order (the follow-up of a shorter le
 the history is extended, as an edited conversation would be). Report (``followup.json``): per length the
 TTFT of both ways in ms, the session follow-up's ``cached_tokens``, and ``ratios``: TTFT at the longest
 over the shortest length for each way, and reprefill over session per length.
+
+``responses_chain`` (``bench/responses_chain.py``): the same question as a response chained through
+``previous_response_id`` over HTTP, its time to first token at each length of the chain behind it.
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ def table(report: dict) -> str:
     r, lengths = report["ratios"], report["settings"]["lengths"]
     text += (f"\nTTFT({lengths[-1]}) / TTFT({lengths[0]}): session {_fmt(r['session_longest_over_shortest'])}x, "
              f"re-prefill {_fmt(r['reprefill_longest_over_shortest'])}x\n")
+    if "responses_chain" in report:
+        text += responses_table(report)
     return text
 
 
@@ -141,6 +146,10 @@ def plot(report: dict, path) -> None:
     n = [r["history_tokens"] for r in report["results"]]
     ax.plot(n, [r["session"]["ttft_ms"] for r in report["results"]], "o-", label="sinkserve session")
     ax.plot(n, [r["reprefill"]["ttft_ms"] for r in report["results"]], "s--", label="re-prefill (no sessions)")
+    if "responses_chain" in report:
+        chain = report["responses_chain"]
+        ax.plot([r["chain_tokens"] for r in chain], [r["ttft_ms"] for r in chain], "^-",
+                label="Responses chain (HTTP, previous_response_id)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("history length (tokens)")
@@ -149,7 +158,24 @@ def plot(report: dict, path) -> None:
     save_figure(fig, ax, path)
 
 
+def add_responses_chain(report: dict, engine) -> None:
+    """The Responses-chain row: a chained response's TTFT at each length (``bench/responses_chain.py``)."""
+    from bench.responses_chain import measure_responses_chain
+
+    rows = measure_responses_chain(engine, report["settings"]["lengths"])
+    report["responses_chain"] = rows
+    report["ratios"]["responses_longest_over_shortest"] = ratio(rows[-1]["ttft_ms"], rows[0]["ttft_ms"])
+
+
+def responses_table(report: dict) -> str:
+    rows = [[r["chain_tokens"], r["cached_tokens"], r["input_tokens"], r["ttft_ms"]] for r in report["responses_chain"]]
+    text = "\nResponses chain (previous_response_id over HTTP):\n\n" + markdown_table(
+        ["chain tokens", "cached tokens", "input tokens", "chained response TTFT ms"], rows)
+    return text + f"\nTTFT longest / shortest: {_fmt(report['ratios']['responses_longest_over_shortest'])}x\n"
+
+
 def run_followup(engine, out_dir, quick: bool = False, lengths=None, **kwargs) -> dict:
     report = measure_followup(engine, lengths or (QUICK_LENGTHS if quick else LENGTHS), **kwargs)
+    add_responses_chain(report, engine)
     report["files"] = write_report(out_dir, "followup", report, table(report), plot)
     return report
