@@ -153,10 +153,11 @@ def reply_instructions(tools: Sequence[Tool], choice: ToolChoice, parallel: bool
         listing = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
         lines += ["You can call these tools (name, description, JSON Schema of the arguments):",
                   json.dumps(listing, ensure_ascii=False)]
-    lines.append('Reply with one JSON object. To call tools: {"tool_calls": [{"name": "<tool name>", '
-                 '"arguments": {<arguments>}}]}.')
+    example = tools[0].name if choice.mode != "function" else choice.name
+    lines.append(f'Reply with one JSON object only. To call a tool: {{"tool_calls": [{{"name": "{example}", '
+                 '"arguments": {...}}]}, with the name of the tool and its arguments.')
     if choice.mode == "auto":
-        lines.append('To answer the user instead: {"response": "<your answer>"}.')
+        lines.append('To answer without a tool: {"response": "..."}, with your answer to the user in place of the dots.')
     elif choice.mode == "required":
         lines.append("You must call at least one tool.")
     else:
