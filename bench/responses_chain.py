@@ -9,19 +9,27 @@ then continues the chain. The server is the benchmark's own engine behind ``crea
 free port of 127.0.0.1, in a thread), so the row includes what the HTTP path adds: loading the stored
 response, rendering the whole chain with the chat template, SSE. With sessions it should stay flat in
 the chain's length (issue 13: at most 1.5x from 500 to 50,000 tokens).
+
+Part of ``sinkserve bench followup``; alone (the embedded model, default settings, no other row):
+
+    .venv/bin/python -m bench.responses_chain --lengths 500,50000 --out docs/results/responses-chain
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import socket
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
-from bench.common import history_ids
+from bench.common import environment, history_ids, markdown_table, ratio, write_report
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +116,35 @@ def measure_responses_chain(engine, lengths, *, feed: int = 4096) -> list[dict]:
             previous = timed["response"]["id"]
             chain = usage["total_tokens"]
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="500,50000", help="chain lengths (tokens), comma list")
+    parser.add_argument("--out", default="results/responses-chain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    with tempfile.TemporaryDirectory(prefix="sinkserve-bench-") as data_dir:
+        engine = Engine(EngineConfig(data_dir=Path(data_dir))).start()
+        try:
+            started = time.perf_counter()
+            rows = measure_responses_chain(engine, lengths)
+            report = {"suite": "responses_chain", "environment": environment(engine.loaded, engine.config),
+                      "results": rows, "seconds": time.perf_counter() - started,
+                      "ttft_longest_over_shortest": ratio(rows[-1]["ttft_ms"], rows[0]["ttft_ms"])}
+        finally:
+            engine.stop()
+    table = markdown_table(["chain tokens", "cached tokens", "input tokens", "chained response TTFT ms"],
+                           [[r["chain_tokens"], r["cached_tokens"], r["input_tokens"], r["ttft_ms"]] for r in rows])
+    table += f"\nTTFT longest / shortest: {report['ttft_longest_over_shortest']:.2f}x\n"
+    write_report(args.out, "responses_chain", report, table, None)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
