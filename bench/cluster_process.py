@@ -10,10 +10,10 @@ Used by tests/cluster and scripts/bench_cluster.py.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,31 +44,35 @@ class ClusterProcess:
             self.env.setdefault("OMP_NUM_THREADS", "1")
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 600.0) -> ClusterProcess:
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, name="cluster-output", daemon=True)
+        self._reader.start()
         if not self.wait_for("cluster: ready:", timeout):
             self.kill()
             raise RuntimeError("the cluster did not start:\n" + "".join(self.output))
         return self
 
     def wait_for(self, text: str, timeout: float) -> bool:
-        """Read the script's output until a line contains ``text`` (True) or ``timeout`` passes."""
-        if any(text in line for line in self.output):
-            return True
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        """Wait until a line of the script's output contains ``text`` (True) or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.5):
-                line = self.proc.stdout.readline()
-                if not line:
-                    return False
-                self.output.append(line)
-                if text in line:
+        while True:
+            with self._lock:
+                if any(text in line for line in self.output):
                     return True
-        return False
+            if time.monotonic() >= deadline or (self._reader and not self._reader.is_alive()):
+                with self._lock:
+                    return any(text in line for line in self.output)
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # a thread: select() would miss lines already in the file's buffer
+            with self._lock:
+                self.output.append(line)
 
     def pid(self, replica: str) -> int:
         return int((self.state_dir / f"{replica}.pid").read_text())

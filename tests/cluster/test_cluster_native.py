@@ -87,7 +87,7 @@ def test_killed_replica_moves_its_conversations_and_is_restarted(cluster, model)
     for sid in by_replica[victim]:  # served at once by the survivor (HAProxy redispatches)
         r = chat(cluster, model, [{"role": "user", "content": "after the kill"}], headers={"X-Session-Id": sid})
         assert r.headers["x-sinkserve-replica"] == survivor
-    assert cluster.wait_for(f"{victim} exited; restarting it", 10)
+    assert cluster.wait_for(f"{victim} exited; restarting it", 10), "".join(cluster.output)
     cluster.wait_healthy(victim, timeout=120)
     time.sleep(5)  # two health checks: HAProxy marks it up again
     for sid in by_replica[victim]:  # stick table: moved conversations do not move back
