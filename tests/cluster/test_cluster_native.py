@@ -24,7 +24,8 @@ BAN_SPECIAL = {"0": -100, "1": -100, "2": -100}  # SmolLM2's <|endoftext|>, <|im
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = ClusterProcess(tmp_path_factory.mktemp("cluster"), replicas=2, tiny=True).start(timeout=240)
+    c = ClusterProcess(tmp_path_factory.mktemp("cluster"), replicas=2, tiny=True,
+                       serve_args=("--graceful-timeout", "2")).start(timeout=240)
     yield c
     c.kill()
 
