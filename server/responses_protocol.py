@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -252,16 +253,26 @@ class ResponseCreateRequest(_Strict):
             return [MessageItem(role="user", content=self.input)]
         return list(self.input)
 
-    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
+    # what the shared serving path (server/generation.py) reads of every request
+    session_id: ClassVar[None] = None  # a chain names its session through previous_response_id
+    include_usage: ClassVar[bool] = False
+
+    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int,
+                           defaults: Mapping[str, float] | None = None) -> SamplingParams:
+        """The engine's parameters; the served model's sampling defaults fill what the request omits
+        (``temperature``, ``top_p``; ``top_k``, ``min_p``, ``repetition_penalty`` are not Responses fields)."""
         if self.max_output_tokens is not None and self.max_output_tokens > max_tokens_cap:
             raise APIError(400, f"max_output_tokens is {self.max_output_tokens}, this server allows at most "
                            f"{max_tokens_cap}", param="max_output_tokens", code="invalid_value")
+        sampling: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0}
+        for name, value in (defaults or {}).items():
+            sampling[name] = int(value) if name == "top_k" else value
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                sampling[name] = getattr(self, name)
         try:
-            return SamplingParams(
-                max_tokens=min(self.max_output_tokens or default_max_tokens, max_tokens_cap),
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-            )
+            return SamplingParams(max_tokens=min(self.max_output_tokens or default_max_tokens, max_tokens_cap),
+                                  **sampling)
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from exc
 
@@ -350,15 +361,14 @@ class ResponseObject(_Out):
     sinkserve: ResponseSinkserve | None = None
 
     @classmethod
-    def for_request(cls, body: ResponseCreateRequest, model: str) -> ResponseObject:
+    def for_request(cls, body: ResponseCreateRequest, model: str, params: SamplingParams) -> ResponseObject:
         """The response as created: its echo of the request's settings, no output yet."""
         text = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {}
         return cls(
             model=model, instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             parallel_tool_calls=body.parallel_tool_calls, previous_response_id=body.previous_response_id,
             prompt_cache_key=body.prompt_cache_key, safety_identifier=body.safety_identifier, store=body.store,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=params.temperature, top_p=params.top_p,
             text={"format": {"type": "text"}, **text}, tool_choice=body.tool_choice, tools=body.tools,
             truncation=body.truncation, user=body.user, metadata=body.metadata or {},
         )

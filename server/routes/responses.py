@@ -13,6 +13,10 @@ engine is told its session and ``fork=True``: a prompt that extends that session
 only its new tokens; one that diverges (a fork from an older response of the chain, changed
 instructions) continues a copy, so no branch destroys another. Without one (stateless clients that
 resend their history) the engine's implicit prefix matching finds the session, as for chat.
+
+Everything else is the shared serving path (``server/generation.py``: parameters, admission, streaming,
+collecting, shutdown, releasing); this module keeps the Responses shapes (:class:`ResponsesFormatter`)
+and stores a finished response before its final event or body goes out.
 """
 
 from __future__ import annotations
@@ -22,25 +26,28 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from engine.engine import Engine, owner_of
-from engine.events import FinishEvent, Generation, TokenEvent
-from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
+from engine.events import FinishEvent, TokenEvent
+from server.deps import ApiKeyDep, EngineDep
 from server.errors import APIError
 from server.generation import (
+    Collected,
+    Formatter,
+    Run,
+    ServingDep,
     StreamShutdown,
-    check_model,
-    check_prompt_length,
     collect,
+    fingerprint,
     session_headers,
     sse_response,
+    stream_events,
 )
-from server.limits import Slot
 from server.metrics import TokenTimer
 from server.protocol import STREAM_RESPONSE
 from server.response_store import ResponseStore, StoredResponse
@@ -114,9 +121,9 @@ class Turn:
     input_items: list[dict[str, Any]]
     owner: str
     store: ResponseStore | None  # None: ``store: false``
-    gen: Generation
+    record: StoredResponse | None = None  # set once the generation finished normally
 
-    def finish(self, text: str, finish: FinishEvent) -> None:
+    def finish(self, run: Run, text: str, finish: FinishEvent) -> None:
         """Fill in the output, status and usage of a generation that ended normally."""
         obj, usage = self.obj, finish.usage
         complete = finish.finish_reason == "stop"
@@ -133,142 +140,136 @@ class Turn:
                                                     cache_write_tokens=usage.prompt_tokens - usage.cached_tokens),
             output_tokens=usage.completion_tokens, total_tokens=usage.prompt_tokens + usage.completion_tokens,
         )
-        obj.sinkserve = ResponseSinkserve(session_id=self.gen.session_id, evicted_tokens=usage.evicted_tokens,
+        obj.sinkserve = ResponseSinkserve(session_id=run.session_id, evicted_tokens=usage.evicted_tokens,
                                           cached_tokens=usage.cached_tokens)
-
-    async def save(self, text: str, finish: FinishEvent) -> None:
-        if self.store is None:
-            return
-        usage = finish.usage
-        record = StoredResponse(
-            id=self.obj.id, owner=self.owner, created_at=self.obj.created_at, session_id=self.gen.session_id,
+        self.record = StoredResponse(
+            id=obj.id, owner=self.owner, created_at=obj.created_at, session_id=run.session_id,
             stream_tokens=usage.prompt_tokens + usage.completion_tokens,
             messages=[*self.history, {"role": "assistant", "content": text}],
-            input_items=self.input_items, response=self.obj.model_dump(mode="json"),
+            input_items=self.input_items, response=obj.model_dump(mode="json"),
         )
-        await asyncio.to_thread(self.store.put, record)
+
+    async def save(self) -> None:
+        """Store a finished response (before the client can see it finished, so it can chain at once)."""
+        if self.store is not None and self.record is not None:
+            await asyncio.to_thread(self.store.put, self.record)
+
+
+class ResponsesFormatter(Formatter):
+    """The Responses API's shapes on the shared serving path: one ``sequence_number`` across events."""
+
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+        self.counter = itertools.count()
+        self.parts: list[str] = []
+        self.where: dict[str, Any] = {}
+
+    def _event(self, kind: str, **fields: Any) -> dict:
+        return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(self.counter), **fields})}
+
+    def _response(self) -> dict:
+        return self.turn.obj.model_dump(mode="json")
+
+    def start(self, run: Run) -> Iterator[dict]:
+        obj = self.turn.obj
+        yield self._event("response.created", response=self._response())
+        yield self._event("response.in_progress", response=self._response())
+        message = OutputMessage(status="in_progress")
+        obj.output = [message]
+        self.where = {"item_id": message.id, "output_index": 0}
+        yield self._event("response.output_item.added", output_index=0, item=message.model_dump(mode="json"))
+        part = OutputText(text="", logprobs=[]).model_dump(mode="json")
+        yield self._event("response.content_part.added", **self.where, content_index=0, part=part)
+
+    def _delta(self, text: str) -> Iterator[dict]:
+        if text:
+            self.parts.append(text)
+            yield self._event("response.output_text.delta", **self.where, content_index=0, delta=text, logprobs=[])
+
+    def token(self, run: Run, event: TokenEvent) -> Iterator[dict]:
+        yield from self._delta(event.text)
+
+    def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterator[dict]:
+        yield from self._delta(finish.text)
+        text = "".join(self.parts)
+        if reason != finish.finish_reason:  # cut short by a graceful shutdown: incomplete
+            finish = replace(finish, finish_reason=reason)
+        self.turn.finish(run, text, finish)
+        obj = self.turn.obj
+        yield self._event("response.output_text.done", **self.where, content_index=0, text=text, logprobs=[])
+        part = obj.output[0].content[0].model_dump(mode="json")
+        yield self._event("response.content_part.done", **self.where, content_index=0, part=part)
+        yield self._event("response.output_item.done", output_index=0, item=obj.output[0].model_dump(mode="json"))
+        kind = "response.completed" if obj.status == "completed" else "response.incomplete"
+        yield self._event(kind, response=self._response())  # sent once saved: see ``saved_first``
+
+    def error(self, run: Run, error: APIError) -> Iterator[dict]:
+        yield self._event("error", code=error.code or error.type, message=error.message, param=error.param)
+        self.turn.obj.status = "failed"
+        self.turn.obj.error = ResponseError(message=error.message)
+        yield self._event("response.failed", response=self._response())
+
+    def done(self, run: Run) -> Iterator[dict]:
+        return iter(())  # the Responses API sends no ``[DONE]``
+
+    def response(self, run: Run, collected: Collected) -> ResponseObject:
+        self.turn.finish(run, collected.text, collected.finish)
+        return self.turn.obj
+
+
+FINAL_EVENTS = ("response.completed", "response.incomplete")
+
+
+async def saved_first(events: AsyncIterator[dict], turn: Turn) -> AsyncIterator[dict]:
+    """Pass the stream's events on, storing the response before its final event goes out."""
+    try:
+        async for out in events:
+            if out.get("event") in FINAL_EVENTS:
+                await turn.save()
+            yield out
+    finally:
+        await events.aclose()  # the shared path releases the slot and the generation there
 
 
 @router.post(ENDPOINT, response_model=ResponseObject, responses=STREAM_RESPONSE)
-async def create_response(
-    body: ResponseCreateRequest,
-    request: Request,
-    response: Response,
-    api_key: ApiKeyDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    limiter: LimiterDep,
-    metrics: MetricsDep,
-):
-    timer = TokenTimer(metrics, ENDPOINT)
-    model = check_model(body.model, engine)
+async def create_response(body: ResponseCreateRequest, request: Request, serving: ServingDep):
+    engine, settings = serving.engine, serving.settings
+    model = serving.check_model(body.model)
     check_features(body)
     items = body.items()
     if len(items) > settings.max_messages:
         raise APIError(400, f"at most {settings.max_messages} input items per request", param="input",
                        code="too_many_messages")
     store = get_store(request, engine)
-    owner = owner_of(api_key)
+    owner = owner_of(serving.api_key)
     previous = None
     if body.previous_response_id is not None:
         previous = await asyncio.to_thread(store.get, owner, body.previous_response_id)
         if previous is None:
             raise APIError(404, f"previous response {body.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
-    history = [*(previous.messages if previous else []), *(item.to_message() for item in items
-                                                           if isinstance(item, MessageItem))]
+    history = [*(previous.messages if previous else []),
+               *(item.to_message() for item in items if isinstance(item, MessageItem))]
     system = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
-    params = body.to_sampling_params(settings.default_max_tokens, settings.max_tokens_cap)
+    params = serving.parameters(body)
     prompt, pinned = await asyncio.to_thread(engine.render_chat, system + history, settings.pin_system_prompt)
-    check_prompt_length(prompt, settings, param="input")
-    slot = limiter.acquire(api_key)
-    try:
-        gen = await engine.generate(prompt, params, api_key=api_key, pin_prefix=pinned, fork=True,
-                                    session_id=previous.session_id if previous else None)
-    except BaseException:
-        slot.release()
-        raise
-    turn = Turn(ResponseObject.for_request(body, model), history, [item.stored() for item in items], owner,
-                store if body.store else None, gen)
+    serving.check_prompt_length(prompt, "input")
+    gen, slot = await serving.start(prompt, params, previous.session_id if previous else None, pinned, "input",
+                                    fork=True)
+    turn = Turn(ResponseObject.for_request(body, model, params), history, [item.stored() for item in items],
+                owner, store if body.store else None)
+    run = Run(model, fingerprint(engine), params, gen)
+    formatter = ResponsesFormatter(turn)
+    timer = TokenTimer(serving.metrics, ENDPOINT)
     if body.stream:
         shutdown = StreamShutdown(settings.timeout_graceful_shutdown)
-        return sse_response(stream_events(turn, slot, timer, shutdown), gen, shutdown)
-    result = await collect(gen, slot, timer, request)
-    turn.finish(result.text, result.finish)
-    await turn.save(result.text, result.finish)
-    response.headers.update(session_headers(gen, result.finish))
-    return turn.obj
-
-
-# ----- streaming -------------------------------------------------------------------------------------
-async def stream_events(turn: Turn, slot: Slot, timer: TokenTimer, shutdown: StreamShutdown) -> AsyncIterator[dict]:
-    """The SSE events of one streamed response; the shutdown watcher, the generation and the concurrency
-    slot are released whatever happens (the client leaving closes this generator)."""
-    watcher = shutdown.watch(turn.gen)
-    counter = itertools.count()
-
-    def event(kind: str, **fields: Any) -> dict:
-        return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(counter), **fields})}
-
-    try:
-        async for item in _lifecycle(turn, timer, event):
-            yield item
-    except Exception:
-        log.exception("response stream failed")
-        yield event("error", code="server_error", message="internal server error", param=None)
-        turn.obj.status = "failed"
-        turn.obj.error = ResponseError(message="internal server error")
-        yield event("response.failed", response=turn.obj.model_dump(mode="json"))
-    finally:
-        watcher.cancel()
-        turn.gen.cancel()
-        slot.release()
-
-
-async def _lifecycle(turn: Turn, timer: TokenTimer, event) -> AsyncIterator[dict]:
-    obj = turn.obj
-    yield event("response.created", response=obj.model_dump(mode="json"))
-    yield event("response.in_progress", response=obj.model_dump(mode="json"))
-    message = OutputMessage(status="in_progress")
-    obj.output = [message]
-    where = {"item_id": message.id, "output_index": 0}
-    yield event("response.output_item.added", output_index=0, item=message.model_dump(mode="json"))
-    part = OutputText(text="", logprobs=[])
-    yield event("response.content_part.added", **where, content_index=0, part=part.model_dump(mode="json"))
-    parts: list[str] = []
-    finish: FinishEvent | None = None
-    async for item in turn.gen:
-        if isinstance(item, TokenEvent):
-            timer.token()
-            if item.text:
-                parts.append(item.text)
-                yield event("response.output_text.delta", **where, content_index=0, delta=item.text, logprobs=[])
-        else:
-            finish = item
-    assert finish is not None
-    if finish.finish_reason not in ("stop", "length"):
-        if finish.finish_reason == "cancelled":
-            message_text, code = "the generation was cancelled (the server is shutting down)", "cancelled"
-        else:
-            log.error("generation failed mid-stream: %s", finish.error)
-            message_text, code = f"generation failed: {finish.error}", "server_error"
-        yield event("error", code=code, message=message_text, param=None)
-        obj.status = "failed"
-        obj.error = ResponseError(message=message_text)
-        yield event("response.failed", response=obj.model_dump(mode="json"))
-        return
-    if finish.text:
-        parts.append(finish.text)
-        yield event("response.output_text.delta", **where, content_index=0, delta=finish.text, logprobs=[])
-    text = "".join(parts)
-    turn.finish(text, finish)
-    yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
-    done_part = obj.output[0].content[0].model_dump(mode="json")
-    yield event("response.content_part.done", **where, content_index=0, part=done_part)
-    yield event("response.output_item.done", output_index=0, item=obj.output[0].model_dump(mode="json"))
-    await turn.save(text, finish)  # stored before the client can chain from it
-    kind = "response.completed" if obj.status == "completed" else "response.incomplete"
-    yield event(kind, response=obj.model_dump(mode="json"))
+        events = stream_events(run, slot, formatter, timer, shutdown)
+        return sse_response(saved_first(events, turn), gen, shutdown)
+    collected = await collect(gen, slot, timer, request)
+    obj = formatter.response(run, collected)
+    await turn.save()
+    return Response(obj.model_dump_json(), media_type="application/json",
+                    headers=session_headers(gen, collected.finish))
 
 
 # ----- stored responses ------------------------------------------------------------------------------
