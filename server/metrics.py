@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.routes.health import engine_health
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 ENGINE_COUNTERS = {
@@ -43,6 +45,11 @@ class EngineCollector:
             yield CounterMetricFamily(f"sinkserve_{key}", doc, value=stats.get(key, 0))
         for key, (name, doc) in ENGINE_GAUGES.items():
             yield GaugeMetricFamily(f"sinkserve_{name}", doc, value=stats.get(key, 0))
+        healthy = False
+        if engine is not None and engine.ready:
+            healthy = engine_health(engine)[0]
+        yield GaugeMetricFamily("sinkserve_healthy", "1 while the engine serves (GET /health is 200), else 0",
+                                value=1.0 if healthy else 0.0)
 
 
 class Metrics:
