@@ -7,8 +7,8 @@ Shapes follow the ``openai`` SDK's types (``openai/types/responses/``: ``respons
 Unlike chat completions, unknown request fields are refused (``extra="forbid"``): a 400 naming the
 field. Fields OpenAI defines that sinkserve does not implement are accepted only at their "off" value
 (``null``, ``false``, ``[]``), so clients that send them empty keep working; any other value is a
-400 naming the field. ``text.format`` other than text and ``tools`` are refused here until the
-structured-output and tool machinery is wired in (see the route).
+400 naming the field. ``tools``, ``tool_choice`` and ``text.format`` are checked by the tool machinery
+(``server/responses_chat.py``, ``server/tools.py``).
 """
 
 from __future__ import annotations
@@ -101,26 +101,47 @@ class MessageItem(_Strict):
 
 
 class FunctionCallItem(_Strict):
+    """A tool call the model made (``ResponseFunctionToolCall``), replayed in the input."""
+
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
     id: str | None = None
     status: ItemStatus | None = None
+    namespace: None = None  # tool namespaces and programmatic callers are not supported: null only
+    caller: dict[str, Any] | None = None
+    async_: Literal[False] | None = Field(None, alias="async")
+
+    @field_validator("caller")
+    @classmethod
+    def _direct(cls, caller: dict[str, Any] | None) -> dict[str, Any] | None:
+        if caller not in (None, {"type": "direct"}):
+            raise ValueError("only direct calls ({'type': 'direct'}) are supported")
+        return caller
 
     def stored(self) -> dict[str, Any]:
-        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fc"), "status": "completed"}
+        item = self.model_dump(exclude_none=True, include={"type", "call_id", "name", "arguments"})
+        return {**item, "id": self.id or new_id("fc"), "status": "completed"}
 
 
 class FunctionCallOutputItem(_Strict):
+    """A tool's result, answering the ``function_call`` with the same ``call_id``."""
+
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: str | list[InputText]
     id: str | None = None
     status: ItemStatus | None = None
+    name: str | None = None
+    namespace: None = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(part.text for part in self.output)
 
     def stored(self) -> dict[str, Any]:
-        return {**self.model_dump(exclude_none=True), "id": self.id or new_id("fco"), "status": "completed"}
+        return {"type": "function_call_output", "call_id": self.call_id, "output": self.text(),
+                "id": self.id or new_id("fco"), "status": "completed"}
 
 
 def _item_type(value: Any) -> str | None:

@@ -2,9 +2,9 @@
 
 Wire format: https://platform.openai.com/docs/api-reference/responses and, for streaming,
 https://platform.openai.com/docs/api-reference/responses-streaming (``event:`` names, one
-``sequence_number`` counter from 0: created, in_progress, output_item.added, content_part.added,
-output_text.delta..., output_text.done, content_part.done, output_item.done, then completed or
-incomplete; a failure is an ``error`` event then ``response.failed``; no ``[DONE]``).
+``sequence_number`` counter from 0: created, in_progress, then the output items' events
+(``server/responses_output.py``), then completed or incomplete; a failure is an ``error`` event then
+``response.failed``; no ``[DONE]``).
 
 A response renders its whole conversation with the chat template: the request's ``instructions`` as
 the system message (never carried over from the previous response, as OpenAI documents), the stored
@@ -14,6 +14,8 @@ only its new tokens; one that diverges (a fork from an older response of the cha
 instructions) continues a copy, so no branch destroys another. Without one (stateless clients that
 resend their history) the engine's implicit prefix matching finds the session, as for chat.
 
+``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``text.format`` go through chat's machinery
+(``server/responses_chat.py`` translates the shapes; ``server/tools.py`` makes the prompt and grammar).
 Everything else is the shared serving path (``server/generation.py``: parameters, admission, streaming,
 collecting, shutdown, releasing); this module keeps the Responses shapes (:class:`ResponsesFormatter`)
 and stores a finished response before its final event or body goes out.
@@ -33,9 +35,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from engine.engine import Engine, owner_of
+from engine.errors import InvalidRequest
 from engine.events import FinishEvent, TokenEvent
 from server.deps import ApiKeyDep, EngineDep
-from server.errors import APIError
+from server.errors import APIError, from_engine_error
 from server.generation import (
     Collected,
     Formatter,
@@ -51,15 +54,19 @@ from server.generation import (
 from server.metrics import TokenTimer
 from server.protocol import STREAM_RESPONSE
 from server.response_store import ResponseStore, StoredResponse
+from server.responses_chat import (
+    ToolFieldError,
+    chat_messages,
+    chat_response_format,
+    chat_tool_choice,
+    chat_tools,
+    responses_param,
+)
+from server.responses_output import ResponseOutput
 from server.responses_protocol import (
-    FunctionCallItem,
-    FunctionCallOutputItem,
     IncompleteDetails,
     InputItemList,
     InputTokensDetails,
-    MessageItem,
-    OutputMessage,
-    OutputText,
     ResponseCreateRequest,
     ResponseDeleted,
     ResponseError,
@@ -67,6 +74,7 @@ from server.responses_protocol import (
     ResponseSinkserve,
     ResponseUsage,
 )
+from server.tools import ChatPlan, plan_chat
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["responses"])
@@ -95,42 +103,51 @@ def not_found(response_id: str) -> APIError:
                     code="response_not_found")
 
 
-def check_features(body: ResponseCreateRequest) -> None:
-    """What the structured-output and tool machinery will handle: refused until it is wired in."""
-    if body.tools:
-        raise APIError(400, "tools are not supported yet by this server", param="tools", code="unsupported_parameter")
-    if body.tool_choice not in ("auto", "none"):
-        raise APIError(400, "tool_choice needs tools, which are not supported yet by this server",
-                       param="tool_choice", code="unsupported_parameter")
-    if body.text and body.text.format and body.text.format.type != "text":
-        raise APIError(400, f"text.format {body.text.format.type!r} is not supported yet by this server "
-                       "(only 'text')", param="text.format", code="unsupported_parameter")
-    for index, item in enumerate(body.items()):
-        if isinstance(item, FunctionCallItem | FunctionCallOutputItem):
-            raise APIError(400, f"{item.type} items need tools, which are not supported yet by this server",
-                           param=f"input.{index}.type", code="unsupported_parameter")
+def field_error(exc: InvalidRequest | ToolFieldError, fallback: str) -> APIError:
+    """A refusal of the tool machinery, naming the Responses field (chat's name rewritten)."""
+    chat_param = getattr(exc, "param", None)
+    param = responses_param(chat_param) or fallback
+    message = str(exc).replace(chat_param, param) if chat_param else str(exc)
+    error = from_engine_error(exc) if isinstance(exc, InvalidRequest) else APIError(400, message)
+    error.message, error.param = message, param
+    error.code = error.code or "invalid_value"
+    return error
+
+
+def plan(body: ResponseCreateRequest, messages: list[dict[str, Any]], engine: Engine) -> ChatPlan:
+    """The prompt's messages and the grammar of this request's tools and text format (server/tools.py)."""
+    try:
+        tools = chat_tools(body)
+        # OpenAI's default ``auto`` also applies to a request without tools; chat's machinery reads it as a
+        # request for tools, so without tools the default is left out
+        choice = None if not tools and body.tool_choice == "auto" else chat_tool_choice(body.tool_choice)
+        return plan_chat(messages, tools=tools, tool_choice=choice,
+                         parallel_tool_calls=body.parallel_tool_calls,
+                         response_format=chat_response_format(body.text.format if body.text else None),
+                         chat_template=engine.tokenizer.chat_template)
+    except (InvalidRequest, ToolFieldError) as exc:
+        raise field_error(exc, "tools") from exc
 
 
 # ----- create ----------------------------------------------------------------------------------------
 @dataclass
 class Turn:
-    """One response being generated: what it answers, and what it will store."""
+    """One response being generated: what it answers, its output, and what it will store."""
 
     obj: ResponseObject
-    history: list[dict[str, Any]]  # the conversation before the output
+    history: list[dict[str, Any]]  # the conversation before the output (chat messages)
     input_items: list[dict[str, Any]]
     owner: str
     store: ResponseStore | None  # None: ``store: false``
+    output: ResponseOutput
     record: StoredResponse | None = None  # set once the generation finished normally
 
-    def finish(self, run: Run, text: str, finish: FinishEvent) -> None:
-        """Fill in the output, status and usage of a generation that ended normally."""
+    def finish(self, run: Run, finish: FinishEvent) -> Iterator[tuple[str, dict]]:
+        """Close the output items and fill in status and usage (a generation that ended normally)."""
         obj, usage = self.obj, finish.usage
         complete = finish.finish_reason == "stop"
-        message = obj.output[0] if obj.output else OutputMessage()
-        message.status = "completed" if complete else "incomplete"
-        message.content = [OutputText(text=text, logprobs=[])]
-        obj.output = [message]
+        yield from self.output.close(complete)
+        obj.output = list(self.output.items)
         obj.status = "completed" if complete else "incomplete"
         obj.incomplete_details = None if complete else IncompleteDetails()
         obj.completed_at = float(int(time.time())) if complete else None
@@ -145,7 +162,7 @@ class Turn:
         self.record = StoredResponse(
             id=obj.id, owner=self.owner, created_at=obj.created_at, session_id=run.session_id,
             stream_tokens=usage.prompt_tokens + usage.completion_tokens,
-            messages=[*self.history, {"role": "assistant", "content": text}],
+            messages=[*self.history, self.output.chat_message()],
             input_items=self.input_items, response=obj.model_dump(mode="json"),
         )
 
@@ -161,46 +178,31 @@ class ResponsesFormatter(Formatter):
     def __init__(self, turn: Turn) -> None:
         self.turn = turn
         self.counter = itertools.count()
-        self.parts: list[str] = []
-        self.where: dict[str, Any] = {}
 
     def _event(self, kind: str, **fields: Any) -> dict:
         return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(self.counter), **fields})}
+
+    def _events(self, events: Iterator[tuple[str, dict]]) -> Iterator[dict]:
+        for kind, fields in events:
+            yield self._event(kind, **fields)
 
     def _response(self) -> dict:
         return self.turn.obj.model_dump(mode="json")
 
     def start(self, run: Run) -> Iterator[dict]:
-        obj = self.turn.obj
         yield self._event("response.created", response=self._response())
         yield self._event("response.in_progress", response=self._response())
-        message = OutputMessage(status="in_progress")
-        obj.output = [message]
-        self.where = {"item_id": message.id, "output_index": 0}
-        yield self._event("response.output_item.added", output_index=0, item=message.model_dump(mode="json"))
-        part = OutputText(text="", logprobs=[]).model_dump(mode="json")
-        yield self._event("response.content_part.added", **self.where, content_index=0, part=part)
-
-    def _delta(self, text: str) -> Iterator[dict]:
-        if text:
-            self.parts.append(text)
-            yield self._event("response.output_text.delta", **self.where, content_index=0, delta=text, logprobs=[])
+        yield from self._events(self.turn.output.start())
 
     def token(self, run: Run, event: TokenEvent) -> Iterator[dict]:
-        yield from self._delta(event.text)
+        yield from self._events(self.turn.output.feed(event.text))
 
     def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterator[dict]:
-        yield from self._delta(finish.text)
-        text = "".join(self.parts)
+        yield from self._events(self.turn.output.feed(finish.text))
         if reason != finish.finish_reason:  # cut short by a graceful shutdown: incomplete
             finish = replace(finish, finish_reason=reason)
-        self.turn.finish(run, text, finish)
-        obj = self.turn.obj
-        yield self._event("response.output_text.done", **self.where, content_index=0, text=text, logprobs=[])
-        part = obj.output[0].content[0].model_dump(mode="json")
-        yield self._event("response.content_part.done", **self.where, content_index=0, part=part)
-        yield self._event("response.output_item.done", output_index=0, item=obj.output[0].model_dump(mode="json"))
-        kind = "response.completed" if obj.status == "completed" else "response.incomplete"
+        yield from self._events(self.turn.finish(run, finish))
+        kind = "response.completed" if self.turn.obj.status == "completed" else "response.incomplete"
         yield self._event(kind, response=self._response())  # sent once saved: see ``saved_first``
 
     def error(self, run: Run, error: APIError) -> Iterator[dict]:
@@ -213,7 +215,9 @@ class ResponsesFormatter(Formatter):
         return iter(())  # the Responses API sends no ``[DONE]``
 
     def response(self, run: Run, collected: Collected) -> ResponseObject:
-        self.turn.finish(run, collected.text, collected.finish)
+        output = self.turn.output
+        for _ in (*output.start(), *output.feed(collected.text), *self.turn.finish(run, collected.finish)):
+            pass  # the same items as a stream would build; the events are not sent
         return self.turn.obj
 
 
@@ -235,7 +239,6 @@ async def saved_first(events: AsyncIterator[dict], turn: Turn) -> AsyncIterator[
 async def create_response(body: ResponseCreateRequest, request: Request, serving: ServingDep):
     engine, settings = serving.engine, serving.settings
     model = serving.check_model(body.model)
-    check_features(body)
     items = body.items()
     if len(items) > settings.max_messages:
         raise APIError(400, f"at most {settings.max_messages} input items per request", param="input",
@@ -248,16 +251,23 @@ async def create_response(body: ResponseCreateRequest, request: Request, serving
         if previous is None:
             raise APIError(404, f"previous response {body.previous_response_id!r} not found",
                            param="previous_response_id", code="previous_response_not_found")
-    history = [*(previous.messages if previous else []),
-               *(item.to_message() for item in items if isinstance(item, MessageItem))]
+    history = [*(previous.messages if previous else []), *chat_messages(items)]
     system = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+    chat = plan(body, system + history, engine)
     params = serving.parameters(body)
-    prompt, pinned = await asyncio.to_thread(engine.render_chat, system + history, settings.pin_system_prompt)
+    prompt, pinned = await asyncio.to_thread(engine.render_chat, chat.messages, settings.pin_system_prompt)
     serving.check_prompt_length(prompt, "input")
+    constraint = None
+    if chat.grammar is not None:
+        try:
+            constraint = await engine.constraint(chat.grammar)
+        except InvalidRequest as exc:
+            raise field_error(exc, responses_param(chat.grammar_param) or "tools") from exc
     gen, slot = await serving.start(prompt, params, previous.session_id if previous else None, pinned, "input",
-                                    fork=True)
+                                    fork=True, **({"constraint": constraint} if constraint else {}))
+    output = ResponseOutput(chat.reply_stream() if chat.wrapped else None)
     turn = Turn(ResponseObject.for_request(body, model, params), history, [item.stored() for item in items],
-                owner, store if body.store else None)
+                owner, store if body.store else None, output)
     run = Run(model, fingerprint(engine), params, gen)
     formatter = ResponsesFormatter(turn)
     timer = TokenTimer(serving.metrics, ENDPOINT)

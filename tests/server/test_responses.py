@@ -13,6 +13,9 @@ from openai.types.responses import Response, ResponseItemList
 from bench.serve_process import ServerProcess
 
 KEY_A, KEY_B = "resp-key-a", "resp-key-b"
+TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}},
+                       "required": ["city"], "additionalProperties": False}}
 WORDS = "lighthouse keeper harbour storm lantern rope tide gull anchor sail ".split()
 
 
@@ -204,9 +207,11 @@ def test_cancel_is_refused_and_unknown_fields_name_themselves(client, server):
         "frobnicate": {"frobnicate": 1},
         "background": {"background": True},
         "reasoning": {"reasoning": {"effort": "high"}},
-        "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
-        "tool_choice": {"tool_choice": "required"},
-        "text.format": {"text": {"format": {"type": "json_object"}}},
+        "tools.0.type": {"tools": [{"type": "web_search"}]},
+        "tools.0.parameters": {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+        "tool_choice": {"tool_choice": "required"},  # needs tools
+        "tool_choice.name": {"tools": [TOOL], "tool_choice": {"type": "function", "name": "other"}},
+        "text.format.name": {"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}},
         "input": {"input": [{"role": "robot", "content": "x"}]},
         "max_output_tokens": {"max_output_tokens": 0},
         "truncation": {"truncation": "sometimes"},
@@ -223,6 +228,47 @@ def test_cancel_is_refused_and_unknown_fields_name_themselves(client, server):
     reply = httpx.post(f"{server.url}/v1/responses", json={"model": "another-model", "input": "x"},
                        headers={"Authorization": f"Bearer {KEY_A}"})
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+
+
+def test_tool_call_then_its_output_chained(client):
+    """tool_choice required: the grammar makes the random model call the tool with valid arguments and stop."""
+    call = create(client, input="Weather in Paris?", tools=[TOOL], tool_choice="required", max_output_tokens=64)
+    assert call.status == "completed"
+    [item] = call.output
+    assert item.type == "function_call" and item.name == "get_weather" and item.call_id.startswith("call_")
+    assert json.loads(item.arguments)["city"] in ("Paris", "Rome", "Oslo")
+    Response.model_validate(call.model_dump())
+    # the same tools and tool_choice: the prompt's system part (tool list, reply rules) is unchanged
+    answer = create(client, previous_response_id=call.id, tools=[TOOL], tool_choice="required", max_output_tokens=8,
+                    input=[{"type": "function_call_output", "call_id": item.call_id, "output": "Sunny, 21 C"}])
+    before = call.usage.input_tokens + call.usage.output_tokens
+    assert answer.usage.input_tokens_details.cached_tokens >= 0.9 * before, answer.usage
+    listed = client.responses.input_items.list(answer.id)
+    assert [(i.type, i.call_id) for i in listed.data] == [("function_call_output", item.call_id)]
+    # the same turn sent statelessly: the call replayed as an input item renders the same prompt
+    replay = create(client, store=False, tools=[TOOL], tool_choice="required", max_output_tokens=8, input=[
+        {"role": "user", "content": "Weather in Paris?"}, item.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": item.call_id, "output": "Sunny, 21 C"}])
+    assert replay.usage.input_tokens == answer.usage.input_tokens
+
+
+def test_streamed_tool_call_and_json_format(server, client):
+    events = _sse(server, {"model": "tiny-llama", "input": "Weather?", "stream": True, "tools": [TOOL],
+                           "tool_choice": "required", "max_output_tokens": 64, "temperature": 0})
+    names = [name for name, _ in events]
+    assert names[2] == "response.output_item.added" and events[2][1]["item"]["type"] == "function_call"
+    arguments = "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta")
+    done = next(d for n, d in events if n == "response.function_call_arguments.done")
+    assert done["arguments"] == arguments and json.loads(arguments)["city"]
+    assert names[-1] == "response.completed"
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "stormy"]}}, "required": ["mood"],
+              "additionalProperties": False}
+    with client.responses.stream(model="tiny-llama", input="The sea's mood?", max_output_tokens=32,
+                                 text={"format": {"type": "json_schema", "name": "mood", "schema": schema}}) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and json.loads(final.output_text)["mood"] in ("calm", "stormy")
+    assert final.text.format.type == "json_schema"
 
 
 def test_kill_between_chained_responses(server):
