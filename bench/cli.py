@@ -20,6 +20,7 @@ from engine.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 
+LOAD_QUICK = {"clients": 4, "seconds": 5.0}  # bench load --quick: a smoke run
 ORDER = ("memory", "decode", "followup", "concurrency", "llamacpp")  # memory first: its peak RSS stays clean
 # ``load`` is not in ``all``: it runs HTTP clients against a server (``--url`` or ``--serve``), no model here.
 
@@ -58,8 +59,8 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (loopback only)")
     target.add_argument("--serve", action="store_true", help="start `sinkserve serve` on a free 127.0.0.1 port")
     load.add_argument("--tiny", action="store_true", help="with --serve: the tests' tiny random model (smoke runs)")
-    load.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
-    load.add_argument("--seconds", type=float, default=60.0, help="how long new turns are started")
+    load.add_argument("--clients", type=int, default=None, help="concurrent streaming clients (32; --quick 4)")
+    load.add_argument("--seconds", type=float, default=None, help="how long new turns are started (60; --quick 5)")
     load.add_argument("--turns", type=int, default=8, help="turns a conversation before a client starts a new one")
     load.add_argument("--max-tokens", type=int, default=32, help="tokens generated a turn")
     load.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
@@ -100,8 +101,10 @@ def _run_load(args: argparse.Namespace) -> dict:
     if args.serve and args.threads:
         env["SINKSERVE_THREADS"] = str(args.threads)
     try:
-        return run_load(args.out, url=args.url, serve=args.serve, tiny=args.tiny, clients=args.clients,
-                        seconds=args.seconds, api_keys=args.api_keys, serve_flags=flags, serve_env=env,
+        clients = args.clients or (LOAD_QUICK["clients"] if args.quick else 32)
+        seconds = args.seconds or (LOAD_QUICK["seconds"] if args.quick else 60.0)
+        return run_load(args.out, url=args.url, serve=args.serve, tiny=args.tiny, clients=clients,
+                        seconds=seconds, api_keys=args.api_keys, serve_flags=flags, serve_env=env,
                         turns=args.turns, max_tokens=args.max_tokens, max_requests=args.max_requests)
     except ValueError as exc:  # not a loopback URL
         raise SystemExit(str(exc)) from exc
