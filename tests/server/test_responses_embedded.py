@@ -1,5 +1,6 @@
 """The Responses API with the embedded SmolLM2-135M-Instruct behind a real ``serve`` process: a streamed
-answer that ends on its own (``get_final_response``), and the acceptance chain of issue 13: 10 responses
+answer that ends on its own (``get_final_response``), the OpenAI Agents SDK (its default Responses model
+class) running an agent with a function tool, and the acceptance chain of issue 13: 10 responses
 through ``previous_response_id``, each adding ~2,000 tokens (20k in all, past the model's 8,192
 positions), each reusing >= 90% of the previous response's input plus output from the session cache.
 
@@ -22,9 +23,45 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def server(tmp_path_factory):
     with ServerProcess(tmp_path_factory.mktemp("responses-embedded")) as server:
-        yield OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+async def test_agents_sdk_runs_a_tool_and_chains(server):
+    """tool_choice required with ``stop_on_first_tool`` (the 135M model, asked again after a tool result,
+    calls the tool again rather than answering: the SDK's documented way to end on the tool's output)."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        cities.append(city)
+        return f"It is sunny and 21 C in {city}."
+
+    model = agents.OpenAIResponsesModel(
+        model=MODEL, openai_client=AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0))
+    settings = agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=80, parallel_tool_calls=False)
+    agent = agents.Agent(name="weather", instructions="You answer questions about the weather.", model=model,
+                         tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
+    first = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
+    assert cities == ["Paris"] and first.final_output == "It is sunny and 21 C in Paris."
+    [response] = first.raw_responses
+    assert [item.type for item in response.output] == ["function_call"]
+    second = await agents.Runner.run(agent, "And in Rome?", previous_response_id=first.last_response_id,
+                                     max_turns=3)
+    assert cities[-1] == "Rome" and second.final_output == "It is sunny and 21 C in Rome."
+    before = response.usage.input_tokens + response.usage.output_tokens
+    assert second.raw_responses[0].usage.input_tokens_details.cached_tokens >= 0.9 * before
 
 
 def test_stream_get_final_response_is_the_concatenated_deltas(client):
