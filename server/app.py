@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["x-session-id", "x-sinkserve-evicted-tokens"])
+                           allow_headers=["*"], expose_headers=["x-session-id", "x-sinkserve-evicted-tokens",
+                                                               "x-sinkserve-pinned-tokens"])
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     return app

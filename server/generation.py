@@ -240,13 +240,10 @@ async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Reque
 
 
 def session_headers(gen: Generation, finish: FinishEvent | None = None) -> dict[str, str]:
-    """The session's id, its evicted tokens and, when the engine reports them, its pinned tokens."""
+    """The session's id, its evicted and its pinned tokens (at admission, or at the finish when known)."""
     counts = finish.usage if finish is not None else gen.admission
-    headers = {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(counts.evicted_tokens)}
-    pinned = getattr(counts, "pinned_tokens", None)
-    if pinned is not None:
-        headers["x-sinkserve-pinned-tokens"] = str(pinned)
-    return headers
+    return {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(counts.evicted_tokens),
+            "x-sinkserve-pinned-tokens": str(counts.pinned_tokens)}
 
 
 class Serving:
@@ -336,8 +333,7 @@ def usage_info(finish: FinishEvent) -> UsageInfo:
 
 def sinkserve_info(run: Run, finish: FinishEvent) -> SinkserveInfo:
     return SinkserveInfo(session_id=run.session_id, evicted_tokens=finish.usage.evicted_tokens,
-                         cached_tokens=finish.usage.cached_tokens,
-                         pinned_tokens=getattr(finish.usage, "pinned_tokens", None))
+                         cached_tokens=finish.usage.cached_tokens, pinned_tokens=finish.usage.pinned_tokens)
 
 
 def _top(lp: TokenLogprob) -> TopLogprob:

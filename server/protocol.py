@@ -227,7 +227,7 @@ class SinkserveInfo(_Model):
     session_id: str
     evicted_tokens: int
     cached_tokens: int
-    pinned_tokens: int | None = None  # slots the session never evicts (sinks, a pinned system prompt)
+    pinned_tokens: int  # slots the session never evicts (the sinks, or a pinned system prompt)
 
 
 class AssistantMessage(_Model):

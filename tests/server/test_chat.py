@@ -127,3 +127,18 @@ def test_legacy_completions(sdk, stream, eos_bias):
                                        logit_bias=eos_bias)
         assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
         assert reply.usage.completion_tokens == 4 and len(reply.choices[0].logprobs.tokens) == 4
+
+
+def test_pinned_tokens_are_reported(http, engine):
+    """``x-sinkserve-pinned-tokens`` / ``sinkserve.pinned_tokens``: the sinks, or the pinned system prompt."""
+    system = [{"role": "system", "content": "You answer in one short sentence about lighthouses only."}]
+    body = {"messages": [*system, {"role": "user", "content": "Hi."}], "max_tokens": 2, "temperature": 0}
+    plain = http.post("/v1/chat/completions", json=body)
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["x-sinkserve-pinned-tokens"] == str(plain.json()["sinkserve"]["pinned_tokens"])
+    assert plain.json()["sinkserve"]["pinned_tokens"] == engine.config.sink_tokens
+    pinned = http.post("/v1/chat/completions", json={**body, "pin_system_prompt": True})
+    assert pinned.status_code == 200, pinned.text
+    system_tokens = engine.render_chat(system, True)[1]  # the rendered system prompt's length
+    assert pinned.json()["sinkserve"]["pinned_tokens"] == max(system_tokens, engine.config.sink_tokens) > 4
+    assert pinned.headers["x-sinkserve-pinned-tokens"] == str(pinned.json()["sinkserve"]["pinned_tokens"])
