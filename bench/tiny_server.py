@@ -15,12 +15,12 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench.load import BAN_SPECIAL  # noqa: F401 (the tests' and scripts' logit_bias against special tokens)
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.loader import load_tokenizer, prepare
 
 MAX_POSITIONS = 128
-BAN_SPECIAL = {"0": -100, "1": -100, "2": -100}  # a logit_bias banning SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
 
 
 def tiny_chat_model(tokenizer, max_positions: int = MAX_POSITIONS, seed: int = 0):
