@@ -9,8 +9,8 @@ response never breaks a later one that chained from it.
 
 Files are written atomically (temporary file, fsync, rename, fsync of the folder), so a kill -9 leaves
 either the old state or the new one. A response expires ``ttl_s`` after its creation, the session TTL
-(``EngineConfig.session_ttl_s``): expired files are removed on start-up, on lookups, and by a sweep at
-most once a minute when new responses are saved.
+(``EngineConfig.session_ttl_s``): an expired file is removed when it is looked up, and by a sweep (by
+file modification time) at most once a minute when new responses are saved.
 
 Reads and writes block on the file system: call them through ``asyncio.to_thread``.
 """
@@ -54,10 +54,9 @@ class ResponseStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
-        self._last_sweep = 0.0
+        self._last_sweep = 0.0  # the first put sweeps (off the event loop, like every call here)
         for stale in self.root.glob(".*.tmp"):  # a write interrupted by a crash
             stale.unlink(missing_ok=True)
-        self.sweep()
 
     def path(self, response_id: str) -> Path | None:
         """The file of ``response_id``; ``None`` for anything that is not a plain response id."""
@@ -100,12 +99,16 @@ class ResponseStore:
         return True
 
     def sweep(self) -> int:
-        """Remove expired files (unreadable ones are left alone); returns how many went."""
+        """Remove expired files; returns how many went. A file is written once, when its response is
+        created, so its modification time is its creation time (no need to read it)."""
         self._last_sweep = time.time()
         removed = 0
         for path in self.root.glob("resp_*.json"):
-            record = self._read(path)
-            if record is not None and self._expired(record):
+            try:
+                expired = self._last_sweep - path.stat().st_mtime > self.ttl_s
+            except FileNotFoundError:
+                continue
+            if expired:
                 path.unlink(missing_ok=True)
                 removed += 1
         if removed:

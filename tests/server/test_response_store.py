@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from server.response_store import ResponseStore, StoredResponse
@@ -36,8 +37,12 @@ def test_expired_responses_are_gone(tmp_path):
     assert store.get("owner-a", "resp_old") is None
     assert not (tmp_path / "resp_old.json").exists()
     store.put(record("resp_older", created_at=time.time() - 120))
-    assert ResponseStore(tmp_path, ttl_s=60).get("owner-a", "resp_new") is not None
-    assert not (tmp_path / "resp_older.json").exists()  # swept at start-up
+    old = time.time() - 120
+    os.utime(tmp_path / "resp_older.json", (old, old))  # written two minutes ago
+    restarted = ResponseStore(tmp_path, ttl_s=60)
+    restarted.put(record("resp_newer"))  # the first save sweeps
+    assert restarted.get("owner-a", "resp_new") is not None
+    assert not (tmp_path / "resp_older.json").exists()
 
 
 def test_bad_ids_and_damaged_files_read_as_absent(tmp_path):
