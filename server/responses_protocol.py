@@ -348,6 +348,7 @@ class ResponseSinkserve(_Out):
     session_id: str
     evicted_tokens: int
     cached_tokens: int
+    pinned_tokens: int | None = None  # never evicted: the sinks, or a pinned system prompt
 
 
 class ResponseObject(_Out):

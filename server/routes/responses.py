@@ -158,7 +158,8 @@ class Turn:
             output_tokens=usage.completion_tokens, total_tokens=usage.prompt_tokens + usage.completion_tokens,
         )
         obj.sinkserve = ResponseSinkserve(session_id=run.session_id, evicted_tokens=usage.evicted_tokens,
-                                          cached_tokens=usage.cached_tokens)
+                                          cached_tokens=usage.cached_tokens,
+                                          pinned_tokens=getattr(usage, "pinned_tokens", None))
         self.record = StoredResponse(
             id=obj.id, owner=self.owner, created_at=obj.created_at, session_id=run.session_id,
             stream_tokens=usage.prompt_tokens + usage.completion_tokens,
