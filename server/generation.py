@@ -40,8 +40,8 @@ from server.protocol import (
     TokenLogprobs,
     TopLogprob,
     UsageInfo,
-    _SamplingRequest,
 )
+from server.protocol import _SamplingRequest as SamplingRequest
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class Serving:
     def check_model(self, model: str | None) -> str:
         return check_model(model, self.engine)
 
-    def parameters(self, body: _SamplingRequest) -> SamplingParams:
+    def parameters(self, body: SamplingRequest) -> SamplingParams:
         """The request's sampling parameters; the served model's defaults fill the fields it omitted."""
         return body.to_sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_cap,
                                        self.engine.loaded.sampling_defaults)
@@ -288,21 +288,23 @@ class Serving:
             raise
         return gen, slot
 
-    async def generate(self, body: _SamplingRequest, prompt: list[int], formatter: Formatter, *,
+    async def generate(self, body: SamplingRequest, prompt: list[int], formatter: Formatter, *,
                        endpoint: str, params: SamplingParams | None = None, pin_prefix: int = 0,
                        prompt_param: str = "messages", session_id: str | None = None, **options) -> Response:
         """Check, start and answer one generation request with ``formatter``'s shapes.
 
-        ``params``: already built with :meth:`parameters` (a route that needed them to build the prompt);
-        ``session_id``: the session the request names, else the body's or the ``X-Session-Id`` header's.
+        ``body`` needs ``model`` and ``stream`` (and ``to_sampling_params`` unless ``params`` is given);
+        ``session_id`` and ``include_usage`` are read when it has them. ``params``: already built with
+        :meth:`parameters` (a route that needed them to build the prompt); ``session_id``: the session the
+        request names, else the body's or the ``X-Session-Id`` header's.
         """
         model = self.check_model(body.model)
         params = params or self.parameters(body)
         self.check_prompt_length(prompt, prompt_param)
-        session_id = session_id or body.session_id or self.header_session_id
+        session_id = session_id or getattr(body, "session_id", None) or self.header_session_id
         options = {name: value for name, value in options.items() if value is not None}
         gen, slot = await self.start(prompt, params, session_id, pin_prefix, prompt_param, **options)
-        run = Run(model, fingerprint(self.engine), params, gen, include_usage=body.include_usage)
+        run = Run(model, fingerprint(self.engine), params, gen, include_usage=getattr(body, "include_usage", False))
         timer = TokenTimer(self.metrics, endpoint)
         if body.stream:
             shutdown = StreamShutdown(self.settings.timeout_graceful_shutdown)
