@@ -8,10 +8,12 @@ attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs unto
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 
 from engine.cache import SinkCache
+from engine.quantize import float_weights
 
 
 class Runner:
@@ -34,19 +36,27 @@ class Runner:
         return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     @torch.inference_mode()
-    def forward(self, rows: list[int], tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32."""
+    def forward(self, rows: list[int], tokens: torch.Tensor, all_logits: bool = False,
+                decoding: bool = False) -> torch.Tensor:
+        """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32.
+
+        Prompt tokens always run on the float weights, even a one-token remainder of a resent history:
+        the reply's first token is sampled from them, and 4-bit decode weights (bf16 activations) can
+        tip a near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about
+        half the time when only its last token was fed). ``decoding`` steps use the decode weights."""
         step = self.cache.step(rows, tokens.shape[1])
-        forward = self._decode_forward if tokens.shape[1] == 1 else self.model.forward
+        forward = self._decode_forward if decoding else self.model.forward
+        weights = nullcontext() if decoding else float_weights(self.model)
         try:
-            out = forward(
-                input_ids=tokens.to(self.device),
-                position_ids=step.position_ids(),
-                attention_mask=self._mask(step),
-                cache=step,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-            )
+            with weights:
+                out = forward(
+                    input_ids=tokens.to(self.device),
+                    position_ids=step.position_ids(),
+                    attention_mask=self._mask(step),
+                    cache=step,
+                    use_cache=True,
+                    logits_to_keep=0 if all_logits else 1,
+                )
             logits = out.logits.float()  # (B, T or 1, V)
         except BaseException:
             step.undo()  # a failed pass leaves every row as it was
@@ -85,4 +95,4 @@ class Runner:
 
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """One token for each row: logits (B, V)."""
-        return self.forward(rows, torch.tensor(tokens)[:, None])
+        return self.forward(rows, torch.tensor(tokens)[:, None], decoding=True)

@@ -172,7 +172,8 @@ def stream_ppl(loaded: LoadedModel, ids: list[int], capacity: int, sink_tokens: 
     started, last = time.perf_counter(), [time.perf_counter()]
     for start in range(0, len(ids), chunk):
         part = torch.tensor([ids[start : start + chunk]])
-        logits = runner.forward([0], part, all_logits=True)[0]  # (T, V)
+        # one token at a time is how a server decodes: score it on the decode weights
+        logits = runner.forward([0], part, all_logits=True, decoding=part.shape[1] == 1)[0]  # (T, V)
         scores.add(start, logits)
         seen = start + part.shape[1]
         trace.record(seen, cache.row_bytes_used(0))
