@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -108,6 +109,7 @@ def field_error(exc: InvalidRequest | ToolFieldError, fallback: str) -> APIError
     chat_param = getattr(exc, "param", None)
     param = responses_param(chat_param) or fallback
     message = str(exc).replace(chat_param, param) if chat_param else str(exc)
+    message = re.sub(r"messages\[\d+\]", "an input item", message)  # chat's message index means nothing here
     error = from_engine_error(exc) if isinstance(exc, InvalidRequest) else APIError(400, message)
     error.message, error.param = message, param
     error.code = error.code or "invalid_value"

@@ -223,6 +223,11 @@ def test_cancel_is_refused_and_unknown_fields_name_themselves(client, server):
         assert reply.status_code == 400, (param, reply.text)
         error = reply.json()["error"]
         assert error["param"] == param and param.split(".")[0] in error["message"], error
+    orphan = [{"type": "function_call_output", "call_id": "call_nope", "output": "x"}]  # answers no call
+    reply = httpx.post(f"{server.url}/v1/responses", json={"model": "tiny-llama", "input": orphan},
+                       headers={"Authorization": f"Bearer {KEY_A}"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input", reply.text
+    assert "call_nope" in reply.json()["error"]["message"]
     off = create(client, input="x", background=False, include=[], service_tier="auto", reasoning=None)
     assert off.status == "incomplete"
     reply = httpx.post(f"{server.url}/v1/responses", json={"model": "another-model", "input": "x"},
