@@ -230,7 +230,8 @@ class Scheduler:
             try:
                 self._start(request, session)
             except Exception as exc:  # a request that cannot start must fail alone, never hang
-                session.busy = False
+                for held in {id(s): s for s in (session, request.session) if s is not None}.values():
+                    held.busy = False
                 if request in self.running:
                     self.running.remove(request)
                 if not isinstance(exc, EngineError):
@@ -255,14 +256,10 @@ class Scheduler:
         return None if session.busy else session
 
     def _start(self, request: Request, session: Session) -> None:
-        session.busy = True
         protect = {r.session.id for r in self.running}
         branch = request.branch or not request.session_id  # implicit matches never roll a session back
-        try:
-            continued, keep = self.store.prepare(session, request.prompt, request.pinned, branch=branch,
-                                                 protect=protect)
-        finally:
-            session.busy = False
+        continued, keep = self.store.prepare(session, request.prompt, request.pinned, branch=branch,
+                                             protect=protect)
         continued.busy = True
         self.counters["forks"] += continued is not session
         prompt = request.prompt

@@ -169,6 +169,32 @@ class SessionStore:
             self.sessions[session_id] = session
         return session
 
+    def find(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
+        """The session a request continues (None while it is busy): the named one (created when new),
+        else the best match, else a new one. A cluster store (engine/cluster_sessions.py) also consults
+        the shared index and takes the session's write lease here."""
+        if session_id:
+            try:
+                session = self.get(owner, session_id)
+            except SessionNotFound:
+                if session_id in self.sessions:
+                    raise
+                session = self.create(owner, session_id, pinned=pinned)
+        else:
+            session = self.match(owner, prompt, pinned) or self.create(owner, pinned=pinned)
+        return None if session.busy else session
+
+    def source(self, session: Session, cached: int) -> str:
+        """Where a request's cached tokens came from: ``local`` (this store's copy), ``prefill`` (none)."""
+        return "local" if cached else "prefill"
+
+    def release(self, session: Session) -> None:
+        """The request on ``session`` ended without a turn to save (a cluster store drops its lease)."""
+
+    def end_turn(self, session: Session, save: bool) -> Future | None:
+        """A request on ``session`` finished: save it when ``save`` (returns the write's future)."""
+        return self.save(session) if save else None
+
     def match(self, owner: str, prompt: Sequence[int], pinned: int) -> Session | None:
         """The idle session of ``owner`` from which this prompt reuses the most tokens (see the module
         docstring), the most recently used on a tie; None when none can reuse any."""
@@ -198,9 +224,8 @@ class SessionStore:
 
     def fork(self, source: Session, keep: int, pinned: int, protect: set[str]) -> Session:
         """A new session of the same owner whose cache is ``source``'s first ``keep`` stream tokens."""
+        row = self._free_row(protect)  # may move the source itself out: then its host copy is copied
         child = self.create(source.owner, pinned=pinned)
-        child.busy = True
-        row = self._free_row(protect | {source.id, child.id})
         self.row_owner[row], child.row = child.id, row
         if source.row is not None:
             self.cache.copy_row(source.row, row)
@@ -325,8 +350,11 @@ class SessionStore:
         }
         session.saved_version = session.version
         session.on_disk = True
-        target = self.path(session.id)
-        return self._writer.submit(_atomic_save, tensors, meta, target)
+        return self._store(session, tensors, meta)
+
+    def _store(self, session: Session, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Future:
+        """Write a snapshot on the writer thread: ``data_dir/<id>.safetensors``, replaced atomically."""
+        return self._writer.submit(_atomic_save, tensors, meta, self.path(session.id))
 
     def _read(self, session: Session) -> dict[str, torch.Tensor] | None:
         try:
@@ -341,34 +369,40 @@ class SessionStore:
 
     def _load_index(self) -> None:
         """Know every saved session after a restart (tokens and metadata only; caches load lazily)."""
-        expected_shape = [self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]
         for path in sorted(self.data_dir.glob("*.safetensors")):
-            try:
-                with safe_open(str(path), "pt") as handle:
-                    meta = handle.metadata() or {}
-                    if meta.get("format") != FORMAT_VERSION or json.loads(meta["shape"]) != expected_shape:
-                        continue
-                    tokens = handle.get_tensor("tokens").tolist()
-                    n, pinned, evicted = handle.get_tensor("meta").tolist()
-                session = Session(
-                    id=check_session_id(meta["id"]),
-                    owner=meta["owner"],
-                    cache=self.cache,
-                    tokens=tokens,
-                    parked=RowState(n, pinned, evicted),
-                    created=float(meta["created"]),
-                    last_used=float(meta["last_used"]),
-                    on_disk=True,
-                    saved_version=0,
-                )
-            except Exception:  # a foreign or damaged file: ignore it, never crash the server
-                log.warning("ignoring unreadable session file %s", path.name)
-                continue
-            self.sessions[session.id] = session
+            session = self._open(path)
+            if session is not None:
+                self.sessions[session.id] = session
         for stale in self.data_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         if self.sessions:
             log.info("found %d saved sessions in %s", len(self.sessions), self.data_dir)
+
+    def _open(self, path: Path) -> Session | None:
+        """The session saved in ``path`` (tokens and metadata; its cache loads lazily), or None for a
+        foreign or damaged file."""
+        expected_shape = [self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("format") != FORMAT_VERSION or json.loads(meta["shape"]) != expected_shape:
+                    return None
+                tokens = handle.get_tensor("tokens").tolist()
+                n, pinned, evicted = handle.get_tensor("meta").tolist()
+            return Session(
+                id=check_session_id(meta["id"]),
+                owner=meta["owner"],
+                cache=self.cache,
+                tokens=tokens,
+                parked=RowState(n, pinned, evicted),
+                created=float(meta["created"]),
+                last_used=float(meta["last_used"]),
+                on_disk=True,
+                saved_version=0,
+            )
+        except Exception:  # a foreign or damaged file: ignore it, never crash the server
+            log.warning("ignoring unreadable session file %s", path.name)
+            return None
 
     # ----- removal -----------------------------------------------------------------------------------
     def delete(self, session: Session) -> None:
