@@ -27,7 +27,7 @@ from engine.sessions import SessionStore, check_session_id, common_prefix
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def owner_of(api_key: str | None) -> str:
@@ -114,26 +114,42 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def render_chat(self, messages: Sequence[dict], pin_system: bool = False) -> tuple[list[int], int]:
+    def render_chat(self, messages: Sequence[dict], pin_system: bool = False,
+                    template_kwargs: dict | None = None) -> tuple[list[int], int]:
         """Prompt tokens for a chat and, with ``pin_system``, how many of them render the leading system
-        message (0 otherwise: measuring it costs a second render)."""
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        for m in messages:
-            if m["role"] not in ROLES:
-                raise InvalidRequest(f"unknown role {m['role']!r}")
-        tokens = self._render(messages, add_generation_prompt=True)
+        message (0 otherwise: measuring it costs a second render).
+
+        Messages are Hugging Face's chat shape: ``role`` and ``content``, an assistant's ``tool_calls``
+        and a ``tool`` message's ``tool_call_id`` and ``name`` are passed on; ``template_kwargs`` go to
+        ``apply_chat_template`` (``tools=[...]`` for a template that renders tools)."""
+        messages = [self._message(m) for m in messages]
+        kwargs = dict(template_kwargs or {})
+        tokens = self._render(messages, add_generation_prompt=True, **kwargs)
         system = [m for m in messages[:1] if m["role"] in ("system", "developer")]
         pinned = 0
         if system and pin_system:
-            pinned = common_prefix(self._render(system, add_generation_prompt=False), tokens)
+            pinned = common_prefix(self._render(system, add_generation_prompt=False, **kwargs), tokens)
         return tokens, pinned
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    @staticmethod
+    def _message(message: dict) -> dict:
+        """The fields of a chat message a template reads (others, such as a user's ``name``, are dropped)."""
+        role = message["role"]
+        if role not in ROLES:
+            raise InvalidRequest(f"unknown role {role!r}")
+        out = {"role": role, "content": message["content"]}
+        if role == "assistant" and message.get("tool_calls"):
+            out["tool_calls"] = message["tool_calls"]
+        if role == "tool":
+            out.update({k: message[k] for k in ("tool_call_id", "name") if message.get(k) is not None})
+        return out
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **template_kwargs) -> list[int]:
         tokenizer = self.tokenizer
         if tokenizer.chat_template:
             try:
                 text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                    messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
                 )
             except Exception as exc:  # templates raise on conversations they do not accept
                 raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
