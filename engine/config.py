@@ -67,6 +67,10 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's
     sampling_defaults: dict[str, float] | None = None
+    # a cluster's shared session store (engine/cluster_sessions.py): a redis:// URL, or None for a single
+    # server (sessions only in this process and its data_dir); ``replica`` names this server in it
+    session_store: str | None = None
+    replica: str | None = None  # None: the host name
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):

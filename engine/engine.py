@@ -57,7 +57,7 @@ class Engine:
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
             loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
         )
-        store = SessionStore(cache, self.config.data_dir, self.config.host_budget_bytes, self.config.session_ttl_s)
+        store = self._session_store(cache, loaded.name)
         runner = Runner(loaded.model, cache, compile_decode=self.config.compile)
         if self.config.compile:
             log.info("compiling the decode step (a minute or two on a small CPU)")
@@ -71,6 +71,30 @@ class Engine:
             rows, cache.bytes_per_row / 1e6,
         )
         return self
+
+    def _session_store(self, cache: SinkCache, model_name: str) -> SessionStore:
+        """The sessions of this process, or (with ``session_store``) a cluster's shared store."""
+        config = self.config
+        if not config.session_store:
+            return SessionStore(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s)
+        from engine.cluster_sessions import ClusterSessionStore
+
+        return ClusterSessionStore.connect(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s,
+                                           url=config.session_store, replica=config.replica, model=model_name)
+
+    @property
+    def replica(self) -> str | None:
+        """This server's name in a cluster (None for a single server)."""
+        store = self.scheduler.store if self.scheduler else None
+        return getattr(store, "replica", None)
+
+    def session_store_status(self) -> str | None:
+        """``up`` / ``down`` for a cluster's shared session store (Redis), None for a single server."""
+        store = self.scheduler.store if self.scheduler else None
+        check = getattr(store, "store_up", None)
+        if check is None:
+            return None
+        return "up" if check() else "down"
 
     def rows_for_budget(self, loaded: LoadedModel) -> int:
         per_row = self.config.cache_size * loaded.shape.bytes_per_token(loaded.dtype)

@@ -60,6 +60,9 @@ class Admission:
     cached_tokens: int
     evicted_tokens: int  # predicted for the end of the prompt
     pinned_tokens: int = 0  # slots the session never evicts (the sinks, or a pinned system prompt)
+    # where the cached tokens came from: "local" (this server's copy), "shared" (loaded from the shared
+    # session store of a cluster), "prefill" (none: the prompt is fed from its first token)
+    source: str = "prefill"
 
 
 class Generation:

@@ -86,7 +86,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0,
-                         "failed_steps": 0, "forks": 0}
+                         "failed_steps": 0, "forks": 0,
+                         "source_local": 0, "source_shared": 0, "source_prefill": 0}
         self.failed_in_a_row = 0
         self.masks: BatchMask | None = None  # built at the first constrained request
         self.last_failure: str | None = None
@@ -221,8 +222,8 @@ class Scheduler:
             except EngineError as exc:
                 self._reject(request, exc)
                 continue
-            if session is None:  # its session is busy: wait a little
-                if time.monotonic() - request.submitted > self.config.session_busy_wait_s:
+            if session is None:  # its session is busy (here, or leased by another replica): wait a little
+                if time.monotonic() - request.submitted > max(self.config.session_busy_wait_s, self.store.busy_wait_s):
                     self._reject(request, SessionBusy("the session is generating another reply; retry when it is done"))
                 else:
                     still_waiting.append(request)
@@ -232,6 +233,7 @@ class Scheduler:
             except Exception as exc:  # a request that cannot start must fail alone, never hang
                 for held in {id(s): s for s in (session, request.session) if s is not None}.values():
                     held.busy = False
+                    self.store.release(held)
                 if request in self.running:
                     self.running.remove(request)
                 if not isinstance(exc, EngineError):
@@ -241,19 +243,8 @@ class Scheduler:
 
     def _find_session(self, request: Request) -> Session | None:
         """The session this request continues (None while it is busy): the named one, else the best
-        match, else a new one."""
-        store = self.store
-        if request.session_id:
-            try:
-                session = store.get(request.owner, request.session_id)
-            except EngineError:
-                if request.session_id in store.sessions:
-                    raise
-                session = store.create(request.owner, request.session_id, pinned=request.pinned)
-        else:
-            session = store.match(request.owner, request.prompt, request.pinned)
-            session = session or store.create(request.owner, pinned=request.pinned)
-        return None if session.busy else session
+        match, else a new one (SessionStore.find)."""
+        return self.store.find(request.owner, request.session_id, request.prompt, request.pinned)
 
     def _start(self, request: Request, session: Session) -> None:
         protect = {r.session.id for r in self.running}
@@ -273,9 +264,11 @@ class Scheduler:
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(prompt)
         self.counters["cached_tokens"] += keep
+        source = self.store.source(continued, keep)
+        self.counters[f"source_{source}"] = self.counters.get(f"source_{source}", 0) + 1
         row = continued.row
         evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
-        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned)
+        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 
     def _chunk(self, row: int) -> int:
@@ -369,8 +362,7 @@ class Scheduler:
         if session is not None:
             session.busy = False
             evicted = session.evicted
-            if session.tokens and reason != "error":
-                saved = self.store.save(session)
+            saved = self.store.end_turn(session, save=bool(session.tokens) and reason != "error")
         usage = Usage(
             prompt_tokens=len(request.prompt),
             completion_tokens=len(request.generated),

@@ -140,6 +140,8 @@ class Session:
 class SessionStore:
     """Owns the sessions and decides where each cache lives."""
 
+    busy_wait_s = 0.0  # how long a request may wait for a busy session, beyond the engine's own setting
+
     def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
         self.cache = cache
         self.data_dir = Path(data_dir)
