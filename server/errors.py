@@ -65,8 +65,8 @@ class APIError(Exception):
 
 def from_engine_error(exc: EngineError) -> APIError:
     """Engine errors carry no HTTP knowledge; this is the one place that maps them."""
-    if isinstance(exc, InvalidRequest):
-        return APIError(400, str(exc), code=exc.code)
+    if isinstance(exc, InvalidRequest):  # a field error of the tool machinery names its field
+        return APIError(400, str(exc), param=getattr(exc, "param", None), code=exc.code)
     if isinstance(exc, SessionNotFound):
         return APIError(404, str(exc), param="session_id", code=exc.code)
     if isinstance(exc, SessionBusy):

@@ -3,9 +3,16 @@
 Fields follow the order of the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat,
 /completions, /models); the layout copies vLLM's ``entrypoints/openai/protocol.py``: ``Literal`` object
 types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()``, where
-request fields become ``engine.SamplingParams``. Unknown fields are ignored, as OpenAI clients send
-many we do not implement. sinkserve extensions: ``top_k``, ``min_p``, ``repetition_penalty``,
-``session_id``, ``pin_system_prompt`` in requests and a ``sinkserve`` object in responses.
+request fields become ``engine.SamplingParams``. sinkserve extensions: ``top_k``, ``min_p``,
+``repetition_penalty``, ``session_id``, ``pin_system_prompt`` in requests and a ``sinkserve`` object in
+responses.
+
+No request field is silently ignored: chat and legacy completion requests (and their messages) refuse
+unknown fields (``extra="forbid"``), and every field of OpenAI's ``CompletionCreateParams`` that this
+server cannot honour is declared and accepted only unset or with a value that asks for nothing more
+(``OFF_FIELDS``: ``modalities: ["text"]``, ``store: false``, ...); anything else is a 400 naming it.
+``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are checked and turned into
+a prompt and a grammar by ``server/tools.py`` (the route does that, so errors name the field).
 
 Choices made where OpenAI leaves room: message ``content`` may be an empty string for any role
 (OpenAI accepts it too), ``null`` only for ``assistant``; content parts must be text; ``n`` must be 1.
@@ -47,14 +54,40 @@ class _Model(BaseModel):
 
 
 # ----- requests ------------------------------------------------------------------------------------
-class StreamOptions(_Model):
+class _Request(_Model):
+    """A request object: a field this server does not know is a 400 naming it, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def refuse_unless(name: str, value: Any, allowed: tuple) -> Any:
+    """``value`` when it asks for nothing this server cannot do (one of ``allowed``); else a ValueError
+    (a 400 naming the field)."""
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else repr(a) for a in allowed)
+        raise ValueError(f"{name} is not supported by this server (accepted: {shown})")
+    return value
+
+
+class StreamOptions(_Request):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None  # no obfuscation padding is sent: only false is accepted
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value):
+        return refuse_unless("stream_options.include_obfuscation", value, (None, False))
 
 
-class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made (checked by server/tools.py)
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool: the call this message answers
+    refusal: None = None  # an assistant's refusal text is not rendered: only null is accepted
+    audio: None = None
+    function_call: None = None  # the deprecated function-calling shape: use tool_calls
 
     @field_validator("content", mode="before")
     @classmethod
@@ -75,10 +108,23 @@ class ChatMessage(_Model):
             if self.role != "assistant":
                 raise ValueError(f"a {self.role} message needs content")
             self.content = ""
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         return self
 
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, tool_call_id: str | None, info):
+        if (tool_call_id is None) == (info.data.get("role") == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return tool_call_id
 
-class _SamplingRequest(_Model):
+    def to_chat(self) -> dict[str, Any]:
+        """The message as ``server/tools.py`` and the chat template read it."""
+        return self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"}, exclude_none=True)
+
+
+class _SamplingRequest(_Request):
     """Fields shared by chat and legacy completions, and their translation to the engine."""
 
     model: str | None = None  # None: the served model
@@ -159,11 +205,59 @@ class _SamplingRequest(_Model):
             raise APIError(400, str(exc), code="invalid_value") from exc
 
 
+# OpenAI chat fields this server cannot honour, accepted only with these values (unset, or asking for
+# nothing more than what it does); any other value is a 400 naming the field
+OFF_FIELDS: dict[str, tuple] = {
+    "audio": (None,),
+    "function_call": (None,),  # deprecated: tool_choice
+    "functions": (None,),  # deprecated: tools
+    "metadata": (None, {}),  # chat completions are not stored
+    "modalities": (None, ["text"]),
+    "moderation": (None,),
+    "prediction": (None,),
+    "prompt_cache_options": (None,),
+    "prompt_cache_retention": (None,),  # sessions live for the server's session TTL
+    "reasoning_effort": (None, "none"),  # the served models do not reason
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    # checked and honoured by server/tools.py (prompt and grammar), in the route
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    # identifiers that ask for nothing: sessions are found by token prefix among the key's own anyway
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # OFF_FIELDS
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    store: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*OFF_FIELDS)
+    @classmethod
+    def _off(cls, value: Any, info):
+        return refuse_unless(info.field_name, value, OFF_FIELDS[info.field_name])
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -181,6 +275,16 @@ class CompletionRequest(_SamplingRequest):
     echo: Literal[False] = False
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     suffix: None = None
+    # not an OpenAI completions field: declared only to say where it belongs
+    response_format: Any = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _chat_only(cls, value: Any):
+        if value is not None:
+            raise ValueError("the legacy completions API has no response_format (OpenAI's neither): "
+                             "use /v1/chat/completions")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -230,16 +334,29 @@ class SinkserveInfo(_Model):
     pinned_tokens: int  # slots the session never evicts (the sinks, or a pinned system prompt)
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Model):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the reply is only tool calls
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Model):
     index: int = 0
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(_Model):
@@ -255,9 +372,9 @@ class ChatCompletionResponse(_Model):
 
 class ChunkChoice(_Model):
     index: int = 0
-    delta: dict[str, str] = Field(default_factory=dict)
+    delta: dict[str, Any] = Field(default_factory=dict)  # role, content, tool_calls (server/tool_stream.py)
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(_Model):

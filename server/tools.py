@@ -30,7 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.grammar import MAX_GRAMMAR_CHARS, Grammar
+from engine.errors import InvalidRequest
+from engine.grammar import MAX_GRAMMAR_CHARS, Constraint, Grammar
 from server.structured import NAME, FieldError, as_dict, check_schema, response_format_grammar
 from server.tool_stream import ReplyStream
 
@@ -187,7 +188,8 @@ def plan_chat(
     active = choice.mode != "none"
     rendered = render_history(messages, native=native, wrap_text=active and not native)
     if not active:  # no tools in play: a plain chat, maybe with a response_format grammar
-        return ChatPlan(rendered, grammar=fmt, grammar_param="response_format" if fmt else None, tools=parsed)
+        param = None if fmt is None else "response_format" if fmt.kind == "json_object" else "response_format.json_schema.schema"
+        return ChatPlan(rendered, grammar=fmt, grammar_param=param, tools=parsed)
     response = None
     if fmt is not None:
         response = {"type": "object"} if fmt.kind == "json_object" else json.loads(fmt.source)
@@ -202,6 +204,22 @@ def plan_chat(
         with_system(rendered, instructions), template_kwargs=kwargs if native else {}, grammar=grammar,
         grammar_param="tools", tools=parsed, wrapped=True, response_is_text=response is None,
     )
+
+
+async def plan_constraint(engine: Any, plan: ChatPlan) -> Constraint | None:
+    """The compiled constraint of ``plan`` for one generation (``engine.constraint``: off the event loop,
+    cached by grammar), or None for free text. A grammar the engine refuses (a schema keyword llguidance
+    does not implement, a malformed schema) is a FieldError naming ``plan.grammar_param``: call this before
+    queueing anything. For every route that uses ``plan_chat`` (chat completions, the Responses API)."""
+    if plan.grammar is None:
+        return None
+    try:
+        return await engine.constraint(plan.grammar)
+    except FieldError:
+        raise
+    except InvalidRequest as exc:
+        param = plan.grammar_param or "response_format"
+        raise FieldError(f"{param} cannot be enforced: {exc}", param) from exc
 
 
 def with_system(messages: list[dict], text: str) -> list[dict]:
