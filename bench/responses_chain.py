@@ -5,7 +5,8 @@ One chain grows through the lengths in order: responses of at most ``feed`` (4,0
 shipped text (``max_output_tokens`` 1) extend it; at each length a short question is sent as a streamed
 response chained on the last one, and the time from sending it to its first
 ``response.output_text.delta`` event is measured with its ``cached_tokens``. That question's response
-then continues the chain. The server is the benchmark's own engine behind ``create_app`` (uvicorn on a
+then continues the chain; ``repeats`` (5) such questions in a row give a median, as this host's speed
+drifts from minute to minute. The server is the benchmark's own engine behind ``create_app`` (uvicorn on a
 free port of 127.0.0.1, in a thread), so the row includes what the HTTP path adds: loading the stored
 response, rendering the whole chain with the chat template, SSE. With sessions it should stay flat in
 the chain's length (issue 13: at most 1.5x from 500 to 50,000 tokens).
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -92,8 +94,9 @@ def _respond(client: httpx.Client, model: str, text: str, previous: str | None, 
     return {"response": final, "ttft_s": first if first is not None else time.perf_counter() - start}
 
 
-def measure_responses_chain(engine, lengths, *, feed: int = 4096) -> list[dict]:
-    """Per length: the chain's tokens before the question, its TTFT in ms and ``cached_tokens``."""
+def measure_responses_chain(engine, lengths, *, feed: int = 4096, repeats: int = 5) -> list[dict]:
+    """Per length: the chain's tokens before the first question, the median TTFT in ms of ``repeats``
+    chained questions (each also in ``ttft_ms_each``), and the first question's ``cached_tokens``."""
     lengths = sorted(set(int(n) for n in lengths))
     ids = history_ids(engine.tokenizer, max(lengths) + feed, offset=7000)
     rows, used, chain, previous = [], 0, 0, None
@@ -106,15 +109,19 @@ def measure_responses_chain(engine, lengths, *, feed: int = 4096) -> list[dict]:
                 done = _respond(client, engine.model_name, text, previous, stream=False)["response"]
                 previous = done["id"]
                 chain = done["usage"]["total_tokens"]
-            timed = _respond(client, engine.model_name, QUESTION, previous, stream=True)
-            usage = timed["response"]["usage"]
-            rows.append({"chain_tokens": chain, "input_tokens": usage["input_tokens"],
-                         "cached_tokens": usage["input_tokens_details"]["cached_tokens"],
-                         "ttft_ms": 1e3 * timed["ttft_s"]})
-            log.info("chained response after %d tokens: %.0f ms to the first token (%d cached)", chain,
-                     rows[-1]["ttft_ms"], rows[-1]["cached_tokens"])
-            previous = timed["response"]["id"]
-            chain = usage["total_tokens"]
+            row = {"chain_tokens": chain, "ttft_ms_each": []}
+            for _ in range(repeats):  # each question continues the chain (a few tokens longer each time)
+                timed = _respond(client, engine.model_name, QUESTION, previous, stream=True)
+                usage = timed["response"]["usage"]
+                row["ttft_ms_each"].append(1e3 * timed["ttft_s"])
+                row.setdefault("input_tokens", usage["input_tokens"])
+                row.setdefault("cached_tokens", usage["input_tokens_details"]["cached_tokens"])
+                previous = timed["response"]["id"]
+                chain = usage["total_tokens"]
+            row["ttft_ms"] = statistics.median(row["ttft_ms_each"])
+            rows.append(row)
+            log.info("chained response after %d tokens: %.0f ms to the first token (median of %d; %d cached)",
+                     row["chain_tokens"], row["ttft_ms"], repeats, row["cached_tokens"])
     return rows
 
 
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                       "ttft_longest_over_shortest": ratio(rows[-1]["ttft_ms"], rows[0]["ttft_ms"])}
         finally:
             engine.stop()
-    table = markdown_table(["chain tokens", "cached tokens", "input tokens", "chained response TTFT ms"],
+    table = markdown_table(["chain tokens", "cached tokens", "input tokens", "chained response TTFT ms (median of 5)"],
                            [[r["chain_tokens"], r["cached_tokens"], r["input_tokens"], r["ttft_ms"]] for r in rows])
     table += f"\nTTFT longest / shortest: {report['ttft_longest_over_shortest']:.2f}x\n"
     write_report(args.out, "responses_chain", report, table, None)
