@@ -51,10 +51,11 @@ class EngineConfig:
     window: int = 1020
     evict_block: int = 64  # window tokens evicted at once when the cache is full
     prefill_chunk: int = 256  # prompt tokens per forward pass
-    max_batch: int = 8  # decode rows per step
+    max_batch: int | None = None  # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/device.py)
     cache_dir: Path = field(default_factory=lambda: default_home() / "models")
     data_dir: Path = field(default_factory=lambda: default_home() / "sessions")
-    memory_budget_bytes: int = 2 * 1024**3  # resident (device) session caches
+    # resident (device) session caches; None: 80% of the GPU's free memory after the weights load, 2 GiB on a CPU
+    memory_budget_bytes: int | None = None
     host_budget_bytes: int = 4 * 1024**3  # offloaded session caches kept in host memory
     session_ttl_s: float = 24 * 3600.0
     session_busy_wait_s: float = 2.0
@@ -85,7 +86,7 @@ class EngineConfig:
             raise ValueError("prefill_chunk must be >= 1")
         if self.quantize not in (None, "auto", *QUANTIZE_MODES):
             raise ValueError(f"quantize must be 'auto', one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if self.sampling_defaults is not None:
             check_sampling_defaults(self.sampling_defaults)

@@ -10,11 +10,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
+from engine.device import cache_budget_bytes, default_max_batch, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
 from engine.grammar import Constraint, Grammar, GrammarCompiler
@@ -52,6 +54,13 @@ class Engine:
         if self.loaded is None:
             self.loaded = load(self.config)
         loaded = self.loaded
+        # what the config left open is decided by the device, now that the weights are loaded
+        max_batch = default_max_batch(loaded.device, self.config.max_batch)
+        self.config = replace(
+            self.config, max_batch=max_batch,
+            memory_budget_bytes=cache_budget_bytes(loaded.device, self.config.memory_budget_bytes),
+            max_resident_sessions=max(self.config.max_resident_sessions, max_batch),
+        )
         rows = self.rows_for_budget(loaded)
         cache = SinkCache(
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
@@ -98,10 +107,8 @@ class Engine:
 
     def rows_for_budget(self, loaded: LoadedModel) -> int:
         per_row = self.config.cache_size * loaded.shape.bytes_per_token(loaded.dtype)
-        rows = min(self.config.memory_budget_bytes // per_row, self.config.max_resident_sessions)
-        if rows < 1:
-            raise ValueError(f"memory budget {self.config.memory_budget_bytes} B is below one session ({per_row} B)")
-        return int(rows)
+        budget = cache_budget_bytes(loaded.device, self.config.memory_budget_bytes)
+        return pool_rows(budget, per_row, self.config.max_resident_sessions)
 
     @property
     def ready(self) -> bool:
@@ -301,4 +308,12 @@ class Engine:
             "resident_cache_bytes": s.store.resident_bytes(),
             "host_cache_bytes": s.store.host_bytes(),
             "cache_budget_bytes": s.cache.rows * s.cache.bytes_per_row,
+            **self._store_stats(),
         }
+
+    def _store_stats(self) -> dict:
+        """A cluster's shared store: whether Redis answers, and calls that found it unavailable."""
+        status = self.session_store_status()
+        if status is None:
+            return {}
+        return {"session_store_up": int(status == "up"), "session_store_errors": self.scheduler.store.store_errors}

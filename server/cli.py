@@ -43,7 +43,7 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
     "--memory-budget-mb": ("memory_budget_mb", {"type": int}),
     "--quantize": ("quantize", {"choices": list(QUANTIZE_CHOICES),
                                 "help": "auto (default: int4 on CPU for Q4_1 GGUF weights), none, int4, int8"}),
-    "--max-batch": ("max_batch", {"type": int, "help": "sessions decoding together in one forward pass (8)"}),
+    "--max-batch": ("max_batch", {"type": int, "help": "sessions decoding together in one forward pass (default 64 on a GPU, 8 on a CPU)"}),
     "--prefill-chunk": ("prefill_chunk", {"type": int, "help": "prompt tokens fed per step (256)"}),
     "--threads": ("threads", {"type": int, "help": "torch threads on CPU (default: torch's choice)"}),
     "--log-level": ("log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     quantize: str | None = "auto"  # auto (int4 on CPU for Q4_1 GGUF weights), none, int4, int8
     compile: bool = False  # torch.compile the decode step (slower first start)
     threads: int | None = None  # torch intra-op threads on CPU
-    max_batch: int = EngineConfig.max_batch  # sessions decoding together in one forward pass
+    max_batch: int | None = None  # sessions decoding together in one forward pass; None: 64 on a GPU, 8 on a CPU
     prefill_chunk: int = EngineConfig.prefill_chunk  # prompt tokens fed per scheduler step (token budget)
     # defaults for sampling fields a request omits, over the model's (a JSON object in the environment)
     sampling_defaults: dict[str, float] | None = None

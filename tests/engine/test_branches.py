@@ -176,3 +176,12 @@ async def test_a_float32_session_loads_into_a_bfloat16_engine(tmp_path):
         assert second.scheduler.cache.k[0][row].dtype == torch.bfloat16
     finally:
         second.stop()
+
+
+def test_open_settings_are_decided_by_the_device(engine):
+    from engine.device import CPU_CACHE_BUDGET_BYTES, CPU_MAX_BATCH
+
+    assert engine.config.max_batch == CPU_MAX_BATCH  # the tiny engine leaves both open
+    assert engine.config.memory_budget_bytes == CPU_CACHE_BUDGET_BYTES
+    assert engine.scheduler.cache.rows == min(CPU_CACHE_BUDGET_BYTES // engine.scheduler.cache.bytes_per_row,
+                                              engine.config.max_resident_sessions)
