@@ -133,6 +133,7 @@ class SinkCache:
         self.pinned = [sink_tokens] * rows  # slots never evicted
         self.evicted = [0] * rows  # tokens evicted from the row since it was reset
         self.zeroed = [False] * rows  # rows are zeroed on first use
+        self._rotations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, shift) -> cos, sin
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     @property
@@ -184,12 +185,20 @@ class SinkCache:
         if keep > 0:
             src, dst = slice(pinned + evict, length), slice(pinned, pinned + keep)
             for layer in range(self.shape.num_layers):
-                cos, sin = rotation(self.inv_freqs[layer], -evict, torch.float32, self.device)
+                cos, sin = self._rotation(layer, -evict)
                 moved = self.k[layer][row, :, src].float()  # (H, keep, D)
                 self.k[layer][row, :, dst] = rotate(moved, cos, sin).to(self.dtype)
                 self.v[layer][row, :, dst] = self.v[layer][row, :, src].clone()
         self.lengths[row] = length - evict
         self.evicted[row] += evict
+
+    def _rotation(self, layer: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of a re-rotation by ``shift`` positions, built once per layer and shift (angles in
+        float64 on the host, then kept on the cache's device: no per-eviction host work or copies)."""
+        key = (layer, shift)
+        if key not in self._rotations:
+            self._rotations[key] = rotation(self.inv_freqs[layer], shift, torch.float32, self.device)
+        return self._rotations[key]
 
     def rollback(self, row: int, keep: int, pinned: int | None = None) -> None:
         """Keep the first ``keep`` tokens of the row's stream and pin ``pinned`` slots from now on (default:
@@ -292,9 +301,8 @@ class CacheStep:
         self.kv_length = max(offsets) + new_tokens
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self._row_slice = slice(rows[0], rows[0] + len(rows)) if contiguous else None
-        device = cache.device
-        self._row_index = torch.tensor(rows, device=device)
-        self._slot_index = torch.tensor(offsets, device=device)
+        self._row_index = _to_device([rows], cache.device)[0]  # (B,)
+        self._slot_index = _to_device([offsets], cache.device)[0]  # (B,)
 
     def undo(self) -> None:
         """Put every row back as it was before this step (the forward pass failed)."""
@@ -338,3 +346,10 @@ class CacheStep:
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Small index lists as one tensor on ``device``: on a GPU through pinned memory without blocking."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values).pin_memory().to(device, non_blocking=True)
