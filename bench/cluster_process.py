@@ -33,10 +33,11 @@ class ClusterProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         base = free_port()
         self.replica_ports = {f"replica{i + 1}": base + i for i in range(replicas)}
+        self.redis_port = free_port()
         module = "bench.tiny_server" if tiny else "server.cli"
         extra = ("--window", TINY_WINDOW) if tiny else ()
         self.cmd = [str(ROOT / "scripts/cluster.sh"), "--replicas", str(replicas), "--port", str(self.port),
-                    "--replica-base", str(base), "--redis-port", str(free_port()),
+                    "--replica-base", str(base), "--redis-port", str(self.redis_port),
                     "--state-dir", str(self.state_dir), "--serve-cmd", f"{sys.executable} -m {module} serve",
                     "--", *extra, "--log-level", "warning", *serve_args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -94,8 +94,7 @@ class Engine:
     @property
     def replica(self) -> str | None:
         """This server's name in a cluster (None for a single server)."""
-        store = self.scheduler.store if self.scheduler else None
-        return getattr(store, "replica", None)
+        return self.scheduler.store.replica if self.scheduler else None
 
     def session_store_status(self) -> str | None:
         """``up`` / ``down`` for a cluster's shared session store (Redis), None for a single server."""

@@ -63,6 +63,7 @@ class Admission:
     # where the cached tokens came from: "local" (this server's copy), "shared" (loaded from the shared
     # session store of a cluster), "prefill" (none: the prompt is fed from its first token)
     source: str = "prefill"
+    replica: str | None = None  # the cluster replica that admitted it (None for a single server)
 
 
 class Generation:

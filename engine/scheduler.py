@@ -268,7 +268,8 @@ class Scheduler:
         self.counters[f"source_{source}"] = self.counters.get(f"source_{source}", 0) + 1
         row = continued.row
         evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
-        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source)
+        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source,
+                              self.store.replica)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 
     def _chunk(self, row: int) -> int:

@@ -141,6 +141,7 @@ class SessionStore:
     """Owns the sessions and decides where each cache lives."""
 
     busy_wait_s = 0.0  # how long a request may wait for a busy session, beyond the engine's own setting
+    replica: str | None = None  # this server's name in a cluster (engine/cluster_sessions.py)
 
     def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
         self.cache = cache
