@@ -121,7 +121,7 @@ async def run(cluster: ClusterProcess, args) -> dict:
         added = await round_(client, model, conversations, "add", args.max_tokens)
         after_add = {c.index: c.replica for c in conversations}
 
-    later = [t for t in steady if t.source is not None]  # every turn after a conversation's first
+    later = steady[len(conversations):]  # every turn after a conversation's first
     moved = [t for t in removed if before[t.conversation] != after_remove[t.conversation]]
     stayed = [t for t in removed if before[t.conversation] == after_remove[t.conversation]]
     return {
@@ -135,6 +135,7 @@ async def run(cluster: ClusterProcess, args) -> dict:
         "moved_on_remove": len(moved) / len(removed),
         "ttft_ms_moved": median_ms([t.ttft_s for t in moved]),
         "ttft_ms_stayed": median_ms([t.ttft_s for t in stayed]),
+        "removed_sources": {source: sum(t.source == source for t in moved) for source in ("local", "shared", "prefill")},
         "moved_on_add_back": sum(after_remove[i] != after_add[i] for i in after_add) / len(after_add),
         "turns_log": [asdict(t) for t in steady + removed + added],
     }
@@ -153,6 +154,8 @@ def report(result: dict) -> str:
         (f"conversations on {result['removed_replica']} before removal",
          f"{100 * result['on_removed_replica_before']:.1f}%"),
         ("conversations moved when it was removed", f"{100 * result['moved_on_remove']:.1f}%"),
+        ("where moved turns found their cache (session-source header)",
+         ", ".join(f"{k} {v}" for k, v in result.get("removed_sources", {}).items())),
         ("TTFT of moved / stayed turns (median ms)", f"{result['ttft_ms_moved']} / {result['ttft_ms_stayed']}"),
         ("extra TTFT when a turn resumes elsewhere (ms)", f"{extra}"),
         ("conversations moved when it came back", f"{100 * result['moved_on_add_back']:.1f}%"),
