@@ -20,6 +20,11 @@ from engine.errors import InvalidRequest
 from engine.grammar import Grammar
 
 MAX_SCHEMA_CHARS = 32_768  # one response_format schema or one tool's parameters, as compact JSON
+# An integer without bounds is held to 16 digits (JavaScript's safe integers are 2**53, ~9.007e15): the
+# embedded 135M model, greedy, otherwise writes "population": 1111... until max_tokens. A schema's own
+# minimum / maximum (exclusive or not) always wins.
+INTEGER_BOUND = 10**16 - 1
+NOT_SCHEMAS = ("enum", "const", "default", "examples", "description", "title")  # values, not subschemas
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for schema and function names
 
 
@@ -49,7 +54,25 @@ def check_schema(schema: Any, param: str) -> dict:
         raise FieldError(f"{param} is not valid JSON: {exc}", param) from exc
     if size > MAX_SCHEMA_CHARS:
         raise FieldError(f"{param} is {size} characters as compact JSON; the limit is {MAX_SCHEMA_CHARS}", param)
-    return dict(schema)
+    return bound_integers(schema)
+
+
+def bound_integers(node: Any) -> Any:
+    """A copy of a JSON Schema in which every ``integer`` type without a lower (upper) bound gets
+    ``minimum: -INTEGER_BOUND`` (``maximum: INTEGER_BOUND``); values (``enum``, ``const``...) are kept as
+    they are."""
+    if isinstance(node, list):
+        return [bound_integers(item) for item in node]
+    if not isinstance(node, Mapping):
+        return node
+    out = {key: value if key in NOT_SCHEMAS else bound_integers(value) for key, value in node.items()}
+    kinds = out.get("type")
+    if kinds == "integer" or isinstance(kinds, list) and "integer" in kinds:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -INTEGER_BOUND
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INTEGER_BOUND
+    return out
 
 
 def response_format_grammar(response_format: Any) -> Grammar | None:
