@@ -9,9 +9,10 @@ re-computation, which re-encodes the last ``window`` tokens for every generated 
 
 ``load`` and ``api`` are the exceptions: they drive a server over HTTP (:mod:`bench.load`, :mod:`bench.api`). ``profile``
 splits a decode step's time into forward, sampling, detokenization, hand-off and bookkeeping.
+``constrained`` compares 8 sessions decoding under a JSON-schema grammar with the same 8 free.
 
-Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,api,profile,all}`` (see
-:mod:`bench.cli`; ``all`` runs every suite but ``load``, ``api`` and ``profile``).
+Command line: ``sinkserve bench {decode,followup,concurrency,memory,llamacpp,load,api,profile,constrained,all}`` (see
+:mod:`bench.cli`; ``all`` runs every suite but ``load``, ``api``, ``profile`` and ``constrained``).
 """
 
-SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load", "api", "profile")
+SUITES = ("decode", "followup", "concurrency", "memory", "llamacpp", "load", "api", "profile", "constrained")

@@ -74,7 +74,7 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` command to a CLI's sub-parsers."""
-    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, api, profile, all")
+    parser = subparsers.add_parser("bench", help="benchmarks: decode, followup, concurrency, memory, llamacpp, load, api, profile, constrained, all")
     _fill_bench_parser(parser)
     return parser
 
@@ -155,6 +155,12 @@ def run_bench(args: argparse.Namespace) -> dict:
                         from bench.followup import run_followup
 
                         reports[suite] = run_followup(engine, args.out, quick=args.quick, lengths=sizes)
+                    elif suite == "constrained":
+                        from bench.constrained import run_constrained
+
+                        reports[suite] = run_constrained(engine, args.out, quick=args.quick,
+                                                         sessions=sizes[0] if sizes else None,
+                                                         **({"rounds": args.rounds} if args.rounds else {}))
                     elif suite == "profile":
                         from bench.profile import run_profile
 
