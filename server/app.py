@@ -24,7 +24,7 @@ from server.errors import install_error_handlers
 from server.limits import BodySizeLimit, KeyLimiter
 from server.metrics import Metrics, RequestCounter
 from server.protocol import ERROR_RESPONSES
-from server.routes import chat, completions, health, metrics, models, sessions
+from server.routes import chat, completions, health, metrics, models, responses, sessions
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     app.state.metrics = Metrics(lambda: app.state.engine)
 
     install_error_handlers(app)
-    for module in (chat, completions, models, sessions):  # their errors are documented in OpenAPI
+    for module in (chat, completions, models, responses, sessions):  # their errors are documented in OpenAPI
         app.include_router(module.router, responses=ERROR_RESPONSES)
     for module in (health, metrics):
         app.include_router(module.router)

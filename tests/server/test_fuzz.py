@@ -38,6 +38,7 @@ SKIPPED = [positive_data_acceptance]
 OPERATIONS = {  # path pattern -> (examples per operation, the fewest each must run)
     "^/v1/(chat/)?completions$": (450, 400),  # large input spaces: nearly every example runs
     "^/v1/(models|sessions)": (120, 1),  # some have almost no inputs: Hypothesis stops when it runs out
+    "^/v1/responses": (150, 1),
 }
 
 
