@@ -51,6 +51,9 @@ SERVE_FLAGS = {  # flag -> (Settings field, argparse keyword arguments)
         "type": _json_object, "help": "JSON object of defaults for sampling fields a request omits, over the "
         "model's, e.g. '{\"temperature\": 0.7}' (temperature, top_p, top_k, min_p, repetition_penalty)"}),
     "--graceful-timeout": ("timeout_graceful_shutdown", {"type": float, "help": "seconds to finish requests"}),
+    "--session-store": ("session_store", {"metavar": "URL", "help": "redis://host:port/db of a cluster's shared "
+                                          "session store (README: Scale-out); default: none, a single server"}),
+    "--replica-name": ("replica", {"help": "this replica's name in the cluster (default: the host name)"}),
 }
 
 

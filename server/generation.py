@@ -240,10 +240,15 @@ async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Reque
 
 
 def session_headers(gen: Generation, finish: FinishEvent | None = None) -> dict[str, str]:
-    """The session's id, its evicted and its pinned tokens (at admission, or at the finish when known)."""
+    """The session's id, its evicted and its pinned tokens (at admission, or at the finish when known); on a
+    cluster replica also its name and where the session's cache came from (local, shared or prefill)."""
     counts = finish.usage if finish is not None else gen.admission
-    return {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(counts.evicted_tokens),
-            "x-sinkserve-pinned-tokens": str(counts.pinned_tokens)}
+    headers = {"x-session-id": gen.session_id, "x-sinkserve-evicted-tokens": str(counts.evicted_tokens),
+               "x-sinkserve-pinned-tokens": str(counts.pinned_tokens)}
+    if gen.admission.replica is not None:
+        headers["x-sinkserve-replica"] = gen.admission.replica
+        headers["x-sinkserve-session-source"] = gen.admission.source
+    return headers
 
 
 class Serving:

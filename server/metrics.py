@@ -24,6 +24,7 @@ ENGINE_COUNTERS = {
     "cached_tokens": "Prompt tokens served from session caches",
     "requests": "Requests admitted by the engine",
 }
+SESSION_SOURCES = ("local", "shared", "prefill")  # engine.events.Admission.source
 ENGINE_GAUGES = {
     "sessions": ("active_sessions", "Sessions the engine holds"),
     "running": ("running_requests", "Requests generating now"),
@@ -45,6 +46,17 @@ class EngineCollector:
             yield CounterMetricFamily(f"sinkserve_{key}", doc, value=stats.get(key, 0))
         for key, (name, doc) in ENGINE_GAUGES.items():
             yield GaugeMetricFamily(f"sinkserve_{name}", doc, value=stats.get(key, 0))
+        sources = CounterMetricFamily(
+            "sinkserve_session_requests", "Requests by where their session's cache came from: local (this "
+            "server's copy), shared (loaded from a cluster's shared store), prefill (none)", labels=["source"])
+        for source in SESSION_SOURCES:
+            sources.add_metric([source], stats.get(f"source_{source}", 0))
+        yield sources
+        if "session_store_up" in stats:  # a cluster replica
+            yield GaugeMetricFamily("sinkserve_session_store_up", "1 while the cluster's shared session store "
+                                    "(Redis) answers, else 0", value=stats["session_store_up"])
+            yield CounterMetricFamily("sinkserve_session_store_errors", "Shared session store calls that found "
+                                      "it unavailable", value=stats["session_store_errors"])
         healthy = False
         if engine is not None and engine.ready:
             healthy = engine_health(engine)[0]

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = EngineConfig.prefill_chunk  # prompt tokens fed per scheduler step (token budget)
     # defaults for sampling fields a request omits, over the model's (a JSON object in the environment)
     sampling_defaults: dict[str, float] | None = None
+    # a cluster (README: Scale-out): the shared session store's redis:// URL, and this replica's name
+    session_store: str | None = None
+    replica: str | None = None  # None: the host name
 
     # access
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
@@ -102,5 +105,6 @@ class Settings(BaseSettings):
             model=self.model, device=self.device, dtype=self.dtype,
             sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
             compile=self.compile, threads=self.threads, quantize=self.quantize, max_batch=self.max_batch,
-            prefill_chunk=self.prefill_chunk, sampling_defaults=self.sampling_defaults, **extra,
+            prefill_chunk=self.prefill_chunk, sampling_defaults=self.sampling_defaults,
+            session_store=self.session_store, replica=self.replica, **extra,
         )

@@ -1,6 +1,7 @@
 """``GET /health``: 200 ``{"status": "ok"}`` while the engine serves; 503 while loading, after a failed load,
 or when the engine reports itself unhealthy (``Engine.health()``: several engine steps in a row failed),
-with its reason. No authentication, so load balancers and ``docker compose`` health checks can call it.
+with its reason. A cluster replica adds ``"session_store": "up"`` or ``"down"`` (Redis unreachable: it
+still serves its local sessions, so it stays 200). No authentication, so load balancers and ``docker compose`` health checks can call it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ def engine_health(engine) -> tuple[bool, str | None]:
     return check() if check is not None else (True, None)
 
 
+def store_status(engine) -> str | None:
+    """``up`` / ``down`` for a cluster replica's shared session store, None for a single server."""
+    check = getattr(engine, "session_store_status", None)
+    return check() if check is not None else None
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
@@ -25,6 +32,8 @@ async def health(request: Request) -> JSONResponse:
     if state.engine is None or not state.engine.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     healthy, reason = engine_health(state.engine)
+    store = store_status(state.engine)
+    extra = {"session_store": store} if store is not None else {}
     if not healthy:
-        return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
-    return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy", "error": reason, **extra}, status_code=503)
+    return JSONResponse({"status": "ok", **extra})  # a cluster replica whose Redis is down still serves
