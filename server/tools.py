@@ -17,6 +17,11 @@ system message (after the client's own, if any), an assistant turn that called t
 JSON the model wrote, and a tool result becomes a user message ``{"tool_result": {...}}``. Both add the
 reply-format instruction, since the grammar, not the template, decides what the model writes.
 
+For a route: ``plan = plan_chat(...)``, then ``engine.render_chat(plan.messages, pin, plan.template_kwargs)``,
+``constraint = await plan_constraint(engine, plan)`` (before anything is queued), ``engine.generate(...,
+constraint=constraint)``, and, when ``plan.wrapped``, ``plan.reply_stream()`` to turn the text into content
+and tool calls (server/routes/chat.py, server/routes/responses.py).
+
 Decisions: a tool without ``parameters`` takes no arguments (an empty-object schema, as OpenAI
 documents); ``parameters`` that is not an object schema, an unknown name in ``tool_choice``, a tool
 message whose ``tool_call_id`` no earlier assistant call has, more than ``MAX_TOOLS`` tools or a schema
