@@ -75,7 +75,7 @@ from server.responses_protocol import (
     ResponseSinkserve,
     ResponseUsage,
 )
-from server.tools import ChatPlan, plan_chat
+from server.tools import ChatPlan, plan_chat, plan_constraint
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["responses"])
@@ -258,16 +258,15 @@ async def create_response(body: ResponseCreateRequest, request: Request, serving
     system = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
     chat = plan(body, system + history, engine)
     params = serving.parameters(body)
-    prompt, pinned = await asyncio.to_thread(engine.render_chat, chat.messages, settings.pin_system_prompt)
+    prompt, pinned = await asyncio.to_thread(engine.render_chat, chat.messages, settings.pin_system_prompt,
+                                             chat.template_kwargs)
     serving.check_prompt_length(prompt, "input")
-    constraint = None
-    if chat.grammar is not None:
-        try:
-            constraint = await engine.constraint(chat.grammar)
-        except InvalidRequest as exc:
-            raise field_error(exc, responses_param(chat.grammar_param) or "tools") from exc
+    try:
+        constraint = await plan_constraint(engine, chat)
+    except InvalidRequest as exc:
+        raise field_error(exc, "tools") from exc
     gen, slot = await serving.start(prompt, params, previous.session_id if previous else None, pinned, "input",
-                                    fork=True, **({"constraint": constraint} if constraint else {}))
+                                    fork=True, constraint=constraint)
     output = ResponseOutput(chat.reply_stream() if chat.wrapped else None)
     turn = Turn(ResponseObject.for_request(body, model, params), history, [item.stored() for item in items],
                 owner, store if body.store else None, output)
