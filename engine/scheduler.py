@@ -28,7 +28,9 @@ from engine.sampling import (
     filter_logits,
     make_generator,
     penalize_logits,
+    plain,
     sample,
+    sample_batch,
     token_logprobs,
 )
 from engine.sessions import Session, SessionStore
@@ -295,9 +297,14 @@ class Scheduler:
         for request, token in zip(requests, tokens, strict=True):  # every row was fed: record it first
             request.session.extend([token])
         live = self._constrain(requests, logits)
-        for request, row_logits in zip(requests, logits, strict=True):
+        # rows with plain settings (no penalties, bias, seed or logprobs) are drawn together: one op sequence
+        plain_rows = [i for i, r in enumerate(requests) if r in live and plain(r.params)]
+        batch = logits if len(plain_rows) == len(requests) else logits[plain_rows]  # (B', V)
+        drawn = dict(zip(plain_rows, sample_batch(batch, [requests[i].params for i in plain_rows]), strict=True)) \
+            if plain_rows else {}
+        for i, (request, row_logits) in enumerate(zip(requests, logits, strict=True)):
             if request in live:
-                self._sample(request, row_logits)
+                self._sample(request, row_logits, drawn.get(i))  # the others: the per-row reference path
 
     def _constrain(self, requests: list[Request], logits: torch.Tensor) -> list[Request]:
         """Mask the constrained rows' ``logits`` (B, V) in place to their grammar's allowed tokens; the
@@ -314,11 +321,14 @@ class Scheduler:
             self._finish(requests[i], "error", error=f"constrained decoding stopped: {why}")
         return [r for i, r in enumerate(requests) if i not in dead]
 
-    def _sample(self, request: Request, logits: torch.Tensor) -> None:
+    def _sample(self, request: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Take the next token from ``logits`` (V,), or ``token`` when the batched sampler drew it already."""
         params = request.params
-        context = request.prompt[-REPETITION_CONTEXT:] + request.generated
-        penalized = penalize_logits(logits, params, context, request.generated)
-        token = sample(filter_logits(penalized, params), params, request.generator)
+        penalized = None  # only rows with logprobs need it, and those are never drawn in the batch
+        if token is None:
+            context = request.prompt[-REPETITION_CONTEXT:] + request.generated
+            penalized = penalize_logits(logits, params, context, request.generated)
+            token = sample(filter_logits(penalized, params), params, request.generator)
         request.generated.append(token)
         self.counters["generated_tokens"] += 1
         constraint = request.constraint

@@ -1,16 +1,22 @@
-"""The compiled decode path against the eager reference: same tokens under greedy decoding."""
+"""The fast decode paths against their references: the compiled decode step against eager (greedy tokens),
+batched sampling in the scheduler against the per-row path (greedy and seeded tokens through Engine.generate)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 
+import engine.scheduler as scheduler_module
 from engine.cache import SinkCache
 from engine.config import EngineConfig
+from engine.events import TokenEvent
 from engine.loader import prepare
 from engine.quantize import quantize_int4
 from engine.runner import Runner
-from tests.tiny_models import tiny_model
+from engine.sampling import SamplingParams
+from tests.tiny_models import tiny_engine, tiny_model
 
 
 def _greedy(runner: Runner, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
@@ -42,3 +48,47 @@ def test_compiled_decode_matches_eager(quantize):
     fast, fast_logits = _greedy(fast_runner, prompts, steps=40)
     assert fast == eager
     torch.testing.assert_close(fast_logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+# ----- batched sampling in the decode step ---------------------------------------------------------------
+MIXED_PARAMS = [
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.0, top_k=5, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True),  # unseeded: in the batch, not compared
+    SamplingParams(max_tokens=12, temperature=1.2, top_k=20, min_p=0.05, seed=11, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.0, min_p=0.2, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5, ignore_eos=True),
+]
+
+
+async def _generate_mixed(tmp_path) -> list[list[int]]:
+    engine = tiny_engine(tmp_path, max_batch=8)
+    try:
+        prompts = [engine.render_chat([{"role": "user", "content": f"topic {i} " * (i + 2)}])[0]
+                   for i in range(len(MIXED_PARAMS))]
+
+        async def one(prompt, params, key):
+            generation = await engine.generate(prompt, params, api_key=key)
+            return [e.token_id async for e in generation if isinstance(e, TokenEvent)]
+
+        return await asyncio.gather(*(one(p, s, f"k{i}") for i, (p, s) in enumerate(zip(prompts, MIXED_PARAMS,
+                                                                                          strict=True))))
+    finally:
+        engine.stop()
+
+
+async def test_batched_sampling_leaves_the_tokens_unchanged(tmp_path, monkeypatch):
+    calls = []
+    batched_sampler = scheduler_module.sample_batch
+    monkeypatch.setattr(scheduler_module, "sample_batch", lambda logits, params: calls.append(len(params))
+                        or batched_sampler(logits, params))
+    batched = await _generate_mixed(tmp_path / "batched")
+    assert calls and max(calls) == 4  # the plain rows: greedy, unseeded, top-k and min-p greedy
+    monkeypatch.setattr(scheduler_module, "plain", lambda params: False)  # every row through the per-row path
+    calls.clear()
+    per_row = await _generate_mixed(tmp_path / "per-row")
+    assert not calls
+    assert all(len(tokens) == 12 for tokens in batched + per_row)
+    compared = [i for i, p in enumerate(MIXED_PARAMS) if p.seed is not None or p.temperature == 0]
+    assert [batched[i] for i in compared] == [per_row[i] for i in compared]
