@@ -4,6 +4,8 @@ shapes, streaming events, chains on the session cache, forks, stored responses a
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import httpx
 import pytest
@@ -279,7 +281,7 @@ def test_streamed_tool_call_and_json_format(server, client):
 def test_kill_between_chained_responses(server):
     """kill -9 after a response, restart: the chain continues from the saved cache, same greedy output.
 
-    Runs last in this module: it kills the module's server (one restart instead of two more starts)."""
+    The last test of this module on the module's server, which it kills (one restart, not two more starts)."""
     history = [{"role": "user", "content": "Remember the word lighthouse. " * 5}]
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY_A, max_retries=0, timeout=60)
@@ -302,3 +304,31 @@ def test_kill_between_chained_responses(server):
         assert second.output_text == expected.output_text
     finally:
         restarted.kill()
+
+
+def test_sigterm_mid_stream_ends_it_as_incomplete_and_stores_it(tmp_path):
+    """Graceful shutdown: the stream ends with ``response.incomplete`` (no cut connection), the response
+    is stored, and the process exits 0 within the grace period."""
+    grace = 3.0
+    server = ServerProcess(tmp_path / "data", "--graceful-timeout", str(grace), tiny=True,
+                           env={"SINKSERVE_MAX_TOKENS_CAP": "1000000"}).start()
+    try:
+        body = {"model": "tiny-llama", "input": "Talk forever.", "stream": True, "temperature": 0,
+                "max_output_tokens": 1_000_000}  # greedy: the tiny model's reply is the same every run
+        events, sent_at = [], None
+        with httpx.stream("POST", f"{server.url}/v1/responses", json=body, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line.removeprefix("data:")))
+                    if len(events) == 6:
+                        sent_at = time.monotonic()
+                        server.proc.send_signal(signal.SIGTERM)
+        assert sent_at is not None, "the stream ended before SIGTERM was sent"
+        final = events[-1]
+        assert final["type"] == "response.incomplete", final["type"]
+        assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert server.proc.wait(timeout=grace + 5) == 0 and time.monotonic() - sent_at < grace + 5
+        assert (tmp_path / "data" / "responses" / f"{final['response']['id']}.json").exists()
+    finally:
+        server.kill()
