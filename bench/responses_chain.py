@@ -4,7 +4,8 @@ length of the chain behind it, through ``POST /v1/responses`` with ``previous_re
 One chain grows through the lengths in order: responses of at most ``feed`` (4,096) input tokens of the
 shipped text (``max_output_tokens`` 1) extend it; at each length a short question is sent as a streamed
 response chained on the last one, and the time from sending it to its first
-``response.output_text.delta`` event is measured with its ``cached_tokens``. That question's response
+``response.output_text.delta`` event is measured with its ``cached_tokens``, and the time to the
+response's headers (sent once the engine admitted the request: the HTTP path before the model runs). That question's response
 then continues the chain; ``repeats`` (5) such questions in a row give a median, as this host's speed
 drifts from minute to minute. The server is the benchmark's own engine behind ``create_app`` (uvicorn on a
 free port of 127.0.0.1, in a thread), so the row includes what the HTTP path adds: loading the stored
@@ -80,6 +81,7 @@ def _respond(client: httpx.Client, model: str, text: str, previous: str | None, 
         return {"response": reply.json(), "ttft_s": None}
     first, final = None, None
     with client.stream("POST", "/v1/responses", json=body) as reply:
+        headers = time.perf_counter() - start  # sent once the engine admitted the request
         reply.raise_for_status()
         for line in reply.iter_lines():
             if not line.startswith("data:"):
@@ -91,7 +93,8 @@ def _respond(client: httpx.Client, model: str, text: str, previous: str | None, 
                 final = event["response"]
     if final is None or final["status"] == "failed":
         raise RuntimeError(f"the chained response failed: {final and final.get('error')}")
-    return {"response": final, "ttft_s": first if first is not None else time.perf_counter() - start}
+    return {"response": final, "ttft_s": first if first is not None else time.perf_counter() - start,
+            "headers_s": headers}
 
 
 def measure_responses_chain(engine, lengths, *, feed: int = 4096, repeats: int = 5) -> list[dict]:
@@ -109,16 +112,18 @@ def measure_responses_chain(engine, lengths, *, feed: int = 4096, repeats: int =
                 done = _respond(client, engine.model_name, text, previous, stream=False)["response"]
                 previous = done["id"]
                 chain = done["usage"]["total_tokens"]
-            row = {"chain_tokens": chain, "ttft_ms_each": []}
+            row = {"chain_tokens": chain, "ttft_ms_each": [], "headers_ms_each": []}
             for _ in range(repeats):  # each question continues the chain (a few tokens longer each time)
                 timed = _respond(client, engine.model_name, QUESTION, previous, stream=True)
                 usage = timed["response"]["usage"]
                 row["ttft_ms_each"].append(1e3 * timed["ttft_s"])
+                row["headers_ms_each"].append(1e3 * timed["headers_s"])
                 row.setdefault("input_tokens", usage["input_tokens"])
                 row.setdefault("cached_tokens", usage["input_tokens_details"]["cached_tokens"])
                 previous = timed["response"]["id"]
                 chain = usage["total_tokens"]
             row["ttft_ms"] = statistics.median(row["ttft_ms_each"])
+            row["headers_ms"] = statistics.median(row["headers_ms_each"])
             rows.append(row)
             log.info("chained response after %d tokens: %.0f ms to the first token (median of %d; %d cached)",
                      row["chain_tokens"], row["ttft_ms"], repeats, row["cached_tokens"])
@@ -145,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                       "ttft_longest_over_shortest": ratio(rows[-1]["ttft_ms"], rows[0]["ttft_ms"])}
         finally:
             engine.stop()
-    table = markdown_table(["chain tokens", "cached tokens", "input tokens", "chained response TTFT ms (median of 5)"],
-                           [[r["chain_tokens"], r["cached_tokens"], r["input_tokens"], r["ttft_ms"]] for r in rows])
+    table = markdown_table(["chain tokens", "cached tokens", "input tokens", "headers ms (median of 5)",
+                            "chained response TTFT ms (median of 5)"],
+                           [[r["chain_tokens"], r["cached_tokens"], r["input_tokens"], r["headers_ms"], r["ttft_ms"]]
+                            for r in rows])
     table += f"\nTTFT longest / shortest: {report['ttft_longest_over_shortest']:.2f}x\n"
     write_report(args.out, "responses_chain", report, table, None)
     sys.stdout.write(table)
