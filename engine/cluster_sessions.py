@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
+import redis
 import torch
 
 from engine.cache import SinkCache
@@ -58,6 +59,8 @@ from engine.shared_index import (
 log = logging.getLogger(__name__)
 
 PING_EVERY_S = 1.0  # how often a replica checks that Redis answers (store_up)
+CONNECT_TIMEOUT_S = 0.5
+READ_TIMEOUT_S = 2.0
 
 
 class ClusterSessionStore(SessionStore):
@@ -85,7 +88,11 @@ class ClusterSessionStore(SessionStore):
         """A store on the Redis at ``url``; keys are namespaced by ``model`` (replicas serving different
         models never share sessions). Starts even while Redis is down."""
         replica = replica or socket.gethostname()
-        index = SharedIndex.from_url(url, replica, ttl_s, namespace=f"sinkserve:{model}:")
+        # a dead Redis refuses at once or misses the short connect timeout; a live one on a busy host may
+        # take longer than that to answer, which must not count as down
+        client = redis.Redis.from_url(url, socket_timeout=READ_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                      decode_responses=True)
+        index = SharedIndex(client, replica, ttl_s, namespace=f"sinkserve:{model}:")
         if index.ping():
             log.info("replica %s: shared session store at %s", replica, url)
         else:

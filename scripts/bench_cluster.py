@@ -12,6 +12,9 @@ half sending back their ``x-session-id``):
    where the server has no shared store) against turns that stayed.
 3. add back: the replica restarts; one round. The share of conversations that moved again (HAProxy's
    stick table keeps them where they are: expected 0).
+4. resume (``--probes``): on the idle cluster, one conversation at a time takes a turn on its replica
+   and then the next straight on another replica, which loads it from the shared store: the extra time
+   to first token of a resumed turn without the queueing of the concurrent phases.
 
 Writes ``cluster.json`` and ``cluster.md`` to ``--out``.
 
@@ -102,6 +105,21 @@ def median_ms(values: list[float]) -> float | None:
     return round(1000 * statistics.median(values), 1) if values else None
 
 
+async def resume_probes(cluster: ClusterProcess, model: str, conversations: list[Conversation],
+                        max_tokens: int) -> list[Turn]:
+    """4. resume: one conversation at a time on an idle cluster, a turn on its replica (its local copy) and
+    then the next turn on another replica (which loads it from the shared store), both sent straight to
+    the replica: the extra time to first token of a resumed turn, without the load of the other phases."""
+    probes = []
+    for conv in conversations:
+        for phase, replica in (("probe-local", conv.replica),
+                               ("probe-resumed", next(r for r in cluster.replica_ports if r != conv.replica))):
+            url = f"http://127.0.0.1:{cluster.replica_ports[replica]}"  # both straight to a replica
+            async with httpx.AsyncClient(base_url=url, timeout=600) as direct:
+                probes.append(await turn(direct, model, conv, phase, max_tokens))
+    return probes
+
+
 async def run(cluster: ClusterProcess, args) -> dict:
     async with httpx.AsyncClient(base_url=cluster.url, timeout=600) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -120,6 +138,7 @@ async def run(cluster: ClusterProcess, args) -> dict:
         await asyncio.sleep(6)  # HAProxy marks it up after two health checks
         added = await round_(client, model, conversations, "add", args.max_tokens)
         after_add = {c.index: c.replica for c in conversations}
+        probes = await resume_probes(cluster, model, conversations[: args.probes], args.max_tokens)
 
     later = steady[len(conversations):]  # every turn after a conversation's first
     moved = [t for t in removed if before[t.conversation] != after_remove[t.conversation]]
@@ -137,7 +156,10 @@ async def run(cluster: ClusterProcess, args) -> dict:
         "ttft_ms_stayed": median_ms([t.ttft_s for t in stayed]),
         "removed_sources": {source: sum(t.source == source for t in moved) for source in ("local", "shared", "prefill")},
         "moved_on_add_back": sum(after_remove[i] != after_add[i] for i in after_add) / len(after_add),
-        "turns_log": [asdict(t) for t in steady + removed + added],
+        "probe_sources": [t.source for t in probes],
+        "ttft_ms_probe_local": median_ms([t.ttft_s for t in probes if t.phase == "probe-local"]),
+        "ttft_ms_probe_resumed": median_ms([t.ttft_s for t in probes if t.phase == "probe-resumed"]),
+        "turns_log": [asdict(t) for t in steady + removed + added + probes],
     }
 
 
@@ -157,8 +179,11 @@ def report(result: dict) -> str:
         ("where moved turns found their cache (session-source header)",
          ", ".join(f"{k} {v}" for k, v in result.get("removed_sources", {}).items())),
         ("TTFT of moved / stayed turns (median ms)", f"{result['ttft_ms_moved']} / {result['ttft_ms_stayed']}"),
-        ("extra TTFT when a turn resumes elsewhere (ms)", f"{extra}"),
+        ("extra TTFT of moved turns under load (ms)", f"{extra}"),
         ("conversations moved when it came back", f"{100 * result['moved_on_add_back']:.1f}%"),
+        ("idle cluster, one turn at a time: TTFT local / resumed from the shared store (median ms)",
+         f"{result['ttft_ms_probe_local']} / {result['ttft_ms_probe_resumed']} "
+         f"(sources: {', '.join(sorted(set(result['probe_sources'])))})"),
     ]
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
@@ -169,6 +194,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=24)
     parser.add_argument("--turns", type=int, default=4, help="steady rounds before the fault")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--probes", type=int, default=6, help="conversations resumed one at a time (phase 4)")
     parser.add_argument("--tiny", action="store_true", help="replicas serve the tiny random model (quick check)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("serve_args", nargs="*", help="extra `sinkserve serve` flags for every replica (after --)")
