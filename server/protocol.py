@@ -254,6 +254,13 @@ class ChatCompletionRequest(_SamplingRequest):
     verbosity: Any = None
     web_search_options: Any = None
 
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _needs_tools(cls, value: bool | None, info):
+        if value is not None and not info.data.get("tools"):
+            raise ValueError("parallel_tool_calls is only allowed when tools are given (as OpenAI's)")
+        return value
+
     @field_validator(*OFF_FIELDS)
     @classmethod
     def _off(cls, value: Any, info):

@@ -156,7 +156,8 @@ HUGE = {"type": "object", "properties": {f"p{i}": {"type": "string", "descriptio
     ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
      "messages[1].tool_calls[0].function.arguments"),
-    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # without tools it would ask for nothing
 ])
 def test_bad_tools_and_formats_name_the_field(http, engine, body, param):
     before = dict(engine.scheduler.counters), len(engine.scheduler.store.sessions)
