@@ -3,7 +3,7 @@ embedded SmolLM2-135M-Instruct (slow; one server for the module).
 
 The acceptance of issue 12: the ``openai`` SDK's ``chat.completions.parse`` returns a parsed pydantic
 object; LangChain's ``with_structured_output`` returns the pydantic object (``json_schema`` and
-``function_calling``) and a dict (``json_mode``); ``tool_choice: "required"`` and a named tool end with
+``function_calling``) and a dict (``json_mode``), and assembles a streamed tool call; ``tool_choice: "required"`` and a named tool end with
 ``finish_reason: "tool_calls"`` and arguments that validate against the tool's schema, streamed and not;
 a tool result sent back continues the session from its cache; the OpenAI Agents SDK's chat-completions
 model runs an agent with a function tool to its final answer; and a schema with nested objects, arrays,
@@ -96,6 +96,22 @@ def test_langchain_with_structured_output(server, method):
     else:
         out = llm.with_structured_output(City, method=method).invoke(question)
         assert isinstance(out, City)
+
+
+def test_langchain_streams_a_tool_call(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=80,
+                     max_retries=0).bind_tools(TOOLS, tool_choice="get_weather", parallel_tool_calls=False)
+    chunks = list(llm.stream("What is the weather in Paris?"))
+    assert len(chunks) > 3  # the arguments arrived in fragments
+    message = chunks[0]
+    for chunk in chunks[1:]:
+        message += chunk
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(call["args"], WEATHER)
+    assert message.response_metadata["finish_reason"] == "tool_calls"
 
 
 @pytest.mark.parametrize("stream", [False, True])
