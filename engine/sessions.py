@@ -17,6 +17,10 @@ tab) continues a *copy* of it (:meth:`SessionStore.fork`), so no branch destroys
 branches age out through the memory budgets and the TTL. Only a request that names its session and does
 not ask for a fork rolls that session back in place.
 
+A cluster replica uses :class:`~engine.cluster_sessions.ClusterSessionStore`, this store kept consistent
+with the other replicas through Redis and a shared directory; the hooks it overrides are ``find``,
+``source``, ``release``, ``end_turn`` and ``_store``.
+
 All methods run on the engine's worker thread except the read-only listing helpers.
 """
 

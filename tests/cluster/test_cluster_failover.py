@@ -11,7 +11,7 @@ to the other replica, whose copy is now the stale one, reloads too. Then Redis g
 serving their local sessions and say so in /health and /metrics.
 
 The tiny random model by default (about 30 s). The same run with the embedded model is marked slow and
-takes minutes on a small CPU, so it runs only when asked:
+adds a minute or more to tests/cluster on a small CPU (66 s on 2 cores), so it runs only when asked:
 ``SINKSERVE_CLUSTER_EMBEDDED=1 .venv/bin/python -m pytest tests/cluster/test_cluster_failover.py -k embedded``.
 """
 
@@ -38,7 +38,7 @@ TURNS_BEFORE_KILL = 6
 
 EMBEDDED = pytest.mark.skipif(
     os.environ.get("SINKSERVE_CLUSTER_EMBEDDED") != "1",
-    reason="the embedded-model cluster run takes minutes on a small CPU: SINKSERVE_CLUSTER_EMBEDDED=1 runs it",
+    reason="the embedded-model cluster run takes a minute or more: SINKSERVE_CLUSTER_EMBEDDED=1 runs it",
 )
 
 
