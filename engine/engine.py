@@ -54,12 +54,12 @@ class Engine:
         if self.loaded is None:
             self.loaded = load(self.config)
         loaded = self.loaded
-        # what the config left open is decided by the device, now that the weights are loaded
+        # what the config left open is decided by the device, now that the weights are loaded (running
+        # requests are capped by the resident rows as well as max_batch)
         max_batch = default_max_batch(loaded.device, self.config.max_batch)
         self.config = replace(
             self.config, max_batch=max_batch,
             memory_budget_bytes=cache_budget_bytes(loaded.device, self.config.memory_budget_bytes),
-            max_resident_sessions=max(self.config.max_resident_sessions, max_batch),
         )
         rows = self.rows_for_budget(loaded)
         cache = SinkCache(
