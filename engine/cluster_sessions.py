@@ -146,7 +146,10 @@ class ClusterSessionStore(SessionStore):
         record = record or self.index.lookup(session_id)
         local = self.sessions.get(session_id)
         if record is None:
-            return local
+            if local is not None and session_id in self.published and not self.path(session_id).exists():
+                self._forget(local)  # deleted on another replica (its files are gone), or expired
+                return None
+            return local  # never published yet, or Redis lost its records: the local copy stands
         if record.owner != owner or (local is not None and local.owner != owner):
             raise SessionNotFound(f"session {session_id!r} not found")
         if local is not None and (local.busy or self.published.get(session_id, (0, ""))[0] >= record.version):
@@ -194,6 +197,16 @@ class ClusterSessionStore(SessionStore):
         except IndexUnavailable as exc:
             self._unavailable("get", exc)
         return super().get(owner, session_id)
+
+    def owned(self, owner: str) -> list[Session]:
+        """The owner's sessions across the cluster: the index's (loaded here, tokens and metadata only,
+        where this replica has no current copy) and the local ones."""
+        try:
+            for record in self.index.owned(owner):
+                self._sync(record.session_id, owner, record)
+        except IndexUnavailable as exc:
+            self._unavailable("owned", exc)
+        return super().owned(owner)
 
     # ----- a turn ------------------------------------------------------------------------------------
     def prepare(self, session: Session, prompt: Sequence[int], pinned: int, *, branch: bool,

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from engine import FinishEvent, SamplingParams
+from engine.errors import SessionNotFound
 from tests.tiny_models import tiny_engine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={0: -100, 1: -100, 2: -100})
@@ -128,3 +129,19 @@ async def test_redis_down_serves_local_sessions_and_says_so(replicas, redis_serv
     assert a.session_store_status() == "up"
     _, usage, admission, previous = await conv.say(a, 4)
     assert admission.source == "local" and usage.cached_tokens >= 0.9 * previous
+
+
+async def test_every_replica_lists_and_deletes_the_owners_sessions(replicas):
+    a, b = replicas
+    conv = Conversation("listed", named=True)
+    await conv.say(a, 1)
+    await conv.say(a, 2)
+    listed = {s["id"]: s for s in await b.list_sessions(None)}
+    assert conv.session_id in listed and listed[conv.session_id]["tokens_seen"] > 0
+    assert (await b.get_session(None, conv.session_id))["tokens_seen"] == listed[conv.session_id]["tokens_seen"]
+    await b.delete_session(None, conv.session_id)
+    index = a.scheduler.store.index
+    assert index.lookup(conv.session_id) is None
+    assert not list(a.config.data_dir.glob(f"{conv.session_id}.v*.safetensors"))
+    with pytest.raises(SessionNotFound):  # a's copy in memory is gone too
+        await a.get_session(None, conv.session_id)
