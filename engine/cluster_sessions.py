@@ -125,11 +125,14 @@ class ClusterSessionStore(SessionStore):
     def _find_shared(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
         if session_id:
             session = self._sync(check_session_id(session_id), owner)
+            if session is not None and session.owner != owner:  # another key's, never published
+                raise SessionNotFound(f"session {session_id!r} not found")
             return session if session is not None else super().find(owner, session_id, prompt, pinned)
         candidates = []
         local = self.match(owner, prompt, pinned)
         if local is not None:
-            candidates.append(self._sync(local.id, owner) or local)
+            local = self._sync(local.id, owner)  # None: deleted elsewhere meanwhile
+            candidates += [local] if local is not None else []
         hit = self.index.find_by_prefix(owner, prompt)
         if hit is not None and (local is None or hit.session_id != local.id):
             shared = self._sync(hit.session_id, owner, hit.record)

@@ -145,3 +145,14 @@ async def test_every_replica_lists_and_deletes_the_owners_sessions(replicas):
     assert not list(a.config.data_dir.glob(f"{conv.session_id}.v*.safetensors"))
     with pytest.raises(SessionNotFound):  # a's copy in memory is gone too
         await a.get_session(None, conv.session_id)
+
+
+async def test_another_keys_session_is_not_found_on_any_replica(replicas):
+    a, b = replicas
+    prompt, _ = a.render_chat([{"role": "user", "content": "mine"}])
+    await reply(a, prompt, session_id="private", api_key="k1")
+    for engine in (a, b):
+        with pytest.raises(SessionNotFound):
+            await reply(engine, prompt, session_id="private", api_key="k2")
+    _, _, admission = await reply(b, prompt, session_id="private", api_key="k1")
+    assert admission.source == "shared"
