@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-session-id", "x-sinkserve-evicted-tokens",
-                                                               "x-sinkserve-pinned-tokens"])
+                                                               "x-sinkserve-pinned-tokens", "x-sinkserve-replica",
+                                                               "x-sinkserve-session-source"])
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     return app
