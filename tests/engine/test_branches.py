@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import FinishEvent, SamplingParams
+from engine import SamplingParams
+from tests.engine.generation import reply
 from tests.tiny_models import tiny_engine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-
-async def reply(engine, prompt, params=GREEDY, **kwargs):
-    gen = await engine.generate(prompt, params, **kwargs)
-    tokens = []
-    async for event in gen:
-        if isinstance(event, FinishEvent):
-            return tokens, event, gen.admission
-        tokens.append(event.token_id)
-    raise AssertionError("no finish event")
 
 
 class Conversation:
@@ -34,7 +25,7 @@ class Conversation:
     async def say(self, text: str, **kwargs):
         self.messages.append({"role": "user", "content": text})
         prompt, pinned = self.engine.render_chat(self.messages, pin_system=self.pin)
-        tokens, finish, admission = await reply(self.engine, prompt, pin_prefix=pinned, **kwargs)
+        tokens, finish, admission = await reply(self.engine, prompt, GREEDY, pin_prefix=pinned, **kwargs)
         self.messages.append({"role": "assistant", "content": self.engine.tokenizer.decode(tokens)})
         self.cached.append((finish.usage.cached_tokens, self.previous))
         self.previous = len(prompt)

@@ -6,21 +6,9 @@ import asyncio
 
 import pytest
 
-from engine import FinishEvent, InvalidRequest, SamplingParams, SessionNotFound
+from engine import InvalidRequest, SamplingParams, SessionNotFound
+from tests.engine.generation import reply
 from tests.tiny_models import tiny_engine
-
-GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-
-
-async def reply(engine, prompt, params=GREEDY, **kwargs):
-    """Run one generation; returns (tokens, finish event, admission)."""
-    gen = await engine.generate(prompt, params, **kwargs)
-    tokens = []
-    async for event in gen:
-        if isinstance(event, FinishEvent):
-            return tokens, event, gen.admission
-        tokens.append(event.token_id)
-    raise AssertionError("no finish event")
 
 
 def turn(engine, history, text):

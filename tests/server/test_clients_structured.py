@@ -23,6 +23,7 @@ from openai import OpenAI
 from pydantic import BaseModel
 
 from bench.serve_process import ServerProcess
+from tests.server.weather_agent import weather_agent
 
 pytestmark = pytest.mark.slow
 
@@ -151,22 +152,7 @@ def test_tool_result_continues_from_the_cache(client):
 
 async def test_agents_sdk_chat_completions_model(server):
     agents = pytest.importorskip("agents")
-    from openai import AsyncOpenAI
-
-    agents.set_tracing_disabled(True)
-    cities: list[str] = []
-
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """The current weather in a city."""
-        cities.append(city)
-        return f"It is sunny and 21 C in {city}."
-
-    model = agents.OpenAIChatCompletionsModel(
-        model=MODEL, openai_client=AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0))
-    settings = agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=80, parallel_tool_calls=False)
-    agent = agents.Agent(name="weather", instructions="You answer questions about the weather.", model=model,
-                         tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
+    agent, cities = weather_agent(agents, agents.OpenAIChatCompletionsModel, server.url)
     result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
     assert len(cities) == 1 and isinstance(result.final_output, str)
     assert result.final_output == f"It is sunny and 21 C in {cities[0]}."

@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from bench.serve_process import ServerProcess
+from tests.server.weather_agent import weather_agent
 
 pytestmark = pytest.mark.slow
 
@@ -37,22 +38,7 @@ async def test_agents_sdk_runs_a_tool_and_chains(server):
     """tool_choice required with ``stop_on_first_tool`` (the 135M model, asked again after a tool result,
     calls the tool again rather than answering: the SDK's documented way to end on the tool's output)."""
     agents = pytest.importorskip("agents")
-    from openai import AsyncOpenAI
-
-    agents.set_tracing_disabled(True)
-    cities: list[str] = []
-
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """The current weather in a city."""
-        cities.append(city)
-        return f"It is sunny and 21 C in {city}."
-
-    model = agents.OpenAIResponsesModel(
-        model=MODEL, openai_client=AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0))
-    settings = agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=80, parallel_tool_calls=False)
-    agent = agents.Agent(name="weather", instructions="You answer questions about the weather.", model=model,
-                         tools=[get_weather], model_settings=settings, tool_use_behavior="stop_on_first_tool")
+    agent, cities = weather_agent(agents, agents.OpenAIResponsesModel, server.url)
     first = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
     assert cities == ["Paris"] and first.final_output == "It is sunny and 21 C in Paris."
     [response] = first.raw_responses
