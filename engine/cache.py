@@ -171,13 +171,17 @@ class SinkCache:
     # ----- eviction ----------------------------------------------------------------------------------
     def make_room(self, row: int, new_tokens: int) -> int:
         """Evict whole blocks from the window until ``new_tokens`` fit; returns how many were evicted."""
-        length, pinned = self.lengths[row], self.pinned[row]
-        if new_tokens > self.capacity - pinned:
-            raise ValueError(f"{new_tokens} tokens do not fit a window of {self.capacity - pinned}")
-        evict = evictions_for(length, pinned, self.capacity, self.evict_block, new_tokens)
+        evict = self._evictions(row, new_tokens)
         if evict:
             self._shift_window(row, evict)
         return evict
+
+    def _evictions(self, row: int, new_tokens: int) -> int:
+        """Window tokens ``make_room`` must evict so ``new_tokens`` fit (ValueError if they never can)."""
+        length, pinned = self.lengths[row], self.pinned[row]
+        if new_tokens > self.capacity - pinned:
+            raise ValueError(f"{new_tokens} tokens do not fit a window of {self.capacity - pinned}")
+        return evictions_for(length, pinned, self.capacity, self.evict_block, new_tokens)
 
     def _shift_window(self, row: int, evict: int) -> None:
         length, pinned = self.lengths[row], self.pinned[row]
@@ -266,10 +270,10 @@ class SinkCache:
         for row in rows:
             if not self.zeroed[row]:
                 self._zero(row)
-            state = self.state(row)
-            evicts = evictions_for(state.length, state.pinned, self.capacity, self.evict_block, new_tokens) > 0
-            undo.append((row, state, self._snapshot(row) if evicts else None))
-            self.make_room(row, new_tokens)
+            evict = self._evictions(row, new_tokens)
+            undo.append((row, self.state(row), self._snapshot(row) if evict else None))
+            if evict:
+                self._shift_window(row, evict)
         step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens, undo)
         for row in rows:
             self.lengths[row] += new_tokens
@@ -301,8 +305,8 @@ class CacheStep:
         self.kv_length = max(offsets) + new_tokens
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self._row_slice = slice(rows[0], rows[0] + len(rows)) if contiguous else None
-        self._row_index = _to_device([rows], cache.device)[0]  # (B,)
-        self._slot_index = _to_device([offsets], cache.device)[0]  # (B,)
+        self._row_index = _to_device(rows, cache.device)  # (B,)
+        self._slot_index = _to_device(offsets, cache.device)  # (B,)
 
     def undo(self) -> None:
         """Put every row back as it was before this step (the forward pass failed)."""
@@ -348,8 +352,8 @@ class CacheStep:
         return False
 
 
-def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Small index lists as one tensor on ``device``: on a GPU through pinned memory without blocking."""
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small index list as a tensor on ``device``: on a GPU through pinned memory without blocking."""
     if device.type != "cuda":
         return torch.tensor(values, device=device)
     return torch.tensor(values).pin_memory().to(device, non_blocking=True)
