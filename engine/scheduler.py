@@ -42,7 +42,7 @@ REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks at, beside
 MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `in` and `remove` must not compare prompts token by token
 class Request:
     """One generation, from submission to its finish event."""
 
@@ -267,7 +267,7 @@ class Scheduler:
         self.counters["prompt_tokens"] += len(prompt)
         self.counters["cached_tokens"] += keep
         source = self.store.source(continued, keep)
-        self.counters[f"source_{source}"] = self.counters.get(f"source_{source}", 0) + 1
+        self.counters[f"source_{source}"] += 1
         row = continued.row
         evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
         admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source,

@@ -114,6 +114,11 @@ class Session:
         self.tokens.extend(tokens)
         self.version += 1
 
+    def truncate(self, keep: int) -> None:
+        """Record that the cache row was rolled back to the stream's first ``keep`` tokens."""
+        del self.tokens[keep:]
+        self.version += 1
+
     def reusable(self, prompt: Sequence[int], pinned: int) -> int:
         """Stream tokens a prompt pinning ``pinned`` can keep (never all of it: its last token must be fed
         again to get logits)."""
@@ -225,8 +230,7 @@ class SessionStore:
         row = self.make_resident(session, protect)
         if keep < len(session.tokens) or pinned != session.pinned:
             self.cache.rollback(row, keep, pinned)
-            del session.tokens[keep:]
-            session.version += 1
+            session.truncate(keep)
         return session, keep
 
     def fork(self, source: Session, keep: int, pinned: int, protect: set[str]) -> Session:
@@ -369,9 +373,8 @@ class SessionStore:
                 return {name: handle.get_tensor(name) for name in ("k", "v", "meta")}
         except Exception:  # unreadable file: start the cache over rather than fail the request
             log.exception("session %s: saved cache unreadable, re-streaming", session.id)
-            session.tokens = []
+            session.truncate(0)
             session.parked = RowState(0, session.parked.pinned)
-            session.version += 1
             return None
 
     def _load_index(self) -> None:
