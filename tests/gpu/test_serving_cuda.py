@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from engine import FinishEvent, SamplingParams
+from engine import SamplingParams
+from tests.engine.generation import reply as collect_reply
 from tests.gpu.conftest import chat_engine, needs_gpu
 
 pytestmark = needs_gpu
@@ -23,14 +24,10 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 async def reply(engine, prompt, params=GREEDY, **kwargs):
-    gen = await engine.generate(prompt, params, **kwargs)
-    tokens = []
-    async for event in gen:
-        if isinstance(event, FinishEvent):
-            assert event.finish_reason == "length", event
-            return tokens, event
-        tokens.append(event.token_id)
-    raise AssertionError("no finish event")
+    """(tokens, finish) of one generation that must run to ``max_tokens``."""
+    tokens, finish, _ = await collect_reply(engine, prompt, params, **kwargs)
+    assert finish.finish_reason == "length", finish
+    return tokens, finish
 
 
 def test_more_sessions_than_rows_offload_and_restore(dev, tmp_path):
