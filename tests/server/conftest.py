@@ -82,3 +82,19 @@ def async_sdk(live):
     from openai import AsyncOpenAI
 
     return AsyncOpenAI(base_url=f"{live.url}/v1", api_key=KEY_A, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory):
+    """One real ``serve`` of the embedded model for the slow client tests (loading it takes ~45 s)."""
+    from bench.serve_process import ServerProcess
+
+    with ServerProcess(tmp_path_factory.mktemp("embedded")) as server:
+        yield server
+
+
+@pytest.fixture
+def embedded_client(embedded_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused", max_retries=0, timeout=300)

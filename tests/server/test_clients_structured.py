@@ -1,5 +1,5 @@
 """Structured outputs and tool calls with the real clients against a real ``serve`` process and the
-embedded SmolLM2-135M-Instruct (slow; one server for the module).
+embedded SmolLM2-135M-Instruct (slow; one server shared with the other embedded-model modules, tests/server/conftest.py).
 
 The acceptance of issue 12: the ``openai`` SDK's ``chat.completions.parse`` returns a parsed pydantic
 object; LangChain's ``with_structured_output`` returns the pydantic object (``json_schema`` and
@@ -19,10 +19,8 @@ from typing import Literal
 
 import jsonschema
 import pytest
-from openai import OpenAI
 from pydantic import BaseModel
 
-from bench.serve_process import ServerProcess
 from tests.server.weather_agent import weather_agent
 
 pytestmark = pytest.mark.slow
@@ -63,19 +61,8 @@ class City(BaseModel):
     population: int
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("clients-structured")) as server:
-        yield server
-
-
-@pytest.fixture
-def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def test_openai_parse_returns_the_pydantic_object(client):
-    completion = client.chat.completions.parse(
+def test_openai_parse_returns_the_pydantic_object(embedded_client):
+    completion = embedded_client.chat.completions.parse(
         model=MODEL, messages=[{"role": "user", "content": "Describe Paris as JSON."}], response_format=City,
         temperature=0, max_tokens=80)
     choice = completion.choices[0]
@@ -85,10 +72,10 @@ def test_openai_parse_returns_the_pydantic_object(client):
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
-def test_langchain_with_structured_output(server, method):
+def test_langchain_with_structured_output(embedded_server, method):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=80,
+    llm = ChatOpenAI(model=MODEL, base_url=f"{embedded_server.url}/v1", api_key="unused", temperature=0, max_tokens=80,
                      max_retries=0)
     question = "Describe Paris as a JSON object with the keys name, country and population."
     if method == "json_mode":
@@ -99,10 +86,10 @@ def test_langchain_with_structured_output(server, method):
         assert isinstance(out, City)
 
 
-def test_langchain_streams_a_tool_call(server):
+def test_langchain_streams_a_tool_call(embedded_server):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=80,
+    llm = ChatOpenAI(model=MODEL, base_url=f"{embedded_server.url}/v1", api_key="unused", temperature=0, max_tokens=80,
                      max_retries=0).bind_tools(TOOLS, tool_choice="get_weather", parallel_tool_calls=False)
     chunks = list(llm.stream("What is the weather in Paris?"))
     assert len(chunks) > 3  # the arguments arrived in fragments
@@ -117,15 +104,15 @@ def test_langchain_streams_a_tool_call(server):
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_calls_validate(client, tool_choice, stream):
+def test_forced_tool_calls_validate(embedded_client, tool_choice, stream):
     kwargs = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0, max_tokens=80)
     if stream:
-        with client.chat.completions.stream(**kwargs) as events:
+        with embedded_client.chat.completions.stream(**kwargs) as events:
             for _ in events:
                 pass
             completion = events.get_final_completion()
     else:
-        completion = client.chat.completions.create(**kwargs)
+        completion = embedded_client.chat.completions.create(**kwargs)
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls and not choice.message.content
@@ -134,8 +121,8 @@ def test_forced_tool_calls_validate(client, tool_choice, stream):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
-def test_tool_result_continues_from_the_cache(client):
-    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+def test_tool_result_continues_from_the_cache(embedded_client):
+    first = embedded_client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                            temperature=0, max_tokens=80)
     message = first.choices[0].message
     history = [*ASK, message.model_dump(exclude_none=True),
@@ -143,26 +130,26 @@ def test_tool_result_continues_from_the_cache(client):
                  for call in message.tool_calls)]
     # the same tool_choice: the reply rules in the system prompt depend on it (switching it to "auto" reuses
     # the cache only up to them)
-    second = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="required",
+    second = embedded_client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=60)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens, (cached, first.usage)  # the whole first turn came from the cache
     assert second.choices[0].finish_reason == "tool_calls"
 
 
-async def test_agents_sdk_chat_completions_model(server):
+async def test_agents_sdk_chat_completions_model(embedded_server):
     agents = pytest.importorskip("agents")
-    agent, cities = weather_agent(agents, agents.OpenAIChatCompletionsModel, server.url)
+    agent, cities = weather_agent(agents, agents.OpenAIChatCompletionsModel, embedded_server.url)
     result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
     assert len(cities) == 1 and isinstance(result.final_output, str)
     assert result.final_output == f"It is sunny and 21 C in {cities[0]}."
 
 
-def test_nested_schema_20_of_20_at_temperature_1(client):
+def test_nested_schema_20_of_20_at_temperature_1(embedded_client):
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": NESTED, "strict": True}}
 
     def one(seed: int):
-        return client.chat.completions.create(
+        return embedded_client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Describe a European city as JSON."}],
             response_format=fmt, temperature=1.0, max_tokens=300, seed=seed).choices[0]
 

@@ -5,7 +5,7 @@ through ``previous_response_id``, each adding ~2,000 tokens (20k in all, past th
 positions), each reusing >= 90% of the previous response's input plus output from the session cache.
 
 The chain prefills 20k tokens (about 30 s on an idle 2-core CPU, minutes on a busy one), so it runs only
-with ``SINKSERVE_HEAVY_TESTS=1``; the tiny-model chain of tests/server/test_responses.py runs always."""
+with ``SINKSERVE_HEAVY_TESTS=1``; the tiny-model chain of tests/embedded_server/test_responses.py runs always."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import os
 from importlib import resources
 
 import pytest
-from openai import OpenAI
 
-from bench.serve_process import ServerProcess
 from tests.server.weather_agent import weather_agent
 
 pytestmark = pytest.mark.slow
@@ -23,22 +21,11 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("responses-embedded")) as server:
-        yield server
-
-
-@pytest.fixture
-def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-async def test_agents_sdk_runs_a_tool_and_chains(server):
+async def test_agents_sdk_runs_a_tool_and_chains(embedded_server):
     """tool_choice required with ``stop_on_first_tool`` (the 135M model, asked again after a tool result,
     calls the tool again rather than answering: the SDK's documented way to end on the tool's output)."""
     agents = pytest.importorskip("agents")
-    agent, cities = weather_agent(agents, agents.OpenAIResponsesModel, server.url)
+    agent, cities = weather_agent(agents, agents.OpenAIResponsesModel, embedded_server.url)
     first = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
     assert cities == ["Paris"] and first.final_output == "It is sunny and 21 C in Paris."
     [response] = first.raw_responses
@@ -50,23 +37,23 @@ async def test_agents_sdk_runs_a_tool_and_chains(server):
     assert second.raw_responses[0].usage.input_tokens_details.cached_tokens >= 0.9 * before
 
 
-def test_stream_get_final_response_is_the_concatenated_deltas(client):
-    with client.responses.stream(model=MODEL, input="What is the capital of France?", temperature=0,
+def test_stream_get_final_response_is_the_concatenated_deltas(embedded_client):
+    with embedded_client.responses.stream(model=MODEL, input="What is the capital of France?", temperature=0,
                                  max_output_tokens=60) as stream:
         deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert final.status == "completed" and final.completed_at is not None
     assert final.output_text == "".join(deltas) and "Paris" in final.output_text
-    assert client.responses.retrieve(final.id).output_text == final.output_text
+    assert embedded_client.responses.retrieve(final.id).output_text == final.output_text
 
 
 @pytest.mark.skipif(not os.environ.get("SINKSERVE_HEAVY_TESTS"), reason="20k-token chain: SINKSERVE_HEAVY_TESTS=1")
-def test_chain_of_ten_long_responses_reuses_the_session(client):
+def test_chain_of_ten_long_responses_reuses_the_session(embedded_client):
     text = resources.files("engine").joinpath("data/tinyshakespeare.txt").read_text()
     previous = None
     for turn in range(10):
         passage = text[turn * 8000:(turn + 1) * 8000]  # ~2,000 tokens of Shakespeare
-        response = client.responses.create(
+        response = embedded_client.responses.create(
             model=MODEL, input=f"{passage}\n\nWho speaks first in this passage?", temperature=0,
             max_output_tokens=16, previous_response_id=previous.id if previous else None,
         )
