@@ -24,7 +24,6 @@ Report (``api.json``): per target and client count the medians and every round; 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import DEFAULT_TEXT, markdown_table, write_report
+from bench.common import DEFAULT_TEXT, markdown_table, sse_chunks, write_report
 from bench.serve_process import ServerProcess
 
 log = logging.getLogger(__name__)
@@ -72,13 +71,7 @@ async def stream_once(client: httpx.AsyncClient, url: str, model: str | None, pr
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{url} answered {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in sse_chunks(response):
             if "error" in chunk:
                 raise RuntimeError(f"{url} streamed an error: {chunk['error']}")
             if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):

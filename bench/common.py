@@ -12,7 +12,7 @@ import logging
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -212,3 +212,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+async def sse_chunks(response) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI server-sent event stream (an ``httpx`` streaming response), up to
+    ``[DONE]``; comment and ping lines are skipped, malformed JSON raises ``json.JSONDecodeError``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from bench.common import DEFAULT_TEXT, markdown_table, pyplot, write_report
+from bench.common import DEFAULT_TEXT, markdown_table, pyplot, sse_chunks, write_report
 from bench.serve_process import ServerProcess
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,7 @@ async def _turn(client: httpx.AsyncClient, conv: Conversation, body_extra: dict,
                 rec.kind = f"http_{response.status_code}"
                 await response.aread()
                 return None
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(response):
                 if "error" in chunk:
                     rec.kind = "stream_error"
                     return None
