@@ -8,21 +8,10 @@ import pytest
 import torch
 
 from engine.runner import Runner
+from tests.engine.generation import greedy_decode
 from tests.gpu.conftest import deep_model, needs_gpu, runner_on
 
 pytestmark = needs_gpu
-
-
-def _greedy(runner: Runner, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
-    rows = list(range(len(prompts)))
-    last = [int(runner.prefill(row, p, 16).argmax()) for row, p in zip(rows, prompts, strict=True)]
-    out = [[t] for t in last]
-    for _ in range(steps):
-        logits = runner.decode(rows, last)  # (B, V)
-        last = logits.argmax(-1).tolist()
-        for seq, token in zip(out, last, strict=True):
-            seq.append(token)
-    return out, logits
 
 
 def _graphs() -> int:
@@ -38,11 +27,11 @@ def test_compiled_decode_matches_eager(dev, dtype):
     make = lambda compiled: runner_on(model, dev, dtype, rows=2, window=28, evict_block=4,  # noqa: E731
                                       compile_decode=compiled)
     prompts = [[1, 5, 9, 13, 2], [4, 8, 15, 16, 23, 42, 11]]
-    eager, eager_logits = _greedy(make(False), prompts, steps=40)  # 40 steps: the window rolls
+    eager, eager_logits = greedy_decode(make(False), prompts, steps=40)  # 40 steps: the window rolls
     fast = make(True)
     fast.warm_up()
     warmed = _graphs()
-    compiled, compiled_logits = _greedy(fast, prompts, steps=40)
+    compiled, compiled_logits = greedy_decode(fast, prompts, steps=40)
     print(f"{dtype}: {warmed} graphs after the warm-up, {_graphs() - warmed} compiled while decoding")
     if dtype == torch.float32:
         assert compiled == eager
