@@ -314,6 +314,33 @@ class CacheStep:
             self.cache._restore(row, state, snapshot)
         self._undo = []
 
+    def row_buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer the step's rows of the key and value buffers, (B, H, capacity, D): views when the rows
+        are contiguous (writes land in the cache), else gathered copies that :meth:`write_back` stores."""
+        if self._row_slice is not None:
+            return [k[self._row_slice] for k in self.cache.k], [v[self._row_slice] for v in self.cache.v]
+        return [k[self._row_index] for k in self.cache.k], [v[self._row_index] for v in self.cache.v]
+
+    def write_back(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Store the new slots written into gathered :meth:`row_buffers` (nothing to do for views)."""
+        if self._row_slice is not None:
+            return
+        batch = torch.arange(len(self.rows), device=self.cache.device)
+        for layer in range(self.cache.shape.num_layers):
+            for buf, rows in ((self.cache.k[layer], keys[layer]), (self.cache.v[layer], values[layer])):
+                for t in range(self.new_tokens):
+                    buf[self._row_index, :, self._slot_index + t] = rows[batch, :, self._slot_index + t]
+
+    @property
+    def slot_index(self) -> torch.Tensor:
+        """Each row's first new slot (= the first new token's position), (B,) on the cache's device."""
+        return self._slot_index
+
+    def visible_slots(self) -> torch.Tensor:
+        """Boolean (B, S): the slots each row's last new token attends to (sinks included)."""
+        slots = torch.arange(self.kv_length, device=self._slot_index.device)  # (S,)
+        return slots[None, :] <= (self._slot_index + self.new_tokens - 1)[:, None]
+
     def position_ids(self) -> torch.Tensor:
         """In-cache positions of the new tokens, (B, T)."""
         base = self._slot_index[:, None]  # (B, 1)

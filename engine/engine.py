@@ -20,6 +20,7 @@ from engine.device import cache_budget_bytes, default_max_batch, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
 from engine.grammar import Constraint, Grammar, GrammarCompiler
+from engine.llama_decode import owned_decoder
 from engine.loader import LoadedModel, load
 from engine.prompts import PromptEncoder
 from engine.runner import Runner
@@ -67,7 +68,8 @@ class Engine:
             loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
         )
         store = self._session_store(cache, loaded.name)
-        runner = Runner(loaded.model, cache, compile_decode=self.config.compile)
+        decoder = None if self.config.compile else owned_decoder(loaded.model, cache, loaded.quantize, max_batch)
+        runner = Runner(loaded.model, cache, compile_decode=self.config.compile, decoder=decoder)
         if self.config.compile:
             log.info("compiling the decode step (a minute or two on a small CPU)")
             runner.warm_up()

@@ -2,7 +2,9 @@
 
 The model is an unmodified transformers causal LM. We hand it, per pass, a :class:`~engine.cache.CacheStep`
 as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, so transformers' own
-attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched.
+attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched. Decode steps of a
+Llama-family model run through our own step instead (``decoder``, :mod:`engine.llama_decode`), which
+writes the same cache slots and is tested against transformers' forward.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from contextlib import nullcontext
 import torch
 
 from engine.cache import SinkCache
+from engine.llama_decode import LlamaDecoder
 from engine.quantize import float_weights
 
 
 class Runner:
     """Runs prefill chunks and batched decode steps of a model against a :class:`SinkCache`."""
 
-    def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False,
+                 decoder: LlamaDecoder | None = None) -> None:
         self.model = model
         self.cache = cache
+        self.decoder = None if compile_decode else decoder  # compiling applies to transformers' forward
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
         # rotary, activations); prefill stays eager (large matmuls dominate it anyway)
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
@@ -45,6 +50,13 @@ class Runner:
         tip a near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about
         half the time when only its last token was fed). ``decoding`` steps use the decode weights."""
         step = self.cache.step(rows, tokens.shape[1])
+        if decoding and self.decoder is not None:
+            try:
+                logits = self.decoder(step, tokens[:, 0])  # (B, V)
+            except BaseException:
+                step.undo()
+                raise
+            return logits[:, None] if all_logits else logits
         forward = self._decode_forward if decoding else self.model.forward
         weights = nullcontext() if decoding else float_weights(self.model)
         try:

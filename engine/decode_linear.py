@@ -1,0 +1,166 @@
+"""The matmuls of a decode step, each with the kernel measured fastest on this machine for its row count.
+
+A decode step multiplies a few activation rows (one per sequence in the batch) by every weight of the
+model, so its cost is reading the weights, and which kernel reads them fastest depends on the CPU and on
+the number of rows. Measured on one 2-core host (ms, the embedded model's output projection, 49152 x 576):
+
+================  ======  ======
+kernel            1 row   8 rows
+================  ======  ======
+float32           3.2     16.7
+float32, packed   3.9      7.1
+bfloat16 (AMX)    2.3      4.2
+int4 (Q4_1 codes) 1.0      5.4
+================  ======  ======
+
+while an AMD host without AMX gains nothing from bf16 or int4 at all (README). So nothing is decided by
+file type: :class:`DecodeLinear` holds one copy of the weight per candidate kernel and :meth:`DecodeLinear.tune`
+times them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at
+start-up; the losers' copies are dropped.
+
+Candidates (:func:`candidate_kernels`): on a CPU ``float32`` and ``packed`` (a oneDNN-packed float32 copy)
+always; with int4 quantization (the embedded model's Q4_1 weights) also ``int4`` (the file's own 4-bit codes,
+:func:`engine.quantize.int4_codes`) and ``bf16`` for the decoder's layers, and ``bf16`` for the output
+projection, whose GGUF type is Q8_0 (8-bit; bf16 keeps 8 bits of mantissa, and the token-by-token
+perplexity stays within 0.5% of float32, README). On a GPU the weights are used as they are (``native``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from engine.quantize import INT4_GROUP, int4_codes
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("native", "float32", "packed", "bf16", "int8", "int4")
+
+
+def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | None,
+                      output: bool) -> tuple[str, ...]:
+    """The kernels a layer may use: ``output`` is the output projection (never 4-bit). Only a float32
+    model on a CPU has a choice; anything else uses its weights as they are."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return ("native",)
+    if quantize == "int4":
+        return ("float32", "packed", "bf16") if output else ("float32", "packed", "bf16", "int4")
+    return ("float32", "packed")
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= ``max_rows``."""
+    buckets = [1]
+    while buckets[-1] < max_rows:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+class DecodeLinear:
+    """``x @ weight.T + bias`` for a few rows, with one kernel per row bucket.
+
+    ``weight`` (N, K) is the float weight (shared, not copied, by the ``float32`` and ``native`` kernels).
+    Until :meth:`tune` runs, every row count uses the first candidate.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: tuple[str, ...]) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.weights: dict[str, object] = {}
+        for kind in kernels:
+            if kind == "int4" and self.in_features % INT4_GROUP:
+                continue
+            self.weights[kind] = _prepare(kind, weight)
+        self.choice: dict[int, str] = {}  # row bucket -> kernel
+        self.default = next(iter(self.weights))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (R, K) -> (R, N) in ``x``'s dtype."""
+        kind = self.choice.get(_bucket(x.shape[0]), self.default) if self.choice else self.default
+        return self.run(kind, x)
+
+    def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights[kind]
+        if kind in ("native", "float32"):
+            return F.linear(x, w, self.bias)
+        if kind == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        if kind == "bf16":
+            out = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        elif kind == "int8":
+            codes, scales = w
+            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales).to(x.dtype)
+        else:  # int4
+            packed, scales_zeros = w
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP,
+                                                            scales_zeros).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def keep(self, choice: dict[int, str]) -> None:
+        """Use ``choice`` (row bucket -> kernel) from now on and drop the weights of kernels never chosen."""
+        self.choice = dict(choice)
+        self.default = choice[min(choice)]
+        for kind in [k for k in self.weights if k not in choice.values()]:
+            del self.weights[kind]
+
+
+def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
+    """Time every kernel at every row bucket over all of ``layers`` (one shape, e.g. every layer's QKV
+    projection) in turn, as a decode step reads them: one layer alone would stay in the CPU's caches and
+    favour the largest weights. Every layer keeps the fastest kernel per bucket; the choice is returned."""
+    first = layers[0]
+    choice = {}
+    for rows in buckets:
+        if len(first.weights) == 1:
+            choice[rows] = first.default
+            continue
+        x = torch.randn(rows, first.in_features)  # float32: only a float32 CPU model has a choice
+
+        times = {kind: _median_time(lambda kind=kind, x=x: _run_all(layers, kind, x), repeats)
+                 for kind in first.weights}
+        choice[rows] = min(times, key=times.get)
+    for layer in layers:
+        layer.keep(choice)
+    return choice
+
+
+def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:
+    for layer in layers:
+        layer.run(kind, x)
+
+
+def _prepare(kind: str, weight: torch.Tensor):
+    weight = weight.detach()
+    if kind in ("native", "float32"):
+        return weight
+    if kind == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.float(), 8)  # tuned for 8 rows
+    if kind == "bf16":
+        return weight.to(torch.bfloat16).contiguous()
+    if kind == "int8":  # symmetric, one scale per output row
+        scales = (weight.float().abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return codes.contiguous(), scales.to(torch.bfloat16)
+    if kind == "int4":
+        codes, scales_zeros = int4_codes(weight)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_zeros
+    raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
+
+
+def _bucket(rows: int) -> int:
+    return 1 << (rows - 1).bit_length()
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,200 @@
+"""A decode step we own for Llama-family models, over the sink cache's static buffers.
+
+transformers' forward is general: per layer it builds masks, repeats key/value heads, dispatches through
+attention interfaces and calls three projections where one would do, several hundred small operations a
+step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-fast
+(pytorch-labs/gpt-fast, ``model.py``), a decode step here is one function of plain tensor operations:
+
+- per layer one fused QKV projection and one fused gate/up projection (:class:`~engine.decode_linear.DecodeLinear`,
+  each with the kernel measured fastest on this machine for the batch's row count);
+- RoPE from a table of cos/sin for every in-cache position (built once by the model's own rotary
+  module, so scaled RoPE variants come out exactly as the model computes them);
+- the new keys and values written into the cache row's next slot, then grouped-query attention over the
+  row's slots read in place (no repeated key/value heads, no gathered copy when the rows are contiguous);
+- the output projection of the last hidden state only.
+
+transformers' forward stays the reference: prefill chunks run through it, and tests/engine/test_llama_decode.py
+checks this step's logits and cache contents against it. Models it does not cover (biases aside, anything
+but RMSNorm + SiLU-gated MLP + RoPE attention, e.g. per-head q/k norms, learned sinks, sliding windows) keep
+transformers' forward for decoding too (:func:`unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.cache import CacheStep, SinkCache
+from engine.decode_linear import DecodeLinear, candidate_kernels, row_buckets, tune
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | None:
+    """Why :class:`LlamaDecoder` cannot run ``model`` (None: it can)."""
+    config = model.config
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r} (covered: {MODEL_TYPES})"
+    if quantize not in (None, "int4"):
+        return f"quantize={quantize}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    layer = model.model.layers[0]
+    attention = layer.self_attn
+    if any(hasattr(attention, name) for name in ("q_norm", "k_norm", "sinks")):
+        return "per-head norms or learned sinks in attention"
+    if getattr(layer.mlp, "gate_proj", None) is None or getattr(layer.mlp.gate_proj, "bias", None) is not None:
+        return "an MLP other than a bias-free gated one"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp"
+    return None
+
+
+def owned_decoder(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int) -> LlamaDecoder | None:
+    """The owned decode step for ``model``, its kernels tuned for up to ``max_rows`` rows; None (logged)
+    when the model needs transformers' forward."""
+    reason = unsupported_reason(model, quantize)
+    if reason is None:
+        try:
+            decoder = LlamaDecoder(model, cache, quantize)
+        except ValueError as exc:
+            reason = str(exc)
+    if reason is not None:
+        log.info("decoding with transformers' forward: %s", reason)
+        return None
+    decoder.tune(max_rows)
+    return decoder
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor  # (C,)
+    qkv: DecodeLinear  # C -> (H + 2 Hkv) D
+    out: DecodeLinear  # H D -> C
+    post_norm: torch.Tensor  # (C,)
+    gate_up: DecodeLinear  # C -> 2 I
+    down: DecodeLinear  # I -> C
+
+
+class LlamaDecoder:
+    """One batched decode step (one new token per row) of a Llama-family model over a :class:`SinkCache`."""
+
+    def __init__(self, model: torch.nn.Module, cache: SinkCache, quantize: str | None = None) -> None:
+        reason = unsupported_reason(model, quantize)
+        if reason:
+            raise ValueError(f"the owned decode step does not cover this model: {reason}")
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        self.device, self.dtype = cache.device, cache.dtype
+        weight = next(model.parameters())
+        inner, outer = (candidate_kernels(weight.device, weight.dtype, quantize, output=o) for o in (False, True))
+        self.layers = [self._layer(layer, inner) for layer in model.model.layers]
+        self.embed = model.get_input_embeddings().weight  # (V, C)
+        self.norm = model.model.norm.weight
+        head = model.get_output_embeddings()
+        self.head = DecodeLinear(head.weight, getattr(head, "bias", None), outer)
+        self.rotations = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D, D)
+
+    def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        biases = [p.bias for p in projections]
+        qkv_bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        if qkv_bias is None and any(b is not None for b in biases):
+            raise ValueError("q/k/v projections with and without bias")
+        qkv = torch.cat([p.weight.detach() for p in projections])
+        gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        return Layer(
+            input_norm=layer.input_layernorm.weight,
+            qkv=DecodeLinear(qkv, qkv_bias, kernels),
+            out=DecodeLinear(attn.o_proj.weight, attn.o_proj.bias, kernels),
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=DecodeLinear(gate_up, None, kernels),
+            down=DecodeLinear(mlp.down_proj.weight, mlp.down_proj.bias, kernels),
+        )
+
+    def _rope_table(self, rotary: torch.nn.Module, positions: int) -> torch.Tensor:
+        """RoPE at each position as a (D, D) matrix R with ``rope(x) = x @ R``: a step rotates all its query
+        and key heads with one batched matmul instead of a dozen elementwise operations per layer.
+        Built from the model's own rotary module (scaled variants included) in float32."""
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None])  # (1, P, D) each
+        if cos.shape[-1] != self.head_dim:
+            raise ValueError("the owned decode step does not cover this model: partial rotary dimensions")
+        identity = torch.eye(self.head_dim, device=self.device)[None]  # (1, D, D): rows are basis vectors
+        return _rope(identity, cos[0][:, None], sin[0][:, None]).to(self.dtype)  # (P, D, D)
+
+    def tune(self, max_rows: int) -> dict[str, dict[int, str]]:
+        """Measure the kernels of each projection shape for 1, 2, 4, ... rows up to ``max_rows``."""
+        buckets = row_buckets(max_rows)
+        choices = {name: tune([getattr(layer, name) for layer in self.layers], buckets)
+                   for name in ("qkv", "out", "gate_up", "down")}
+        choices["head"] = tune([self.head], buckets)
+        log.info("decode kernels per row bucket: %s", choices)
+        return choices
+
+    @torch.inference_mode()
+    def __call__(self, step: CacheStep, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (B,) fed to the step's rows at their next slot: logits (B, V) in float32."""
+        keys, values = step.row_buffers()
+        logits = self.forward(tokens.to(self.device), step.slot_index, keys, values, step.kv_length)
+        step.write_back(keys, values)
+        return logits
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], length: int) -> torch.Tensor:
+        """The step as a function of tensors: ``tokens`` (B,) at slots ``positions`` (B,) of the rows whose
+        per-layer buffers are ``keys``/``values`` (B, Hkv, P, D), attending over their first ``length``
+        slots. Writes the new keys and values; returns logits (B, V) in float32."""
+        B = tokens.shape[0]
+        rotation = self.rotations[positions]  # (B, D, D)
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        mask = None
+        if B > 1:  # rows of different lengths: each sees its slots up to its own
+            mask = (torch.arange(length, device=self.device)[None] <= positions[:, None])[:, None, None]  # (B, 1, 1, S)
+        batch = torch.arange(B, device=self.device)
+        x = F.embedding(tokens, self.embed)  # (B, C)
+        for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
+            h = self._rms_norm(x, layer.input_norm)
+            qk, v = layer.qkv(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            qk = torch.bmm(qk.view(B, H + Hkv, D), rotation)  # (B, H + Hkv, D), rotated
+            k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
+            v_buf[batch, :, positions] = v.view(B, Hkv, D)
+            x = x + layer.out(self._attention(qk[:, :H], k_buf[:, :, :length], v_buf[:, :, :length], mask))
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return self.head(self._rms_norm(x, self.norm)).float()
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, D) against keys/values (B, Hkv, S, D) -> (B, H * D); query heads grouped per kv head."""
+        B = q.shape[0]
+        q = q.view(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # (B, Hkv, G, D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # (B, Hkv, G, D)
+        return out.reshape(B, self.heads * self.head_dim)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        return weight * F.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., D) by the angles cos/sin (broadcast to it; rotate_half layout, as transformers' Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,139 @@
+"""The owned decode step (engine/llama_decode.py) against transformers' forward, its reference: logits,
+the cache slots it writes, greedy tokens across evictions, batches of rows at different lengths, rows
+that are not contiguous; and its kernels (engine/decode_linear.py) against a plain float matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.cache import SinkCache
+from engine.config import EngineConfig
+from engine.decode_linear import DecodeLinear, candidate_kernels, row_buckets, tune
+from engine.llama_decode import LlamaDecoder, owned_decoder, unsupported_reason
+from engine.loader import prepare
+from engine.runner import Runner
+from tests.engine.generation import greedy_decode
+from tests.tiny_models import tiny_model
+
+COVERED = ("llama", "mistral", "qwen2")
+CPU = torch.device("cpu")
+
+
+def runners(family: str, quantize: str | None = None, rows: int = 4):
+    """Two runners over two identical caches: transformers' forward, and the owned decode step."""
+    model = tiny_model(family)
+    config = EngineConfig(sink_tokens=4, window=28, evict_block=4)
+    loaded = prepare(model, None, "tiny", config)
+
+    def cache():
+        return SinkCache(loaded.shape, rows, config.cache_size, 4, 4, loaded.inv_freqs)
+
+    reference = Runner(model, cache())
+    owned_cache = cache()
+    decoder = owned_decoder(model, owned_cache, quantize, max_rows=rows)
+    assert decoder is not None
+    return reference, Runner(model, owned_cache, decoder=decoder)
+
+
+@pytest.mark.parametrize("family", COVERED)
+def test_greedy_tokens_and_logits_match_transformers(family):
+    reference, owned = runners(family)
+    prompts = [[1, 5, 9, 13, 2], [7, 7, 3], [4, 8, 15, 16, 23, 42, 11]]  # rows of different lengths
+    expected, expected_logits = greedy_decode(reference, prompts, steps=40)  # 40 steps: the window rolls
+    got, got_logits = greedy_decode(owned, prompts, steps=40)
+    assert got == expected
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
+    for layer in range(reference.cache.shape.num_layers):  # the same keys and values in the same slots
+        for row in range(len(prompts)):
+            n = reference.cache.lengths[row]
+            assert owned.cache.lengths[row] == n
+            torch.testing.assert_close(owned.cache.k[layer][row, :, :n], reference.cache.k[layer][row, :, :n],
+                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(owned.cache.v[layer][row, :, :n], reference.cache.v[layer][row, :, :n],
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_rows_that_are_not_contiguous():
+    reference, owned = runners("llama")
+    for runner in (reference, owned):
+        for row, prompt in ((0, [3, 1, 4, 1, 5]), (2, [9, 2, 6]), (3, [5, 3, 5, 8, 9, 7, 9])):
+            runner.prefill(row, prompt, 16)
+    rows, tokens = [3, 0, 2], [11, 12, 13]
+    expected = reference.decode(rows, tokens)
+    got = owned.decode(rows, tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for row in rows:
+        n = reference.cache.lengths[row]
+        assert owned.cache.lengths[row] == n
+        torch.testing.assert_close(owned.cache.k[1][row, :, :n], reference.cache.k[1][row, :, :n], atol=1e-4, rtol=1e-4)
+    assert owned.cache.lengths[1] == 0  # the row in between was not touched
+
+
+def test_int4_kernels_stay_close_to_the_float_reference():
+    reference, owned = runners("llama", quantize="int4")
+    prompts = [[1, 5, 9, 13, 2], [7, 7, 3]]
+    _, expected = greedy_decode(reference, prompts, steps=3)
+    _, got = greedy_decode(owned, prompts, steps=3)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # 4-bit weights, logits of order 10
+
+
+def test_a_failed_step_leaves_the_rows_as_they_were():
+    _, owned = runners("llama")
+    owned.prefill(0, [1, 2, 3], 16)
+    before = (owned.cache.lengths[0], owned.cache.k[0][0].clone())
+    with pytest.raises(IndexError):
+        owned.decode([0], [10_000])  # no such token
+    assert owned.cache.lengths[0] == before[0]
+    torch.testing.assert_close(owned.cache.k[0][0], before[1])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma", "gpt_oss"])
+def test_other_families_keep_transformers_forward(family):
+    model = tiny_model(family)
+    assert unsupported_reason(model, None)
+    config = EngineConfig(sink_tokens=4, window=28, evict_block=4)
+    loaded = prepare(model, None, "tiny", config)
+    cache = SinkCache(loaded.shape, 1, config.cache_size, 4, 4, loaded.inv_freqs)
+    assert owned_decoder(model, cache, None, 1) is None
+    with pytest.raises(ValueError, match="does not cover"):
+        LlamaDecoder(model, cache)
+
+
+def test_int8_modules_keep_transformers_forward():
+    assert "quantize" in unsupported_reason(tiny_model("llama"), "int8")
+
+
+# ----- kernels -------------------------------------------------------------------------------------------
+def test_every_kernel_computes_the_same_product():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    linear = DecodeLinear(weight, bias, candidate_kernels(CPU, torch.float32, "int4", output=False))
+    assert set(linear.weights) == {"float32", "packed", "bf16", "int4"}
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 64)
+        expected = F.linear(x, weight, bias)
+        for kind, tolerance in (("float32", 1e-5), ("packed", 1e-4), ("bf16", 0.05), ("int4", 0.2)):
+            got = linear.run(kind, x)
+            assert (got - expected).abs().max() <= tolerance * expected.abs().max(), kind
+
+
+def test_tuning_keeps_one_kernel_per_bucket_and_drops_the_rest():
+    torch.manual_seed(0)
+    layers = [DecodeLinear(torch.randn(64, 64), None, ("float32", "packed", "bf16")) for _ in range(3)]
+    choice = tune(layers, row_buckets(5))
+    assert sorted(choice) == [1, 2, 4, 8]
+    for layer in layers:
+        assert layer.choice == choice
+        assert set(layer.weights) == set(choice.values())
+        x = torch.randn(5, 64)  # 5 rows use the 8-row bucket's kernel
+        assert layer(x).shape == (5, 64)
+
+
+def test_candidates():
+    assert candidate_kernels(CPU, torch.float32, None, output=False) == ("float32", "packed")
+    assert "int4" not in candidate_kernels(CPU, torch.float32, "int4", output=True)  # output projection
+    assert candidate_kernels(CPU, torch.bfloat16, "int4", output=False) == ("native",)
+    assert candidate_kernels(torch.device("cuda"), torch.bfloat16, None, output=False) == ("native",)
