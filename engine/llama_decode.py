@@ -149,29 +149,37 @@ class LlamaDecoder:
     def __call__(self, step: CacheStep, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (B,) fed to the step's rows at their next slot: logits (B, V) in float32."""
         keys, values = step.row_buffers()
-        logits = self.forward(tokens.to(self.device), step.slot_index, keys, values, step.kv_length)
+        single = step.offsets[0] if len(step.rows) == 1 else None
+        logits = self.forward(tokens.to(self.device), step.slot_index, keys, values, step.kv_length, single)
         step.write_back(keys, values)
         return logits
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor], length: int) -> torch.Tensor:
+                values: list[torch.Tensor], length: int, single: int | None = None) -> torch.Tensor:
         """The step as a function of tensors: ``tokens`` (B,) at slots ``positions`` (B,) of the rows whose
         per-layer buffers are ``keys``/``values`` (B, Hkv, P, D), attending over their first ``length``
-        slots. Writes the new keys and values; returns logits (B, V) in float32."""
+        slots. Writes the new keys and values; returns logits (B, V) in float32. ``single``: the slot as a
+        number when there is one row (a plain slice write, cheaper than indexing by tensors)."""
         B = tokens.shape[0]
         rotation = self.rotations[positions]  # (B, D, D)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         mask = None
-        if B > 1:  # rows of different lengths: each sees its slots up to its own
-            mask = (torch.arange(length, device=self.device)[None] <= positions[:, None])[:, None, None]  # (B, 1, 1, S)
+        if B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
+            hidden = torch.arange(length, device=self.device)[None] > positions[:, None]  # (B, S)
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            mask = mask[:, None, None]  # (B, 1, 1, S)
         batch = torch.arange(B, device=self.device)
         x = F.embedding(tokens, self.embed)  # (B, C)
         for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
             h = self._rms_norm(x, layer.input_norm)
             qk, v = layer.qkv(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
             qk = torch.bmm(qk.view(B, H + Hkv, D), rotation)  # (B, H + Hkv, D), rotated
-            k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
-            v_buf[batch, :, positions] = v.view(B, Hkv, D)
+            if single is None:
+                k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
+                v_buf[batch, :, positions] = v.view(B, Hkv, D)
+            else:
+                k_buf[0, :, single] = qk[0, H:]  # (Hkv, D)
+                v_buf[0, :, single] = v.view(Hkv, D)
             x = x + layer.out(self._attention(qk[:, :H], k_buf[:, :, :length], v_buf[:, :, :length], mask))
             h = self._rms_norm(x, layer.post_norm)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

@@ -110,12 +110,12 @@ def test_int8_modules_keep_transformers_forward():
 def test_every_kernel_computes_the_same_product():
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    linear = DecodeLinear(weight, bias, candidate_kernels(CPU, torch.float32, "int4", output=False))
-    assert set(linear.weights) == {"float32", "packed", "bf16", "int4"}
+    linear = DecodeLinear(weight, bias, ("float32", "packed", "bf16", "int8", "int4"))
+    assert set(linear.weights) == {"float32", "packed", "bf16", "int8", "int4"}
     for rows in (1, 3, 8):
         x = torch.randn(rows, 64)
         expected = F.linear(x, weight, bias)
-        for kind, tolerance in (("float32", 1e-5), ("packed", 1e-4), ("bf16", 0.05), ("int4", 0.2)):
+        for kind, tolerance in (("float32", 1e-5), ("packed", 1e-4), ("bf16", 0.05), ("int8", 0.05), ("int4", 0.2)):
             got = linear.run(kind, x)
             assert (got - expected).abs().max() <= tolerance * expected.abs().max(), kind
 

@@ -1,0 +1,63 @@
+"""Token-by-token perplexity with each output-projection kernel of the owned decode step forced, against
+float32: the gate an 8-bit or bf16 output projection must pass (within 0.5%, issue 14).
+
+    .venv/bin/python scripts/ppl_output_kernels.py [--tokens 3000] [--out docs/results/ppl-decode-head]
+
+Each configuration loads the embedded model, streams the first ``tokens`` tokens of the shipped
+tinyshakespeare through a 4 + 1020 sink cache one token at a time (``eval ppl --mode sink --chunk 1``) and
+scores every prediction; the output projection's kernel is forced instead of timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import engine.evaluate.ppl as ppl
+from engine.config import EngineConfig
+from engine.decode_linear import DecodeLinear
+from engine.evaluate.ppl import DEFAULT_TEXT
+from engine.llama_decode import owned_decoder
+from engine.loader import load
+
+CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the timed choice)
+    "float32 (quantize none)": (None, None),
+    "int4 layers + bf16 output projection": ("int4", "bf16"),
+    "int4 layers + int8 output projection": ("int4", "int8"),
+}
+
+
+def forced_head(kernel: str | None):
+    def build(model, cache, quantize, max_rows):
+        decoder = owned_decoder(model, cache, quantize, max_rows)
+        if kernel:
+            decoder.head = DecodeLinear(model.get_output_embeddings().weight, None, (kernel,))
+        return decoder
+    return build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/ppl-decode-head"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    text = Path(DEFAULT_TEXT).read_text(encoding="utf-8")
+    result = {}
+    for label, (quantize, kernel) in CONFIGURATIONS.items():
+        loaded = load(EngineConfig(quantize=quantize))
+        ids = loaded.tokenizer(text)["input_ids"][: args.tokens]
+        ppl.owned_decoder = forced_head(kernel)
+        result[label] = ppl.stream_ppl(loaded, ids, 1024, 4, 64, chunk=1)["ppl"]
+        print(f"{label}: {result[label]:.3f}", flush=True)
+    base = result["float32 (quantize none)"]
+    report = {"tokens": args.tokens, "ppl": result, "relative_to_float32": {k: v / base - 1 for k, v in result.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ppl.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
