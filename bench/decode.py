@@ -52,7 +52,7 @@ from bench.common import (
 from engine.cache import SinkCache
 from engine.loader import LoadedModel
 from engine.quantize import float_weights
-from engine.runner import Runner
+from engine.runner import serving_runner
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink
     """Stream ``ids`` through one sink-cache row; at each length time ``decode_steps`` decode steps."""
     cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
-    runner = Runner(loaded.model, cache, compile_decode=compile_decode)
+    runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1, compile_decode=compile_decode)
     if compile_decode:
         with Timer(loaded.device) as compiling:
             runner.warm_up()

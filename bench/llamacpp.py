@@ -29,7 +29,7 @@ import torch
 from bench.common import Timer, environment, history_ids, markdown_table, pyplot, ratio, write_report
 from engine.cache import SinkCache
 from engine.loader import LoadedModel, embedded_gguf_path
-from engine.runner import Runner
+from engine.runner import serving_runner
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def sinkserve_speed(loaded: LoadedModel, ids: list[int], prefill_tokens: int, de
                     sink_tokens: int = 4, window: int = 1020, chunk: int = 512) -> dict:
     cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, 64, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
-    runner = Runner(loaded.model, cache)
+    runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)
     runner.prefill(0, ids[:8], chunk)  # warm the kernels
     cache.reset(0)
     with Timer(loaded.device) as prefill:

@@ -35,7 +35,7 @@ from bench.common import (
 )
 from engine.cache import SinkCache
 from engine.loader import LoadedModel
-from engine.runner import Runner
+from engine.runner import serving_runner
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def measure_memory(loaded: LoadedModel, tokens: int = TOKENS, *, sink_tokens: in
     ids = history_ids(loaded.tokenizer, tokens)
     cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
-    runner = Runner(loaded.model, cache)
+    runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)
     chunk = max(1, min(chunk, window, sample_every))
     samples = [_sample(loaded, cache, 0)]
     started = time.perf_counter()

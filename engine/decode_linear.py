@@ -24,7 +24,8 @@ always; with int4 quantization (the embedded model's Q4_1 weights) also ``int4``
 (symmetric, a scale per row) for the output projection, whose GGUF type is Q8_0. Token-by-token
 perplexity of 3,000 tokens (``scripts/ppl_output_kernels.py``, ``docs/results/ppl-decode-head``): 39.755
 in float32, 39.772 with int4 layers and a bf16 output projection (+0.04%), 39.834 with an int8 one
-(+0.20%), both within the 0.5% an output projection must keep. On a GPU the weights are used as they are
+(+0.20%), both within the 0.5% an output projection must keep; a 4-bit one gives 41.545 (+4.5%) and is
+never a candidate. On a GPU the weights are used as they are
 (``native``).
 """
 
@@ -82,25 +83,26 @@ class DecodeLinear:
         self.default = next(iter(self.weights))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (R, K) -> (R, N) in ``x``'s dtype."""
+        """``x`` (R, K) -> (R, N), in the kernel's own dtype: bf16 for the int4, int8 and bf16 kernels (so a
+        bf16 product can feed the next one without a round trip through float32), else the weight's."""
         kind = self.choice.get(_bucket(x.shape[0]), self.default) if self.choice else self.default
         return self.run(kind, x)
 
     def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         w = self.weights[kind]
         if kind in ("native", "float32"):
-            return F.linear(x, w, self.bias)
+            return F.linear(x.to(w.dtype), w, self.bias)
         if kind == "packed":
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.float(), w, self.bias, "none", [], "")
+        x = x.to(torch.bfloat16)
         if kind == "bf16":
-            out = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+            out = F.linear(x, w)
         elif kind == "int8":
             codes, scales = w
-            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales).to(x.dtype)
+            out = torch.ops.aten._weight_int8pack_mm(x, codes, scales)
         else:  # int4
             packed, scales_zeros = w
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP,
-                                                            scales_zeros).to(x.dtype)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_zeros)
         return out if self.bias is None else out + self.bias
 
     def keep(self, choice: dict[int, str]) -> None:

@@ -20,10 +20,9 @@ from engine.device import cache_budget_bytes, default_max_batch, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
 from engine.grammar import Constraint, Grammar, GrammarCompiler
-from engine.llama_decode import owned_decoder
 from engine.loader import LoadedModel, load
 from engine.prompts import PromptEncoder
-from engine.runner import Runner
+from engine.runner import serving_runner
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, Scheduler
 from engine.sessions import SessionStore, check_session_id, common_prefix
@@ -68,8 +67,7 @@ class Engine:
             loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
         )
         store = self._session_store(cache, loaded.name)
-        decoder = None if self.config.compile else owned_decoder(loaded.model, cache, loaded.quantize, max_batch)
-        runner = Runner(loaded.model, cache, compile_decode=self.config.compile, decoder=decoder)
+        runner = serving_runner(loaded.model, cache, loaded.quantize, max_batch, compile_decode=self.config.compile)
         if self.config.compile:
             log.info("compiling the decode step (a minute or two on a small CPU)")
             runner.warm_up()

@@ -172,18 +172,18 @@ class LlamaDecoder:
         x = F.embedding(tokens, self.embed)  # (B, C)
         for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
             h = self._rms_norm(x, layer.input_norm)
-            qk, v = layer.qkv(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = torch.bmm(qk.view(B, H + Hkv, D), rotation)  # (B, H + Hkv, D), rotated
+            qk, v = layer.qkv(h).split([(H + Hkv) * D, Hkv * D], dim=-1)  # bf16 or the model's dtype
+            qk = torch.bmm(qk.view(B, H + Hkv, D).to(self.dtype), rotation)  # (B, H + Hkv, D), rotated
             if single is None:
                 k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
-                v_buf[batch, :, positions] = v.view(B, Hkv, D)
+                v_buf[batch, :, positions] = v.view(B, Hkv, D).to(self.dtype)
             else:
                 k_buf[0, :, single] = qk[0, H:]  # (Hkv, D)
                 v_buf[0, :, single] = v.view(Hkv, D)
             x = x + layer.out(self._attention(qk[:, :H], k_buf[:, :, :length], v_buf[:, :, :length], mask))
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # bf16 stays bf16 into the down projection
+            x = x + layer.down(F.silu(gate) * up)  # the residual stream stays in the model's dtype
         return self.head(self._rms_norm(x, self.norm)).float()
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from engine.cache import SinkCache
-from engine.llama_decode import LlamaDecoder
+from engine.llama_decode import LlamaDecoder, owned_decoder
 from engine.quantize import float_weights
 
 
@@ -108,3 +108,11 @@ class Runner:
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """One token for each row: logits (B, V)."""
         return self.forward(rows, torch.tensor(tokens)[:, None], decoding=True)
+
+
+def serving_runner(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int,
+                   compile_decode: bool = False) -> Runner:
+    """The runner the server decodes with: the owned decode step where it covers the model (kernels tuned
+    for up to ``max_rows`` rows), transformers' forward otherwise or when compiling."""
+    decoder = None if compile_decode else owned_decoder(model, cache, quantize, max_rows)
+    return Runner(model, cache, compile_decode=compile_decode, decoder=decoder)

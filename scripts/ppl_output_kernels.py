@@ -20,22 +20,24 @@ import engine.evaluate.ppl as ppl
 from engine.config import EngineConfig
 from engine.decode_linear import DecodeLinear
 from engine.evaluate.ppl import DEFAULT_TEXT
-from engine.llama_decode import owned_decoder
 from engine.loader import load
+from engine.runner import serving_runner
 
 CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the timed choice)
     "float32 (quantize none)": (None, None),
     "int4 layers + bf16 output projection": ("int4", "bf16"),
     "int4 layers + int8 output projection": ("int4", "int8"),
+    "int4 layers + int4 output projection": ("int4", "int4"),
 }
 
 
 def forced_head(kernel: str | None):
-    def build(model, cache, quantize, max_rows):
-        decoder = owned_decoder(model, cache, quantize, max_rows)
+    """``serving_runner`` with the owned decode step's output projection forced to ``kernel``."""
+    def build(model, cache, quantize, max_rows, compile_decode=False):
+        runner = serving_runner(model, cache, quantize, max_rows)
         if kernel:
-            decoder.head = DecodeLinear(model.get_output_embeddings().weight, None, (kernel,))
-        return decoder
+            runner.decoder.head = DecodeLinear(model.get_output_embeddings().weight, None, (kernel,))
+        return runner
     return build
 
 
@@ -43,14 +45,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("docs/results/ppl-decode-head"))
+    parser.add_argument("--only", action="append", help="measure only these labels (repeatable; float32 always)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     text = Path(DEFAULT_TEXT).read_text(encoding="utf-8")
     result = {}
     for label, (quantize, kernel) in CONFIGURATIONS.items():
+        if args.only and label not in args.only and quantize is not None:
+            continue
         loaded = load(EngineConfig(quantize=quantize))
         ids = loaded.tokenizer(text)["input_ids"][: args.tokens]
-        ppl.owned_decoder = forced_head(kernel)
+        ppl.serving_runner = forced_head(kernel)
         result[label] = ppl.stream_ppl(loaded, ids, 1024, 4, 64, chunk=1)["ppl"]
         print(f"{label}: {result[label]:.3f}", flush=True)
     base = result["float32 (quantize none)"]

@@ -50,9 +50,8 @@ import torch.nn.functional as F
 
 from engine.cache import CacheShape, SinkCache
 from engine.config import EngineConfig
-from engine.llama_decode import owned_decoder
 from engine.loader import LoadedModel, load
-from engine.runner import Runner
+from engine.runner import serving_runner
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def stream_ppl(loaded: LoadedModel, ids: list[int], capacity: int, sink_tokens: 
     """Feed ``ids`` through a one-row :class:`SinkCache` chunk by chunk and score every prediction."""
     cache = SinkCache(loaded.shape, 1, capacity, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device)
-    runner = Runner(loaded.model, cache, decoder=owned_decoder(loaded.model, cache, loaded.quantize, max_rows=1))
+    runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)
     per_token = loaded.shape.bytes_per_token(loaded.dtype)
     scores, trace = _Scores(ids), _Trace()
     started, last = time.perf_counter(), [time.perf_counter()]
