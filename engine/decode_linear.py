@@ -43,6 +43,7 @@ from engine.quantize import INT4_GROUP, int4_codes
 log = logging.getLogger(__name__)
 
 KERNELS = ("native", "float32", "packed", "bf16", "int8", "int4")
+TIE_MARGIN = 0.10  # kernels within 10% of the fastest count as tied (see _pick)
 
 
 def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | None,
@@ -105,6 +106,12 @@ class DecodeLinear:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_zeros)
         return out if self.bias is None else out + self.bias
 
+    def weight_bytes(self, kind: str) -> int:
+        """Bytes a matmul with ``kind`` reads (its weight copy, scales included)."""
+        w = self.weights[kind]
+        parts = w if isinstance(w, tuple) else (w,)
+        return sum(p.numel() * p.element_size() for p in parts)
+
     def keep(self, choice: dict[int, str]) -> None:
         """Use ``choice`` (row bucket -> kernel) from now on and drop the weights of kernels never chosen."""
         self.choice = dict(choice)
@@ -127,10 +134,19 @@ def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> di
 
         times = {kind: _median_time(lambda kind=kind, x=x: _run_all(layers, kind, x), repeats)
                  for kind in first.weights}
-        choice[rows] = min(times, key=times.get)
+        choice[rows] = _pick(times, {kind: first.weight_bytes(kind) for kind in times})
     for layer in layers:
         layer.keep(choice)
     return choice
+
+
+def _pick(times: dict[str, float], weight_bytes: dict[str, int], margin: float = TIE_MARGIN) -> str:
+    """The kernel reading the fewest bytes among those within ``margin`` of the fastest: tuning runs one
+    shape's weights over and over, which a large last-level cache keeps warm, while a real step reads them
+    between all the others, so a near-tie goes to the smaller weights."""
+    fastest = min(times.values())
+    close = [kind for kind, t in times.items() if t <= fastest * (1 + margin)]
+    return min(close, key=lambda kind: (weight_bytes[kind], times[kind]))
 
 
 def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
-from engine.decode_linear import DecodeLinear, candidate_kernels, row_buckets, tune
+from engine.decode_linear import DecodeLinear, _pick, candidate_kernels, row_buckets, tune
 from engine.llama_decode import LlamaDecoder, owned_decoder, unsupported_reason
 from engine.loader import prepare
 from engine.runner import Runner
@@ -130,6 +130,16 @@ def test_tuning_keeps_one_kernel_per_bucket_and_drops_the_rest():
         assert set(layer.weights) == set(choice.values())
         x = torch.randn(5, 64)  # 5 rows use the 8-row bucket's kernel
         assert layer(x).shape == (5, 64)
+
+
+def test_near_ties_go_to_the_smaller_weights():
+    weight = torch.randn(64, 64)
+    layer = DecodeLinear(weight, None, ("float32", "bf16", "int4"))
+    sizes = {kind: layer.weight_bytes(kind) for kind in layer.weights}
+    assert sizes["int4"] < sizes["bf16"] < sizes["float32"]
+    assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.08}, sizes) == "int4"
+    assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.5}, sizes) == "bf16"
+    assert _pick({"float32": 1.0, "bf16": 1.5, "int4": 1.5}, sizes) == "float32"
 
 
 def test_candidates():
