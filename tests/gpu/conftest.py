@@ -91,18 +91,21 @@ def chat_engine(tmp_path, dev: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def runner_on(model, dev: torch.device, dtype: torch.dtype, rows: int = 1, sink_tokens: int = SINKS,
-              window: int = WINDOW, evict_block: int = BLOCK, compile_decode: bool = False):
-    """``model`` moved to ``dev``/``dtype`` with a sink cache of ``rows`` rows (default: the served size)."""
+              window: int = WINDOW, evict_block: int = BLOCK, compile_decode: bool = False, owned: bool = False):
+    """``model`` moved to ``dev``/``dtype`` with a sink cache of ``rows`` rows (default: the served size);
+    ``owned``: decode with the owned step (engine/llama_decode.py) as the server does, else transformers'."""
     from engine.cache import SinkCache
     from engine.config import EngineConfig
     from engine.loader import prepare
-    from engine.runner import Runner
+    from engine.runner import Runner, serving_runner
 
     model = model.to(dev, dtype)
     config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=evict_block)
     loaded = prepare(model, None, "deep", config)
     cache = SinkCache(loaded.shape, rows, config.cache_size, sink_tokens, evict_block, loaded.inv_freqs,
                       dtype=dtype, device=dev)
+    if owned:
+        return serving_runner(model, cache, None, rows, compile_decode=compile_decode)
     return Runner(model, cache, compile_decode=compile_decode)
 
 
