@@ -18,10 +18,11 @@ file type: :class:`DecodeLinear` holds one copy of the weight per candidate kern
 times them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at
 start-up; the losers' copies are dropped.
 
-Candidates (:func:`candidate_kernels`): on a CPU ``float32`` and ``packed`` (a oneDNN-packed float32 copy)
-always; with int4 quantization (the embedded model's Q4_1 weights) also ``int4`` (the file's own 4-bit codes,
-:func:`engine.quantize.int4_codes`) and ``bf16`` for the decoder's layers, and ``bf16`` and ``int8``
-(symmetric, a scale per row) for the output projection, whose GGUF type is Q8_0. Token-by-token
+Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`` and ``packed`` (a
+oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
+file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and ``bf16`` for the decoder's layers, and
+``float32``, ``bf16`` and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
+is Q8_0. Token-by-token
 perplexity of 3,000 tokens (``scripts/ppl_output_kernels.py``, ``docs/results/ppl-decode-head``): 39.755
 in float32, 39.772 with int4 layers and a bf16 output projection (+0.04%), 39.834 with an int8 one
 (+0.20%), both within the 0.5% an output projection must keep; a 4-bit one gives 41.545 (+4.5%) and is
@@ -31,6 +32,7 @@ never a candidate. On a GPU the weights are used as they are
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import statistics
 import time
@@ -52,8 +54,8 @@ def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | 
     model on a CPU has a choice; anything else uses its weights as they are."""
     if device.type != "cpu" or dtype != torch.float32:
         return ("native",)
-    if quantize == "int4":
-        return ("float32", "packed", "bf16", "int8") if output else ("float32", "packed", "bf16", "int4")
+    if quantize == "int4":  # float32 layers read 8x the bytes of int4 ones: they never win a real step
+        return ("float32", "bf16", "int8") if output else ("bf16", "int4")
     return ("float32", "packed")
 
 
@@ -147,6 +149,15 @@ def _pick(times: dict[str, float], weight_bytes: dict[str, int], margin: float =
     fastest = min(times.values())
     close = [kind for kind, t in times.items() if t <= fastest * (1 + margin)]
     return min(close, key=lambda kind: (weight_bytes[kind], times[kind]))
+
+
+def release_freed_memory() -> None:
+    """Hand the weights of the kernels tuning dropped back to the OS (glibc keeps freed blocks of this size
+    in its heap, which would stay in the process's RSS); a no-op where ``malloc_trim`` does not exist."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import CacheStep, SinkCache
-from engine.decode_linear import DecodeLinear, candidate_kernels, row_buckets, tune
+from engine.decode_linear import DecodeLinear, candidate_kernels, release_freed_memory, row_buckets, tune
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def owned_decoder(model: torch.nn.Module, cache: SinkCache, quantize: str | None
         log.info("decoding with transformers' forward: %s", reason)
         return None
     decoder.tune(max_rows)
+    release_freed_memory()
     return decoder
 
 

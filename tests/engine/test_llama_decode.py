@@ -77,7 +77,11 @@ def test_int4_kernels_stay_close_to_the_float_reference():
     _, expected = greedy_decode(reference, prompts, steps=3)
     _, got = greedy_decode(owned, prompts, steps=3)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # 4-bit weights, logits of order 10
+    # 4-bit layers and an 8-bit or bf16 output projection on a random model whose weights are scaled up
+    # (tests/tiny_models.py): errors of ~20% of the largest logit; a miswired kernel (wrong scales, codes or
+    # layout) gives logits unrelated to the reference (errors of the logits' own size). The embedded model's
+    # quality under these kernels is measured by perplexity (scripts/ppl_output_kernels.py, README).
+    assert (got - expected).abs().max() < 0.35 * expected.abs().max()
 
 
 def test_a_failed_step_leaves_the_rows_as_they_were():
@@ -145,5 +149,6 @@ def test_near_ties_go_to_the_smaller_weights():
 def test_candidates():
     assert candidate_kernels(CPU, torch.float32, None, output=False) == ("float32", "packed")
     assert "int4" not in candidate_kernels(CPU, torch.float32, "int4", output=True)  # output projection
+    assert "int4" in candidate_kernels(CPU, torch.float32, "int4", output=False)
     assert candidate_kernels(CPU, torch.bfloat16, "int4", output=False) == ("native",)
     assert candidate_kernels(torch.device("cuda"), torch.bfloat16, None, output=False) == ("native",)
