@@ -7,8 +7,9 @@ step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-
 
 - per layer one fused QKV projection and one fused gate/up projection (:class:`~engine.decode_linear.DecodeLinear`,
   each with the kernel measured fastest on this machine for the batch's row count);
-- RoPE from a table of cos/sin for every in-cache position (built once by the model's own rotary
-  module, so scaled RoPE variants come out exactly as the model computes them);
+- RoPE as one batched matmul of all query and key heads by a (D, D) rotation per in-cache position (the
+  table is built once from the model's own rotary module, so scaled RoPE variants come out as the model
+  computes them);
 - the new keys and values written into the cache row's next slot, then grouped-query attention over the
   row's slots read in place (no repeated key/value heads, no gathered copy when the rows are contiguous);
 - the output projection of the last hidden state only.

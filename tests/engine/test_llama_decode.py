@@ -55,6 +55,14 @@ def test_greedy_tokens_and_logits_match_transformers(family):
                                        atol=1e-4, rtol=1e-4)
 
 
+def test_one_row_matches_transformers():
+    reference, owned = runners("llama", rows=1)
+    expected, expected_logits = greedy_decode(reference, [[1, 5, 9, 13, 2]], steps=40)
+    got, got_logits = greedy_decode(owned, [[1, 5, 9, 13, 2]], steps=40)
+    assert got == expected
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_rows_that_are_not_contiguous():
     reference, owned = runners("llama")
     for runner in (reference, owned):
