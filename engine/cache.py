@@ -336,11 +336,6 @@ class CacheStep:
         """Each row's first new slot (= the first new token's position), (B,) on the cache's device."""
         return self._slot_index
 
-    def visible_slots(self) -> torch.Tensor:
-        """Boolean (B, S): the slots each row's last new token attends to (sinks included)."""
-        slots = torch.arange(self.kv_length, device=self._slot_index.device)  # (S,)
-        return slots[None, :] <= (self._slot_index + self.new_tokens - 1)[:, None]
-
     def position_ids(self) -> torch.Tensor:
         """In-cache positions of the new tokens, (B, T)."""
         base = self._slot_index[:, None]  # (B, 1)

@@ -88,7 +88,7 @@ class DecodeLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (R, K) -> (R, N), in the kernel's own dtype: bf16 for the int4, int8 and bf16 kernels (so a
         bf16 product can feed the next one without a round trip through float32), else the weight's."""
-        kind = self.choice.get(_bucket(x.shape[0]), self.default) if self.choice else self.default
+        kind = self.choice.get(_bucket(x.shape[0]), self.default)
         return self.run(kind, x)
 
     def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:

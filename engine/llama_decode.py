@@ -61,14 +61,10 @@ def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | No
 def owned_decoder(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int) -> LlamaDecoder | None:
     """The owned decode step for ``model``, its kernels tuned for up to ``max_rows`` rows; None (logged)
     when the model needs transformers' forward."""
-    reason = unsupported_reason(model, quantize)
-    if reason is None:
-        try:
-            decoder = LlamaDecoder(model, cache, quantize)
-        except ValueError as exc:
-            reason = str(exc)
-    if reason is not None:
-        log.info("decoding with transformers' forward: %s", reason)
+    try:
+        decoder = LlamaDecoder(model, cache, quantize)  # checks unsupported_reason first
+    except ValueError as exc:
+        log.info("decoding with transformers' forward: %s", exc)
         return None
     decoder.tune(max_rows)
     release_freed_memory()

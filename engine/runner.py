@@ -26,7 +26,7 @@ class Runner:
                  decoder: LlamaDecoder | None = None) -> None:
         self.model = model
         self.cache = cache
-        self.decoder = None if compile_decode else decoder  # compiling applies to transformers' forward
+        self.decoder = decoder  # decode steps through the owned step (serving_runner decides)
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
         # rotary, activations); prefill stays eager (large matmuls dominate it anyway)
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
@@ -50,30 +50,29 @@ class Runner:
         tip a near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about
         half the time when only its last token was fed). ``decoding`` steps use the decode weights."""
         step = self.cache.step(rows, tokens.shape[1])
-        if decoding and self.decoder is not None:
-            try:
-                logits = self.decoder(step, tokens[:, 0])  # (B, V)
-            except BaseException:
-                step.undo()
-                raise
-            return logits[:, None] if all_logits else logits
-        forward = self._decode_forward if decoding else self.model.forward
-        weights = nullcontext() if decoding else float_weights(self.model)
         try:
-            with weights:
-                out = forward(
-                    input_ids=tokens.to(self.device),
-                    position_ids=step.position_ids(),
-                    attention_mask=self._mask(step),
-                    cache=step,
-                    use_cache=True,
-                    logits_to_keep=0 if all_logits else 1,
-                )
-            logits = out.logits.float()  # (B, T or 1, V)
+            if decoding and self.decoder is not None:
+                logits = self.decoder(step, tokens[:, 0])[:, None]  # (B, 1, V)
+            else:
+                logits = self._forward(step, tokens, all_logits, decoding)
         except BaseException:
             step.undo()  # a failed pass leaves every row as it was
             raise
         return logits if all_logits else logits[:, -1]
+
+    def _forward(self, step, tokens: torch.Tensor, all_logits: bool, decoding: bool) -> torch.Tensor:
+        """transformers' forward: logits (B, T or 1, V) in float32."""
+        forward = self._decode_forward if decoding else self.model.forward
+        with nullcontext() if decoding else float_weights(self.model):
+            out = forward(
+                input_ids=tokens.to(self.device),
+                position_ids=step.position_ids(),
+                attention_mask=self._mask(step),
+                cache=step,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        return out.logits.float()
 
     def warm_up(self, token: int = 0) -> None:
         """Compile the decode path before serving, for one and for several rows (uses rows 0 and 1).
