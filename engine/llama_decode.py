@@ -7,9 +7,9 @@ step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-
 
 - per layer one fused QKV projection and one fused gate/up projection (:class:`~engine.decode_linear.DecodeLinear`,
   each with the kernel measured fastest on this machine for the batch's row count);
-- RoPE as one batched matmul of all query and key heads by a (D, D) rotation per in-cache position (the
-  table is built once from the model's own rotary module, so scaled RoPE variants come out as the model
-  computes them);
+- RoPE as one batched matmul of all query and key heads by each row's (D, D) rotation, built once a step
+  from cos/sin tables that the model's own rotary module fills at start (so scaled RoPE variants come out
+  as the model computes them);
 - the new keys and values written into the cache row's next slot, then grouped-query attention over the
   row's slots read in place (no repeated key/value heads, no gathered copy when the rows are contiguous);
 - the output projection of the last hidden state only.
@@ -102,7 +102,9 @@ class LlamaDecoder:
         self.norm = model.model.norm.weight
         head = model.get_output_embeddings()
         self.head = DecodeLinear(head.weight, getattr(head, "bias", None), outer)
-        self.rotations = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D, D)
+        self.cos, self.sin = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D) each
+        identity = torch.eye(self.head_dim, dtype=self.dtype, device=self.device)
+        self.half_turn = _rope(identity, torch.zeros(()), torch.ones(()))  # (D, D): x @ it = rotate_half(x)
 
     def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -122,17 +124,21 @@ class LlamaDecoder:
             down=DecodeLinear(mlp.down_proj.weight, mlp.down_proj.bias, kernels),
         )
 
-    def _rope_table(self, rotary: torch.nn.Module, positions: int) -> torch.Tensor:
-        """RoPE at each position as a (D, D) matrix R with ``rope(x) = x @ R``: a step rotates all its query
-        and key heads with one batched matmul instead of a dozen elementwise operations per layer.
-        Built from the model's own rotary module (scaled variants included) in float32."""
+    def _rope_table(self, rotary: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (P, D) at every in-cache position, from the model's own rotary module (scaled
+        variants included)."""
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None])  # (1, P, D) each
         if cos.shape[-1] != self.head_dim:
             raise ValueError("the owned decode step does not cover this model: partial rotary dimensions")
-        identity = torch.eye(self.head_dim, device=self.device)[None]  # (1, D, D): rows are basis vectors
-        return _rope(identity, cos[0][:, None], sin[0][:, None]).to(self.dtype)  # (P, D, D)
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE at each row's position as a (D, D) matrix R with ``rope(x) = x @ R`` (diag(cos) plus the
+        rotate_half matrix scaled by sin), built once a step: every layer then rotates all its query and key
+        heads with one batched matmul instead of a dozen elementwise operations. (B, D, D)."""
+        return torch.diag_embed(self.cos[positions]) + self.half_turn * self.sin[positions][:, None, :]
 
     def tune(self, max_rows: int) -> dict[str, dict[int, str]]:
         """Measure the kernels of each projection shape for 1, 2, 4, ... rows up to ``max_rows``."""
@@ -159,7 +165,7 @@ class LlamaDecoder:
         slots. Writes the new keys and values; returns logits (B, V) in float32. ``single``: the slot as a
         number when there is one row (a plain slice write, cheaper than indexing by tensors)."""
         B = tokens.shape[0]
-        rotation = self.rotations[positions]  # (B, D, D)
+        rotation = self._rotations(positions)  # (B, D, D)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         mask = None
         if B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
