@@ -255,11 +255,15 @@ class SinkCache:
         """Exchange two rows (the scheduler keeps decoding rows contiguous so a batch is a view)."""
         if a == b:
             return
+        # only the slots either row uses move when both rows were zeroed: what lies beyond a row's length is
+        # finite (zeros, or slots it used before) and masked, so it may stay behind. A session of 200 tokens
+        # in a 1,024-slot cache then moves a fifth of the bytes (the scheduler swaps as requests come and go).
+        used = max(self.lengths[a], self.lengths[b]) if self.zeroed[a] and self.zeroed[b] else self.capacity
         for buffers in (self.k, self.v):
             for buf in buffers:
-                tmp = buf[a].clone()
-                buf[a] = buf[b]
-                buf[b] = tmp
+                tmp = buf[a, :, :used].clone()
+                buf[a, :, :used] = buf[b, :, :used]
+                buf[b, :, :used] = tmp
         for counters in (self.lengths, self.pinned, self.evicted, self.zeroed):
             counters[a], counters[b] = counters[b], counters[a]
 

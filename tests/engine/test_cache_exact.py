@@ -106,3 +106,28 @@ def test_half_precision_cache_follows_the_float64_policy(dtype):
     assert runner.cache.evicted[0] > 500
     print(f"{dtype}: worst relative logit error {worst:.4f}")
     assert worst < 0.05, worst  # relative to the logits' scale; half precision, no drift over 600 tokens
+
+
+def test_swapping_rows_moves_their_slots_and_keeps_their_logits():
+    """Rows of different lengths exchange places (only their used slots move when both were zeroed); each
+    conversation then continues exactly as it would have in its old row, alone or batched."""
+    model = tiny_model("llama")
+    runner = _runner(model, sink_tokens=4, window=60, evict_block=8, rows=3)
+    twin = _runner(model, sink_tokens=4, window=60, evict_block=8, rows=3)
+    tokens = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
+    for r in (runner, twin):
+        r.forward([0], tokens[:1, :50])  # row 0: a full window, evicted once
+        r.forward([0], tokens[:1, 50:80])
+        r.forward([2], tokens[1:, :12])  # row 2: 12 tokens
+    before = [runner.cache.export_row(r) for r in (0, 2)]
+    runner.cache.swap_rows(0, 2)
+    after = [runner.cache.export_row(r) for r in (2, 0)]
+    for old, new in zip(before, after, strict=True):
+        for key in ("k", "v", "meta"):
+            assert torch.equal(old[key], new[key])
+    assert runner.cache.lengths[0] == 12 and runner.cache.evicted[2] > 0
+    step = torch.tensor([[5], [7]])
+    want = twin.forward([2, 0], step)  # (2, V): the short row first
+    got = runner.forward([0, 2], step)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert runner.cache.zeroed[0] and runner.cache.zeroed[2]
