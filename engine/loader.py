@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from engine.cache import CacheShape
 from engine.config import SAMPLING_DEFAULT_FIELDS, EngineConfig
 from engine.device import log_device, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from engine.llama_decode import unsupported_reason
 from engine.quantize import quantize
 from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs
 
@@ -195,6 +196,15 @@ def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: s
     return None
 
 
+def owns_int4_decode(model: torch.nn.Module, mode: str | None, config: EngineConfig) -> bool:
+    """Whether int4 decoding will run through the owned decode step (engine/llama_decode.py), which builds
+    its own fused 4-bit weights: then transformers' Linear modules are left float, since they only run
+    prefill, which uses the float weights anyway (engine/runner.py). Swapping them for
+    :class:`~engine.quantize.Int4Linear` would only add a second 4-bit copy and a packed copy of the output
+    projection (160 MB for the embedded model) and the work of building them at start."""
+    return mode == "int4" and not config.compile and unsupported_reason(model, mode) is None
+
+
 def cache_shape(config) -> CacheShape:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -253,7 +263,10 @@ def load(config: EngineConfig) -> LoadedModel:
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
     mode = resolve_quantize(config, device, weight_types)
-    model = quantize(model, mode, device)
+    if owns_int4_decode(model, mode, config):
+        log.info("int4 decode weights: built by the owned decode step; transformers' modules stay float (prefill)")
+    else:
+        model = quantize(model, mode, device)
     if tokenizer.chat_template is None:
         log.warning("the model has no chat template: /v1/chat/completions will use a plain fallback")
     loaded = prepare(model, tokenizer, model_name(config.model), config,

@@ -131,3 +131,29 @@ def test_sampling_defaults_come_from_the_generation_config_then_the_operator(tin
 def test_operator_sampling_defaults_are_checked_at_start(bad):
     with pytest.raises(ValueError, match="sampling_defaults|top_p"):
         EngineConfig(sampling_defaults=bad)
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_int4_loads_float_modules_when_the_owned_step_decodes(tmp_path, compile_decode):
+    """With int4 and the owned decode step, transformers' modules stay float (only prefill runs them) and
+    decoding still goes through 4-bit weights; with --compile (transformers' forward decodes) they are
+    swapped for Int4Linear as before."""
+    from engine.quantize import Int4Linear
+    from engine.runner import serving_runner
+
+    model, tokenizer = tiny_chat_engine_parts()
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    config = EngineConfig(model=str(tmp_path / "tiny"), sink_tokens=4, window=60, evict_block=8, device="cpu",
+                          dtype="float32", quantize="int4", compile=compile_decode)
+    loaded = load(config)
+    swapped = [m for m in loaded.model.modules() if isinstance(m, Int4Linear)]
+    assert loaded.quantize == "int4"
+    assert bool(swapped) == compile_decode
+    if not compile_decode:
+        from engine.cache import SinkCache
+
+        cache = SinkCache(loaded.shape, 1, config.cache_size, 4, 8, loaded.inv_freqs)
+        runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)
+        assert runner.decoder is not None
+        assert any("int4" in layer.qkv.weights for layer in runner.decoder.layers)
