@@ -46,3 +46,24 @@ def test_a_tokenizer_that_does_not_split_cleanly_is_not_cached():
     encoder = PromptEncoder(Glued())
     assert not encoder.enabled
     assert encoder.encode("a<s>b") == [5]
+
+
+def test_concurrent_encodes_from_many_threads(tokenizer):
+    """The server renders chat prompts in a thread pool: encodes running at once must neither fail (the
+    prefix table was once iterated while another thread inserted: "OrderedDict mutated during iteration",
+    a 500 under load) nor mix up their tokens."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = PromptEncoder(tokenizer, capacity=8)
+    texts = [f"<|im_start|>system\nS{i % 3}<|im_end|>\n<|im_start|>user\nq{i} " + "word " * (i % 7) + "<|im_end|>\n"
+             "<|im_start|>assistant\n" for i in range(40)]
+    want = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(5):
+                assert list(pool.map(encoder.encode, texts * 4)) == want * 4
+    finally:
+        sys.setswitchinterval(interval)
