@@ -21,7 +21,8 @@ Layout and position policy (the paper's section 3.2):
   holds this arithmetic, so a session that is not resident (its counters saved) answers the same
   questions. Nothing outside this module computes slots, positions or evictions.
 - A forward pass that fails leaves every row as it was before it (``CacheStep.undo``): rows that had to
-  evict for the step are restored from a snapshot taken before the shift.
+  evict for the step are restored from a snapshot taken before the shift (the keys, which re-rotation
+  changed, and the evicted values; the moved values are moved back).
 
 The model never sees this class's policy: each forward borrows a :class:`CacheStep` that writes the new
 keys and values where the step says and returns the row's slots to attend over.
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.rope import rotate, rotation
+from engine.rope import rotate_float32, rotation
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,9 @@ class SinkCache:
             src, dst = slice(pinned + evict, length), slice(pinned, pinned + keep)
             for layer in range(self.shape.num_layers):
                 cos, sin = self._rotation(layer, -evict)
-                moved = self.k[layer][row, :, src].float()  # (H, keep, D)
-                self.k[layer][row, :, dst] = rotate(moved, cos, sin).to(self.dtype)
-                self.v[layer][row, :, dst] = self.v[layer][row, :, src].clone()
+                moved = self.k[layer][row, :, src]  # (H, keep, D)
+                self.k[layer][row, :, dst] = rotate_float32(moved, cos, sin)
+                self.v[layer][row, :, dst] = self.v[layer][row, :, src].clone()  # src and dst overlap
         self.lengths[row] = length - evict
         self.evicted[row] += evict
 
@@ -275,7 +276,7 @@ class SinkCache:
             if not self.zeroed[row]:
                 self._zero(row)
             evict = self._evictions(row, new_tokens)
-            undo.append((row, self.state(row), self._snapshot(row) if evict else None))
+            undo.append((row, self.state(row), self._snapshot(row, evict) if evict else None))
             if evict:
                 self._shift_window(row, evict)
         step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens, undo)
@@ -283,17 +284,24 @@ class SinkCache:
             self.lengths[row] += new_tokens
         return step
 
-    def _snapshot(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """A copy of the row's used slots on its device (taken before an eviction moves them)."""
-        n = self.lengths[row]
-        return [k[row, :, :n].clone() for k in self.k], [v[row, :, :n].clone() for v in self.v]
+    def _snapshot(self, row: int, evict: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """What undoing an eviction of ``evict`` window tokens needs, copied before it happens: the window's
+        keys (re-rotation changes them) and the evicted values (the others only move)."""
+        n, pinned = self.lengths[row], self.pinned[row]
+        return (evict, [k[row, :, pinned:n].clone() for k in self.k],
+                [v[row, :, pinned : pinned + evict].clone() for v in self.v])
 
     def _restore(self, row: int, state: RowState, snapshot) -> None:
         if snapshot is not None:
-            keys, values = snapshot
+            evict, keys, values = snapshot
+            pinned, length = state.pinned, state.length
+            keep = length - pinned - evict
             for layer in range(self.shape.num_layers):
-                self.k[layer][row, :, : state.length] = keys[layer]
-                self.v[layer][row, :, : state.length] = values[layer]
+                self.k[layer][row, :, pinned:length] = keys[layer]
+                v = self.v[layer][row]  # (H, capacity, D)
+                if keep > 0:  # the kept values back where they were, then the evicted ones before them
+                    v[:, pinned + evict : length] = v[:, pinned : pinned + keep].clone()
+                v[:, pinned : pinned + evict] = values[layer]
         self.lengths[row], self.pinned[row], self.evicted[row] = state.length, state.pinned, state.evicted
 
 

@@ -131,3 +131,37 @@ def test_swapping_rows_moves_their_slots_and_keeps_their_logits():
     got = runner.forward([0, 2], step)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert runner.cache.zeroed[0] and runner.cache.zeroed[2]
+
+
+@pytest.mark.parametrize("rot_dim", [16, 12])
+def test_rotate_float32_matches_rotate(rot_dim):
+    """The cache's one-temporary re-rotation against the reference formula, partial rotary dims included."""
+    from engine.rope import rotate, rotate_float32, rotation
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    cos, sin = rotation(inv_freq, -64, torch.float32, "cpu")
+    keys = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(4))[:, :, 5:]  # a strided view
+    for dtype in (torch.float32, torch.bfloat16):
+        x = keys.to(dtype)
+        want = rotate(x.float(), cos, sin)
+        got = rotate_float32(x, cos, sin)
+        assert got.dtype == torch.float32 and not torch.equal(want, x.float())
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_failed_evicting_step_leaves_the_row_exactly_as_it_was():
+    """A pass that evicted and then failed is undone bit for bit: keys, values and counters."""
+    model = tiny_model("llama")
+    runner = _runner(model, sink_tokens=4, window=60, evict_block=8)
+    tokens = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(6))
+    runner.forward([0], tokens[:, :40])
+    runner.forward([0], tokens[:, 40:64])  # past the window: evicted once already, a moved row
+    before = runner.cache.export_row(0)
+    step = runner.cache.step([0], 5)  # evicts a block and moves the window
+    assert runner.cache.evicted[0] > before["meta"][2]
+    runner.cache.k[0][0, :, step.offsets[0]] = 7.0  # the pass wrote its new slots, then failed
+    runner.cache.v[0][0, :, step.offsets[0]] = 7.0
+    step.undo()
+    after = runner.cache.export_row(0)
+    for key in ("k", "v", "meta"):
+        assert torch.equal(before[key], after[key]), key
