@@ -5,10 +5,17 @@ Three ways to keep talking after a conversation of ``L`` tokens (the baselines o
 
 ``sinkserve``
     The engine's :class:`~engine.runner.Runner` over a :class:`~engine.cache.SinkCache` (``sink_tokens`` +
-    ``window`` slots, 4 + 1020 by default). The history is streamed through the cache in big prefill
-    chunks, as a session does, one length after the other (the decoded tokens of a length stay in the
-    stream); then ``decode_steps`` greedy decode steps are timed one by one. The cost should not depend
-    on ``L`` once the window is full.
+    ``window`` slots, 4 + 1020 by default) with one row per length plus a stream row. The history is
+    streamed through the stream row in big prefill chunks, as a session does, one length after the other;
+    when it reaches a length the row is copied into that length's own row (``SinkCache.copy_row``), a
+    snapshot of the conversation at ``L`` tokens. Once every length is fed, each snapshot row gets
+    ``warmup_steps`` untimed decode steps, then ``decode_steps`` greedy decode steps per length are timed
+    one by one in ``rounds`` interleaved rounds: each round times its share of the steps on every length
+    in turn, each row continuing its own token stream, so the points are measured side by side rather
+    than minutes apart on a host whose speed drifts. The cost should not depend on ``L`` once the window
+    is full. With the window full every step that crosses a block boundary evicts a block
+    (``evict_block`` tokens, every ``evict_block`` steps), so the longer points, and any point past the
+    window, include evictions; that is the steady state of a long conversation.
 ``dense``
     transformers ``model.generate`` with its default ``DynamicCache``: the whole history is prefilled,
     then ``decode_steps`` tokens are generated; a streamer stamps each token, so prefill and per-token
@@ -24,8 +31,10 @@ Three ways to keep talking after a conversation of ``L`` tokens (the baselines o
     window length with ``recompute_steps`` tokens.
 
 Report (``decode.json``): per length ``sinkserve`` / ``dense`` / ``recompute`` entries with
-``ms_per_token`` (mean), ``ms_per_token_median`` and timing details, and ``ratios``: recompute over
-sinkserve per length, and the longest over the shortest length for sinkserve and dense.
+``ms_per_token`` (mean), ``ms_per_token_median`` and timing details (sinkserve: also each round's mean),
+and ``ratios``: recompute over sinkserve per length, and the longest over the shortest length for sinkserve
+(of the means, and ``sinkserve_longest_over_shortest_median`` of the medians) and dense. The dense and
+recompute baselines are measured after sinkserve, one length after the other (not interleaved).
 """
 
 from __future__ import annotations
@@ -84,48 +93,67 @@ def _argmax(logits: torch.Tensor) -> int:
 
 
 def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink_tokens: int, window: int,
-                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 8,
+                evict_block: int, chunk: int, decode_steps: int, warmup_steps: int = 8, rounds: int = 4,
                 compile_decode: bool = False) -> dict[int, dict]:
-    """Stream ``ids`` through one sink-cache row; at each length time ``decode_steps`` decode steps."""
-    cache = SinkCache(loaded.shape, 1, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
-                      dtype=loaded.dtype, device=loaded.device)
+    """Stream ``ids`` through one sink-cache row, snapshot it at each length into a row of its own, then
+    time ``decode_steps`` greedy decode steps per length in ``rounds`` interleaved rounds."""
+    rounds = max(1, min(rounds, decode_steps))
+    cache = SinkCache(loaded.shape, len(lengths) + 1, sink_tokens + window, sink_tokens, evict_block,
+                      loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device)
     runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1, compile_decode=compile_decode)
     if compile_decode:
         with Timer(loaded.device) as compiling:
             runner.warm_up()
         log.info("compiled the decode step in %.0f s", compiling.seconds)
     chunk = max(1, min(chunk, window))
-    results: dict[int, dict] = {}
-    fed = streamed = 0
-    feed_seconds = 0.0
-    for length in lengths:
+    stream = 0  # the row the history is streamed through; length i is snapshot into row i + 1
+    fed = 0
+    feeds: dict[int, tuple[int, float]] = {}  # length -> (tokens fed to reach it, seconds)
+    tokens: dict[int, int] = {}  # length -> the next token to feed its row
+    for i, length in enumerate(lengths):
         part = ids[fed:length]
         with Timer(loaded.device) as feed:
-            logits = runner.prefill(0, part, chunk) if part else None
-        feed_seconds += feed.seconds
-        fed, streamed = length, streamed + len(part)
-        token = _argmax(logits) if logits is not None else ids[length - 1]
+            logits = runner.prefill(stream, part, chunk) if part else None
+        fed = length
+        feeds[length] = (len(part), feed.seconds)
+        cache.copy_row(stream, i + 1)
+        tokens[length] = _argmax(logits) if logits is not None else ids[length - 1]
+        log.info("sinkserve: fed %d tokens up to %d in %.1f s", len(part), length, feed.seconds)
+    row_of = {length: i + 1 for i, length in enumerate(lengths)}
+    for length in lengths:  # every row warm before any timing
         for _ in range(warmup_steps):
-            token = _argmax(runner.decode([0], [token]))
-        steps = []
-        for _ in range(decode_steps):
-            start = time.perf_counter()
-            token = _argmax(runner.decode([0], [token]))  # .item() inside waits for the device
-            steps.append(time.perf_counter() - start)
-        streamed += warmup_steps + decode_steps
+            tokens[length] = _argmax(runner.decode([row_of[length]], [tokens[length]]))
+    per_round = [decode_steps // rounds + (1 if r < decode_steps % rounds else 0) for r in range(rounds)]
+    steps: dict[int, list[float]] = {length: [] for length in lengths}
+    for share in per_round:
+        for length in lengths:  # each length in turn, so drift on the host hits all of them alike
+            row, token = row_of[length], tokens[length]
+            for _ in range(share):
+                start = time.perf_counter()
+                token = _argmax(runner.decode([row], [token]))  # .item() inside waits for the device
+                steps[length].append(time.perf_counter() - start)
+            tokens[length] = token
+    bounds = [sum(per_round[:r]) for r in range(rounds + 1)]
+    results: dict[int, dict] = {}
+    for length in lengths:
+        row, (part, seconds) = row_of[length], feeds[length]
         results[length] = {
-            "ms_per_token": 1e3 * statistics.fmean(steps),
-            "ms_per_token_median": 1e3 * statistics.median(steps),
+            "ms_per_token": 1e3 * statistics.fmean(steps[length]),
+            "ms_per_token_median": 1e3 * statistics.median(steps[length]),
+            "ms_per_token_round_means": [1e3 * statistics.fmean(steps[length][bounds[r] : bounds[r + 1]])
+                                         for r in range(rounds) if per_round[r]],
             "decode_steps": decode_steps,
-            "stream_tokens": streamed,
-            "cache_tokens": cache.lengths[0],
-            "evicted_tokens": cache.evicted[0],
-            "cache_bytes": cache.row_bytes_used(0),
-            "history_feed_s": feed.seconds,
-            "history_feed_tokens_per_s": len(part) / feed.seconds if part and feed.seconds else None,
+            "rounds": rounds,
+            "stream_tokens": length + warmup_steps + decode_steps,
+            "cache_tokens": cache.lengths[row],
+            "evicted_tokens": cache.evicted[row],
+            "cache_bytes": cache.row_bytes_used(row),
+            "history_feed_s": seconds,
+            "history_feed_tokens": part,
+            "history_feed_tokens_per_s": part / seconds if part and seconds else None,
         }
-        log.info("sinkserve: %d tokens, %.1f ms/token (fed %d tokens in %.1f s)", length,
-                 results[length]["ms_per_token"], len(part), feed.seconds)
+        log.info("sinkserve: %d tokens, %.1f ms/token mean, %.1f median over %d rounds", length,
+                 results[length]["ms_per_token"], results[length]["ms_per_token_median"], rounds)
     return results
 
 
@@ -204,7 +232,8 @@ def _estimate_dense(loaded: LoadedModel, length: int, reference: tuple[float, fl
 def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4, window: int = 1020,
                    evict_block: int = 64, chunk: int = 512, decode_steps: int = 32, recompute_window: int = 1024,
                    recompute_steps: int = 3, dense_budget_s: float = 120.0,
-                   methods=("sinkserve", "dense", "recompute"), compile_decode: bool = False) -> dict:
+                   methods=("sinkserve", "dense", "recompute"), compile_decode: bool = False,
+                   rounds: int = 4) -> dict:
     """Time the decode of each method at each history length; a JSON-ready report."""
     lengths = sorted(set(int(n) for n in lengths))
     ids = history_ids(loaded.tokenizer, max(lengths))
@@ -212,7 +241,7 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
     sink = {}
     if "sinkserve" in methods:
         sink = sink_decode(loaded, ids, lengths, sink_tokens=sink_tokens, window=window, evict_block=evict_block,
-                           chunk=chunk, decode_steps=decode_steps, compile_decode=compile_decode)
+                           chunk=chunk, decode_steps=decode_steps, rounds=rounds, compile_decode=compile_decode)
     reference = None  # (FLOPs, seconds) of the latest prefill, to estimate the next dense one
     first = sink.get(lengths[0])
     if first and first["history_feed_s"]:
@@ -253,9 +282,9 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
                     log.info("recompute: window %d, %.1f ms/token", span, by_window[span]["ms_per_token"])
                 recompute[length] = by_window[span]
 
-    def ms(table: dict, length: int) -> float | None:
+    def ms(table: dict, length: int, key: str = "ms_per_token") -> float | None:
         entry = table.get(length)
-        return entry["ms_per_token"] if isinstance(entry, dict) else None
+        return entry[key] if isinstance(entry, dict) else None
 
     measured_dense = [n for n in lengths if ms(dense, n) is not None]
     report = {
@@ -263,7 +292,7 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
         "environment": environment(loaded, None),
         "settings": {
             "lengths": lengths, "sink_tokens": sink_tokens, "window": window, "evict_block": evict_block,
-            "chunk": chunk, "decode_steps": decode_steps, "recompute_window": recompute_window,
+            "chunk": chunk, "decode_steps": decode_steps, "rounds": rounds, "recompute_window": recompute_window,
             "recompute_steps": recompute_steps, "dense_budget_s": dense_budget_s,
             "model_max_positions": loaded.max_positions, "compile_decode": compile_decode,
         },
@@ -274,12 +303,18 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
         "ratios": {
             "recompute_over_sinkserve": {str(n): ratio(ms(recompute, n), ms(sink, n)) for n in lengths},
             "sinkserve_longest_over_shortest": ratio(ms(sink, lengths[-1]), ms(sink, lengths[0])),
+            "sinkserve_longest_over_shortest_median": ratio(ms(sink, lengths[-1], "ms_per_token_median"),
+                                                            ms(sink, lengths[0], "ms_per_token_median")),
             "dense_longest_measured_over_shortest": (
                 ratio(ms(dense, measured_dense[-1]), ms(dense, measured_dense[0])) if measured_dense else None),
             "dense_longest_measured": measured_dense[-1] if measured_dense else None,
         },
         "seconds": time.perf_counter() - started,
         "notes": [
+            f"sinkserve: one row streamed through the lengths, snapshot into a row per length; {decode_steps} "
+            f"decode steps per length in {rounds} interleaved rounds (each round times every length in turn), "
+            "so host drift hits all lengths alike; ratios from means and from medians. A full window evicts a "
+            f"block of {evict_block} tokens every {evict_block} steps, at every length past the window.",
             "Baselines as in StreamingLLM (arXiv 2309.17453, section 4.5): dense = transformers generate with "
             "its growing DynamicCache; recompute = sliding window of "
             f"{recompute_window} tokens re-encoded for every generated token. Both run on the float32 "
@@ -301,7 +336,9 @@ def table(report: dict) -> str:
                            "recompute ms/token", "recompute / sinkserve"], rows)
     r = report["ratios"]
     text += (f"\nsinkserve {report['settings']['lengths'][-1]} vs {report['settings']['lengths'][0]} tokens: "
-             f"{_fmt(r['sinkserve_longest_over_shortest'])}x; dense {r['dense_longest_measured']} vs "
+             f"{_fmt(r['sinkserve_longest_over_shortest'])}x (means), "
+             f"{_fmt(r.get('sinkserve_longest_over_shortest_median'))}x (medians, "
+             f"{report['settings'].get('rounds', 1)} interleaved rounds); dense {r['dense_longest_measured']} vs "
              f"{report['settings']['lengths'][0]}: {_fmt(r['dense_longest_measured_over_shortest'])}x\n")
     return text
 

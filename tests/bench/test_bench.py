@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import statistics
 import sys
 import types
 
@@ -32,7 +34,7 @@ def test_history_ids_repeat_the_text(loaded):
 
 def test_decode_suite(loaded, tmp_path):
     report = run_decode(loaded, tmp_path, lengths=[40, 150], sink_tokens=4, window=60, evict_block=8, chunk=32,
-                        decode_steps=3, recompute_window=64, recompute_steps=2)
+                        decode_steps=4, recompute_window=64, recompute_steps=2, rounds=2)
     saved = json.loads((tmp_path / "decode.json").read_text())
     assert (tmp_path / "decode.png").stat().st_size > 0 and "| history tokens |" in (tmp_path / "decode.md").read_text()
     assert [r["history_tokens"] for r in saved["results"]] == [40, 150]
@@ -46,11 +48,23 @@ def test_decode_suite(loaded, tmp_path):
             entry["recompute"]["ms_per_token"] / entry["sinkserve"]["ms_per_token"])
     first, last = saved["results"]
     assert last["dense"]["beyond_trained_positions"] is True and first["dense"]["beyond_trained_positions"] is False
-    # every token the stream saw is in the cache or counted as evicted (150 of history, 3 decoded, warm-up)
-    assert last["sinkserve"]["evicted_tokens"] + last["sinkserve"]["cache_tokens"] >= 150 + 3
-    assert first["sinkserve"]["evicted_tokens"] == 0
+    # each length decodes on a row of its own: every token its stream saw (history, 8 warm-up, 4 timed) is in
+    # its cache or counted as evicted, and nothing else (the other length's tokens are not in it)
+    for entry in (first, last):
+        timing = entry["sinkserve"]
+        assert timing["stream_tokens"] == entry["history_tokens"] + 8 + 4
+        assert timing["evicted_tokens"] + timing["cache_tokens"] == timing["stream_tokens"]
+        assert timing["rounds"] == 2 and len(timing["ms_per_token_round_means"]) == 2
+        assert timing["ms_per_token"] == pytest.approx(sum(timing["ms_per_token_round_means"]) / 2)
+    assert first["sinkserve"]["evicted_tokens"] == 0 and first["sinkserve"]["cache_tokens"] == 52
+    assert last["sinkserve"]["evicted_tokens"] > 0
+    assert first["sinkserve"]["history_feed_tokens"] == 40 and last["sinkserve"]["history_feed_tokens"] == 110
+    assert saved["settings"]["rounds"] == 2
     assert saved["ratios"]["sinkserve_longest_over_shortest"] == pytest.approx(
         last["sinkserve"]["ms_per_token"] / first["sinkserve"]["ms_per_token"])
+    assert saved["ratios"]["sinkserve_longest_over_shortest_median"] == pytest.approx(
+        last["sinkserve"]["ms_per_token_median"] / first["sinkserve"]["ms_per_token_median"])
+    assert "medians" in (tmp_path / "decode.md").read_text()
     assert report["files"]["json"].endswith("decode.json")
 
 
@@ -77,11 +91,18 @@ def test_memory_suite(loaded, tmp_path):
 def test_followup_suite(tmp_path):
     engine = tiny_engine(tmp_path, window=60, max_positions=128)
     try:
-        report = measure_followup(engine, [30, 120], followup_tokens=5, feed=50)
+        report = measure_followup(engine, [30, 120], followup_tokens=5, feed=50, rounds=3)
+        left = asyncio.run(engine.list_sessions("bench"))
     finally:
         engine.stop()
+    assert left == []  # the stream session and each length's session were deleted
+    assert report["settings"]["rounds"] == 3
     first, last = report["results"]
-    assert last["session"]["cached_tokens"] >= 119  # the history came from the session
+    for entry in (first, last):  # every round's follow-up reused the whole history of its own session
+        session, n = entry["session"], entry["history_tokens"]
+        assert len(session["ttft_ms_samples"]) == 3 and session["ttft_ms"] == statistics.median(session["ttft_ms_samples"])
+        assert session["cached_tokens_samples"] == [n] * 3 and session["cached_tokens"] == n
+        assert session["prompt_tokens"] == n + 5 and session["location"] == "device"
     assert last["reprefill"]["cached_tokens"] == 0
     assert report["ratios"]["session_longest_over_shortest"] == pytest.approx(
         last["session"]["ttft_ms"] / first["session"]["ttft_ms"])
