@@ -14,10 +14,18 @@ it through the :class:`~engine.engine.Engine`:
     reuse (arXiv 2309.17453, section 4.5, compares per-token costs; the sliding window with re-computation
     baseline re-encodes for every token, this one once per request). Grows linearly with ``L``.
 
-One session is grown through all lengths in order (the follow-up of a shorter length is rolled back when
-the history is extended, as an edited conversation would be). Report (``followup.json``): per length the
-TTFT of both ways in ms, the session follow-up's ``cached_tokens``, and ``ratios``: TTFT at the longest
-over the shortest length for each way, and reprefill over session per length.
+Each length gets a session of its own: one stream session is grown through the lengths in order, and at
+each length a first follow-up with ``fork=True`` branches a copy of it off (``SessionStore.fork``: a cache
+row copy, no re-feeding), which becomes that length's session; the stream session is then deleted. Then
+``rounds`` (5) interleaved rounds: in each, every length's session in turn gets a new follow-up (a different
+``followup_tokens`` slice of the text after its history each round), so the session rolls the previous
+follow-up back and prefills only the new one; its time to first token is recorded. The re-prefill baseline
+is one sample per length, after the rounds (it prefills the whole history, which is expensive at 50k).
+
+Report (``followup.json``): per length the session TTFT in ms (``ttft_ms``: the median over the rounds, with
+the mean and every sample) and its ``cached_tokens`` (the least over the rounds; each sample's too), the
+re-prefill TTFT, and ``ratios``: TTFT at the longest over the shortest length for each way (session: of the
+medians), and reprefill over session per length.
 
 ``responses_chain`` (``bench/responses_chain.py``): the same question as a response chained through
 ``previous_response_id`` over HTTP, its time to first token at each length of the chain behind it.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 
 from bench.common import (
@@ -46,6 +55,8 @@ log = logging.getLogger(__name__)
 LENGTHS = (500, 2_000, 8_000, 20_000, 50_000)
 QUICK_LENGTHS = (500, 2_000)
 FOLLOWUP_TOKENS = 20
+ROUNDS = 5
+API_KEY = "bench"
 
 
 async def first_token(engine, prompt: list[int], *, api_key: str, session_id: str | None) -> dict:
@@ -68,45 +79,97 @@ async def first_token(engine, prompt: list[int], *, api_key: str, session_id: st
             "prompt_tokens": finish.usage.prompt_tokens, "generation": generation}
 
 
+async def _fork(engine, ids: list[int], length: int, followup: list[int], *, session_id: str) -> tuple[str, dict]:
+    """A session of its own holding ``ids[:length]``, branched off ``session_id`` (which holds
+    ``ids[:length + 1]``; ``followup`` must not start with ``ids[length]``) by a first follow-up with
+    ``fork=True``: the copy's id and that (untimed) follow-up's result."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    generation = await engine.generate(ids[:length] + followup, params, api_key=API_KEY, session_id=session_id,
+                                       fork=True)
+    finish = None
+    async for event in generation:
+        if isinstance(event, FinishEvent):
+            finish = event
+    if finish is None or finish.finish_reason == "error":
+        raise RuntimeError(f"fork failed: {finish.error if finish else 'no finish event'}")
+    if generation.session_id == session_id:
+        raise RuntimeError("the follow-up did not branch off the stream session")
+    return generation.session_id, {"cached_tokens": finish.usage.cached_tokens}
+
+
 async def measure_followup_async(engine, lengths=LENGTHS, *, followup_tokens: int = FOLLOWUP_TOKENS,
-                                 feed: int = 4096, session_id: str = "bench-followup") -> dict:
+                                 feed: int = 4096, rounds: int = ROUNDS, session_id: str = "bench-followup") -> dict:
     lengths = sorted(set(int(n) for n in lengths))
-    ids = history_ids(engine.tokenizer, max(lengths) + followup_tokens)
-    results = []
+    rounds = max(1, int(rounds))
+    spare = 8  # slices to choose the branching follow-up from
+    ids = history_ids(engine.tokenizer, max(lengths) + 1 + (rounds + spare) * followup_tokens)
+
+    def slices(length: int) -> list[list[int]]:
+        """The follow-ups of a length: slices of the text after its history, the first (which branches its
+        session off the stream session) one that diverges from the stream at ``length``, then one per round."""
+        after = [ids[length + 1 + k * followup_tokens : length + 1 + (k + 1) * followup_tokens]
+                 for k in range(rounds + spare)]
+        for k, part in enumerate(after):
+            if part[0] != ids[length]:
+                return [part] + (after[:k] + after[k + 1 :])[:rounds]
+        raise RuntimeError(f"no follow-up diverging from the history at {length} tokens")
+
     started = time.perf_counter()
     await first_token(engine, ids[:64], api_key="bench-warmup", session_id=None)  # warm the kernels
+    # one stream session grown through the lengths; at each, a copy of it becomes that length's session
+    sessions: dict[int, str] = {}
+    build_s: dict[int, float] = {}
+    followups = {length: slices(length) for length in lengths}
     built = 0
-    build_s = 0.0
+    begin = time.perf_counter()
     for length in lengths:
-        history = ids[:length]
-        followup = history + ids[length : length + followup_tokens]
-        begin = time.perf_counter()
-        while built < length:  # extend the session, one generate per ``feed`` tokens
-            built = min(built + feed, length)
-            await first_token(engine, ids[:built], api_key="bench", session_id=session_id)
-        build_s += time.perf_counter() - begin
-        session = await first_token(engine, followup, api_key="bench", session_id=session_id)
-        fresh = await first_token(engine, followup, api_key=f"bench-fresh-{length}", session_id=None)
+        while built < length + 1:  # extend the stream session, one generate per ``feed`` tokens
+            built = min(built + feed, length + 1)
+            await first_token(engine, ids[:built], api_key=API_KEY, session_id=session_id)
+        sessions[length], forked = await _fork(engine, ids, length, followups[length][0], session_id=session_id)
+        build_s[length] = time.perf_counter() - begin
+        log.info("session of %d tokens ready after %.1f s (branched with %d cached)", length, build_s[length],
+                 forked["cached_tokens"])
+    await engine.delete_session(API_KEY, session_id)  # its device row is free again
+    samples: dict[int, list[dict]] = {length: [] for length in lengths}
+    for r in range(1, rounds + 1):  # each round: every length in turn, a new follow-up for each
+        for length in lengths:
+            prompt = ids[:length] + followups[length][r]
+            result = await first_token(engine, prompt, api_key=API_KEY, session_id=sessions[length])
+            if result["generation"].session_id != sessions[length]:
+                raise RuntimeError("the follow-up did not continue its session")
+            samples[length].append(result)
+            log.info("round %d: follow-up after %d tokens, %.0f ms (%d cached)", r, length,
+                     1e3 * result["ttft_s"], result["cached_tokens"])
+    where = {length: (await engine.get_session(API_KEY, sessions[length]))["location"] for length in lengths}
+    results = []
+    for length in lengths:  # the re-prefill baseline: one sample per length (a whole history each)
+        prompt = ids[:length] + followups[length][rounds]
+        fresh = await first_token(engine, prompt, api_key=f"bench-fresh-{length}", session_id=None)
         await engine.delete_session(f"bench-fresh-{length}", fresh["generation"].session_id)
+        await engine.delete_session(API_KEY, sessions[length])
+        ttfts = [1e3 * s["ttft_s"] for s in samples[length]]
+        cached = [s["cached_tokens"] for s in samples[length]]
         results.append({
             "history_tokens": length,
             "followup_tokens": followup_tokens,
-            "session": {"ttft_ms": 1e3 * session["ttft_s"], "cached_tokens": session["cached_tokens"],
-                        "prompt_tokens": session["prompt_tokens"]},
+            "session": {"ttft_ms": statistics.median(ttfts), "ttft_ms_mean": statistics.fmean(ttfts),
+                        "ttft_ms_samples": ttfts, "cached_tokens": min(cached), "cached_tokens_samples": cached,
+                        "prompt_tokens": samples[length][-1]["prompt_tokens"], "location": where[length]},
             "reprefill": {"ttft_ms": 1e3 * fresh["ttft_s"], "cached_tokens": fresh["cached_tokens"],
-                          "prompt_tokens": fresh["prompt_tokens"]},
-            "session_build_s_so_far": build_s,
+                          "prompt_tokens": fresh["prompt_tokens"], "samples": 1},
+            "session_build_s_so_far": build_s[length],
         })
-        log.info("follow-up after %d tokens: session %.0f ms (%d cached), re-prefill %.0f ms", length,
-                 1e3 * session["ttft_s"], session["cached_tokens"], 1e3 * fresh["ttft_s"])
+        log.info("follow-up after %d tokens: session median %.0f ms over %d rounds (%d cached), re-prefill %.0f ms",
+                 length, results[-1]["session"]["ttft_ms"], rounds, min(cached), 1e3 * fresh["ttft_s"])
     first, last = results[0], results[-1]
     return {
         "suite": "followup",
         "environment": environment(engine.loaded, engine.config),
         "settings": {"lengths": lengths, "followup_tokens": followup_tokens, "feed_tokens_per_request": feed,
-                     "prefill_chunk": engine.config.chunk_size},
+                     "rounds": rounds, "prefill_chunk": engine.config.chunk_size},
         "results": results,
-        "ratios": {
+        "ratios": {  # session figures are medians over the rounds
             "session_longest_over_shortest": ratio(last["session"]["ttft_ms"], first["session"]["ttft_ms"]),
             "reprefill_longest_over_shortest": ratio(last["reprefill"]["ttft_ms"], first["reprefill"]["ttft_ms"]),
             "reprefill_over_session": {str(r["history_tokens"]): ratio(r["reprefill"]["ttft_ms"], r["session"]["ttft_ms"])
@@ -114,7 +177,11 @@ async def measure_followup_async(engine, lengths=LENGTHS, *, followup_tokens: in
         },
         "seconds": time.perf_counter() - started,
         "notes": ["session: the history lives in the session's sink cache, only the follow-up is prefilled; "
-                  "reprefill: the whole conversation is streamed through a fresh sink cache (no sessions)."],
+                  "reprefill: the whole conversation is streamed through a fresh sink cache (no sessions).",
+                  f"session TTFT: the median of {rounds} follow-ups per length, measured in interleaved rounds "
+                  "(each round sends every length's session a new follow-up, in turn; the session rolls the "
+                  "previous one back and prefills only the new one). reprefill: one sample per length, after the "
+                  "rounds (a whole history each, expensive at long lengths), so its ratios are single points."],
     }
 
 
@@ -126,8 +193,9 @@ def measure_followup(engine, lengths=LENGTHS, **kwargs) -> dict:
 def table(report: dict) -> str:
     rows = [[r["history_tokens"], r["session"]["ttft_ms"], r["session"]["cached_tokens"], r["reprefill"]["ttft_ms"],
              report["ratios"]["reprefill_over_session"][str(r["history_tokens"])]] for r in report["results"]]
-    text = markdown_table(["history tokens", "session TTFT ms", "session cached tokens", "re-prefill TTFT ms",
-                           "re-prefill / session"], rows)
+    rounds = report["settings"].get("rounds", 1)
+    text = markdown_table(["history tokens", f"session TTFT ms (median of {rounds})", "session cached tokens",
+                           "re-prefill TTFT ms (1 sample)", "re-prefill / session"], rows)
     r, lengths = report["ratios"], report["settings"]["lengths"]
     text += (f"\nTTFT({lengths[-1]}) / TTFT({lengths[0]}): session {_fmt(r['session_longest_over_shortest'])}x, "
              f"re-prefill {_fmt(r['reprefill_longest_over_shortest'])}x\n")
