@@ -16,6 +16,7 @@ from engine.sampling import (
     sample,
     sample_batch,
     token_logprobs,
+    top_p_filter,
 )
 
 V = 16
@@ -281,3 +282,31 @@ def test_plain_rows_and_the_rest():
         assert not plain(SamplingParams(**special)), special
     with pytest.raises(ValueError, match="plain"):
         sample_batch(torch.zeros(1, 4), [SamplingParams(seed=3)])
+
+
+@pytest.mark.parametrize("candidates", [4, 256])
+def test_nucleus_among_candidates_keeps_what_the_full_sort_keeps(monkeypatch, candidates):
+    """The CPU's top-p looks for the nucleus among the most probable tokens before sorting the vocabulary:
+    the same kept set as top_p_filter's stable sort (ties at the edge lowest index first), whether the
+    nucleus lies among the candidates or the rows fall back to the sort."""
+    import engine.sampling as sampling
+
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(11)
+    found = fallbacks = 0
+    for trial in range(60):
+        temperature = (0.2, 0.7, 1.5)[trial % 3]
+        logits = 3 * torch.randn(4, 2000, generator=gen) / temperature  # (R, V)
+        if trial % 2:
+            logits = logits.round()  # ties, also at the nucleus' edge
+        logits[1, :50] = -math.inf  # a row already cut by top-k
+        ps = [0.5, 0.9, 0.95, 0.99][trial % 4 :] + [0.5, 0.9, 0.95, 0.99][: trial % 4]
+        keep = sampling._nucleus_from_candidates(logits, torch.tensor(ps))
+        found, fallbacks = found + (keep is not None), fallbacks + (keep is None)
+        got = sampling._top_p_rows(logits, ps)
+        for row, p in enumerate(ps):
+            want = top_p_filter(logits[row], p)
+            assert torch.equal(got[row].isfinite(), want.isfinite()), (trial, row)
+            if keep is not None:
+                assert torch.equal(keep[row] & logits[row].isfinite(), want.isfinite()), (trial, row)
+    assert found > 10 and (fallbacks > 10 if candidates == 4 else True)
