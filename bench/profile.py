@@ -14,7 +14,9 @@ about 0.1 us a call: the clock itself is not measurable at these step sizes. Onl
 (no prefill chunk in them) at the full batch are counted.
 
 ``c`` conversations (distinct owners, ``prompt_tokens`` of the shipped text each) generate
-``max_tokens`` tokens with the API's default sampling settings (temperature 1, top-p 1) and
+``max_tokens`` tokens with the sampling a client gets when it sends no sampling fields (the served
+model's defaults, e.g. the embedded model card's temperature 0.2 and top-p 0.9; temperature 1 for a model
+without any) and
 ``ignore_eos``, all at once; the client side records the mean gap between consecutive token events,
 which adds the event loop's wake-up to the worker's step.
 
@@ -155,7 +157,8 @@ async def _stream(engine, prompt: list[int], params: SamplingParams, api_key: st
 
 async def measure_profile_async(engine, batches=BATCHES, *, prompt_tokens: int = 64, max_tokens: int = 64) -> dict:
     """Profile ``max_tokens`` decode steps at each batch size (one round each, the sizes in order)."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # the API's defaults: temperature 1, top-p 1
+    defaults = dict(engine.loaded.sampling_defaults)  # what a request that omits the sampling fields gets
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **defaults)
     source = history_ids(engine.tokenizer, prompt_tokens * (sum(batches) + 1))
     prompts = iter(source[i : i + prompt_tokens] for i in range(0, len(source), prompt_tokens))
     await _stream(engine, next(prompts), SamplingParams(max_tokens=4, ignore_eos=True), "profile-warmup")
@@ -179,7 +182,7 @@ async def measure_profile_async(engine, batches=BATCHES, *, prompt_tokens: int =
         "suite": "profile",
         "environment": environment(engine.loaded, engine.config),
         "settings": {"batches": list(batches), "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
-                     "max_batch": engine.config.max_batch, "sampling": "temperature 1, top-p 1 (API defaults)"},
+                     "max_batch": engine.config.max_batch, "sampling": defaults or "temperature 1 (no defaults)"},
         "results": results,
         "seconds": time.perf_counter() - started,
         "notes": [
