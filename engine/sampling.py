@@ -311,12 +311,16 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
         uniforms = torch.rand(batch, device=device)  # (B,)
     points = uniforms.to(device=device, dtype=torch.float32)[:, None] * cdf[:, -1:]  # (B, 1)
     drawn = torch.searchsorted(cdf, points, right=True).clamp_max(vocab - 1)[:, 0]  # (B,)
-    broken = ~torch.isfinite(probs).all(dim=-1) | (cdf[:, -1] <= 0)  # (B,) overflowed settings: take the best
-    drawn = torch.where(broken, out.nan_to_num(nan=-math.inf).argmax(dim=-1), drawn)
+    total = cdf[:, -1]  # (B,) NaN or inf when a row's probabilities overflowed, 0 when nothing survived
+    broken = ~torch.isfinite(total) | (total <= 0)  # (B,) overflowed settings: those rows take the best
     if any(greedy):
         argmax = logits.nan_to_num(nan=-math.inf).argmax(dim=-1)  # (B,)
         drawn = torch.where(torch.tensor(greedy, device=device), argmax, drawn)
-    return drawn.tolist()
+        broken &= ~torch.tensor(greedy, device=device)
+    tokens, broken_rows = torch.stack([drawn, broken.long()]).tolist()  # the one host transfer
+    for row in (i for i, bad in enumerate(broken_rows) if bad):  # rare: the reference's fallback, row by row
+        tokens[row] = int(out[row].nan_to_num(nan=-math.inf).argmax())
+    return tokens
 
 
 def _top_k_rows(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -335,8 +339,9 @@ def _top_p_rows(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
     rows = [i for i, p in enumerate(ps) if p < 1.0]
     if not rows:
         return logits
+    every = len(rows) == logits.shape[0]
     index = torch.tensor(rows, device=logits.device)  # (R,)
-    sub = logits.index_select(0, index)  # (R, V)
+    sub = logits if every else logits.index_select(0, index)  # (R, V)
     p = torch.tensor([ps[i] for i in rows], dtype=torch.float32, device=logits.device)  # (R,)
     keep = _nucleus_from_candidates(sub, p) if sub.device.type == "cpu" else None
     if keep is None:
@@ -347,40 +352,44 @@ def _top_p_rows(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # (R, V) back to vocabulary order
     else:
         drop = ~keep
-    return logits.index_copy(0, index, sub.masked_fill(drop, -math.inf))
+    filtered = sub.masked_fill(drop, -math.inf)
+    return filtered if every else logits.index_copy(0, index, filtered)
 
 
-TOP_P_CANDIDATES = 256  # the most probable tokens the CPU's nucleus is looked for among before sorting all
+TOP_P_CANDIDATES = (16, 256)  # how many of the most probable tokens the CPU's nucleus is looked for among
 
 
 def _nucleus_from_candidates(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
     """The tokens :func:`top_p_filter` keeps in each row of ``logits`` (R, V), as a mask (R, V), found
-    among the ``TOP_P_CANDIDATES`` most probable tokens instead of sorting the whole vocabulary: a stable
-    sort of 49,152 logits costs 4 ms a row on a small CPU, 20% of a decode step, and the nucleus of a
-    chat model's next token (the embedded model's card samples at temperature 0.2, top-p 0.9) is a handful
-    of tokens. None when a row's nucleus is not inside its candidates (or a logit is NaN or +inf): then the
-    caller sorts. Ties are kept as the stable sort keeps them, lowest index first. (A host sync or two: CPU
-    only.)"""
+    among the 16 (then 256) most probable tokens instead of sorting the whole vocabulary: a stable sort of
+    49,152 logits costs 4 ms a row on a small CPU, 20% of a decode step, and the nucleus of a chat model's
+    next token (the embedded model's card samples at temperature 0.2, top-p 0.9) is a handful of tokens.
+    None when a row's nucleus is not among them (or its largest logit is NaN or +inf, which topk puts
+    first): then the caller sorts. Ties are kept as the stable sort keeps them, lowest index first. (A host
+    sync per stage: CPU only.)"""
     vocab = logits.shape[-1]
-    k = min(vocab, TOP_P_CANDIDATES)
-    if bool((logits.isnan() | logits.isposinf()).any()):
-        return None
-    top = logits.topk(k, dim=-1)  # (R, k) descending
-    # softmax's terms, floored at exp(-87) (the smallest normal float32): at a low temperature most of a
-    # row's exp() would be denormal numbers, which cost a CPU ten times more, while terms that small can
-    # never change a sum that holds the top token's 1
-    total = (logits - top.values[:, :1]).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (R, 1)
-    probs = (top.values - top.values[:, :1]).clamp_min_(-87.0).exp_() / total  # (R, k)
-    mass_before = probs.cumsum(dim=-1) - probs  # (R, k) mass of strictly more probable tokens
-    kept = (mass_before < p[:, None]).sum(dim=-1, keepdim=True)  # (R, 1) tokens the nucleus keeps, >= 1
-    if k < vocab and bool((kept >= k).any()):
+    for k in sorted({min(vocab, c) for c in TOP_P_CANDIDATES}):
+        top = logits.topk(k, dim=-1)  # (R, k) descending
+        best = top.values[:, :1]  # (R, 1)
+        if not bool(best.isfinite().all()):
+            return None
+        # softmax's terms, floored at exp(-87) (the smallest normal float32): at a low temperature most of a
+        # row's exp() would be denormal numbers, which cost a CPU ten times more, while terms that small
+        # can never change a sum that holds the top token's 1
+        total = (logits - best).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (R, 1)
+        probs = (top.values - best).clamp_min_(-87.0).exp_() / total  # (R, k)
+        mass_before = probs.cumsum(dim=-1) - probs  # (R, k) mass of strictly more probable tokens
+        kept = (mass_before < p[:, None]).sum(dim=-1, keepdim=True)  # (R, 1) tokens the nucleus keeps, >= 1
+        if k == vocab or bool((kept < k).all()):
+            break
+    else:
         return None
     edge = top.values.gather(-1, kept - 1)  # (R, 1) the least probable kept token's logit
-    above = logits > edge  # (R, V)
-    tied = logits == edge  # (R, V)
+    keep = logits >= edge  # (R, V)
+    if bool((keep.sum(dim=-1, keepdim=True) == kept).all()):
+        return keep
+    above, tied = logits > edge, logits == edge  # (R, V) each: more tokens tie with the edge than fit
     room = kept - above.sum(dim=-1, keepdim=True)  # (R, 1) tied tokens kept
-    if bool((tied.sum(dim=-1, keepdim=True) == room).all()):
-        return above | tied
     return above | (tied & (tied.cumsum(dim=-1) <= room))
 
 

@@ -284,7 +284,7 @@ def test_plain_rows_and_the_rest():
         sample_batch(torch.zeros(1, 4), [SamplingParams(seed=3)])
 
 
-@pytest.mark.parametrize("candidates", [4, 256])
+@pytest.mark.parametrize("candidates", [(4,), (2, 16), (16, 256)])
 def test_nucleus_among_candidates_keeps_what_the_full_sort_keeps(monkeypatch, candidates):
     """The CPU's top-p looks for the nucleus among the most probable tokens before sorting the vocabulary:
     the same kept set as top_p_filter's stable sort (ties at the edge lowest index first), whether the
@@ -309,4 +309,17 @@ def test_nucleus_among_candidates_keeps_what_the_full_sort_keeps(monkeypatch, ca
             assert torch.equal(got[row].isfinite(), want.isfinite()), (trial, row)
             if keep is not None:
                 assert torch.equal(keep[row] & logits[row].isfinite(), want.isfinite()), (trial, row)
-    assert found > 10 and (fallbacks > 10 if candidates == 4 else True)
+    assert found > 10 and (fallbacks > 10 if candidates == (4,) else True)
+
+
+def test_batch_rows_whose_settings_overflow_take_the_reference_fallback():
+    """A row whose probabilities overflow (NaN logits, a tiny temperature) falls back to the best token,
+    as the per-row path does, without disturbing the other rows."""
+    gen = torch.Generator().manual_seed(12)
+    logits = 3 * torch.randn(4, 300, generator=gen)
+    logits[1, 5] = math.nan
+    logits[2] *= 1e6  # over a temperature of 1e-4: inf - inf in the softmax
+    params = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.8), SamplingParams(temperature=1e-4),
+              SamplingParams(temperature=0.8, top_p=0.9)]
+    uniforms = torch.rand(4, generator=gen)
+    assert sample_batch(logits, params, uniforms=uniforms) == reference(logits, params, uniforms)
