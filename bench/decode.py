@@ -123,25 +123,26 @@ def sink_decode(loaded: LoadedModel, ids: list[int], lengths: list[int], *, sink
     for length in lengths:  # every row warm before any timing
         for _ in range(warmup_steps):
             tokens[length] = _argmax(runner.decode([row_of[length]], [tokens[length]]))
-    per_round = [decode_steps // rounds + (1 if r < decode_steps % rounds else 0) for r in range(rounds)]
-    steps: dict[int, list[float]] = {length: [] for length in lengths}
+    per_round = [decode_steps // rounds + (1 if r < decode_steps % rounds else 0) for r in range(rounds)]  # >= 1 each
+    by_round: dict[int, list[list[float]]] = {length: [] for length in lengths}  # length -> each round's steps
     for share in per_round:
         for length in lengths:  # each length in turn, so drift on the host hits all of them alike
             row, token = row_of[length], tokens[length]
+            steps = []
             for _ in range(share):
                 start = time.perf_counter()
                 token = _argmax(runner.decode([row], [token]))  # .item() inside waits for the device
-                steps[length].append(time.perf_counter() - start)
+                steps.append(time.perf_counter() - start)
+            by_round[length].append(steps)
             tokens[length] = token
-    bounds = [sum(per_round[:r]) for r in range(rounds + 1)]
     results: dict[int, dict] = {}
     for length in lengths:
         row, (part, seconds) = row_of[length], feeds[length]
+        steps = [step for taken in by_round[length] for step in taken]
         results[length] = {
-            "ms_per_token": 1e3 * statistics.fmean(steps[length]),
-            "ms_per_token_median": 1e3 * statistics.median(steps[length]),
-            "ms_per_token_round_means": [1e3 * statistics.fmean(steps[length][bounds[r] : bounds[r + 1]])
-                                         for r in range(rounds) if per_round[r]],
+            "ms_per_token": 1e3 * statistics.fmean(steps),
+            "ms_per_token_median": 1e3 * statistics.median(steps),
+            "ms_per_token_round_means": [1e3 * statistics.fmean(taken) for taken in by_round[length]],
             "decode_steps": decode_steps,
             "rounds": rounds,
             "stream_tokens": length + warmup_steps + decode_steps,

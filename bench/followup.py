@@ -59,11 +59,11 @@ ROUNDS = 5
 API_KEY = "bench"
 
 
-async def first_token(engine, prompt: list[int], *, api_key: str, session_id: str | None) -> dict:
+async def first_token(engine, prompt: list[int], *, api_key: str, session_id: str | None, fork: bool = False) -> dict:
     """Send ``prompt`` (max_tokens=1, greedy); seconds to the first token and the finish usage."""
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
-    generation = await engine.generate(prompt, params, api_key=api_key, session_id=session_id)
+    generation = await engine.generate(prompt, params, api_key=api_key, session_id=session_id, fork=fork)
     ttft = None
     finish = None
     async for event in generation:
@@ -83,18 +83,10 @@ async def _fork(engine, ids: list[int], length: int, followup: list[int], *, ses
     """A session of its own holding ``ids[:length]``, branched off ``session_id`` (which holds
     ``ids[:length + 1]``; ``followup`` must not start with ``ids[length]``) by a first follow-up with
     ``fork=True``: the copy's id and that (untimed) follow-up's result."""
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    generation = await engine.generate(ids[:length] + followup, params, api_key=API_KEY, session_id=session_id,
-                                       fork=True)
-    finish = None
-    async for event in generation:
-        if isinstance(event, FinishEvent):
-            finish = event
-    if finish is None or finish.finish_reason == "error":
-        raise RuntimeError(f"fork failed: {finish.error if finish else 'no finish event'}")
-    if generation.session_id == session_id:
+    result = await first_token(engine, ids[:length] + followup, api_key=API_KEY, session_id=session_id, fork=True)
+    if result["generation"].session_id == session_id:
         raise RuntimeError("the follow-up did not branch off the stream session")
-    return generation.session_id, {"cached_tokens": finish.usage.cached_tokens}
+    return result["generation"].session_id, result
 
 
 async def measure_followup_async(engine, lengths=LENGTHS, *, followup_tokens: int = FOLLOWUP_TOKENS,
