@@ -127,13 +127,16 @@ class SinkCache:
         self.device = torch.device(device)
         buf = (rows, shape.kv_heads, capacity, shape.head_dim)
         # allocated untouched (a fast start with a large budget); a row is zeroed when it is (re)used, so
-        # masked slots of a shorter row in a batch never hold garbage that could turn into NaN
+        # masked slots of a shorter row in a batch never hold garbage that could turn into NaN. Only the
+        # slots a row has used since it was last zeroed are zeroed again (``dirty``): a new conversation in a
+        # row whose last one used 200 of 1,024 slots clears a fifth of the row's bytes.
         self.k = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
         self.v = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
         self.lengths = [0] * rows  # slots in use
         self.pinned = [sink_tokens] * rows  # slots never evicted
         self.evicted = [0] * rows  # tokens evicted from the row since it was reset
-        self.zeroed = [False] * rows  # rows are zeroed on first use
+        # per row: slots [dirty:] hold zeros; None until the row is first zeroed (then any slot may be garbage)
+        self.dirty: list[int | None] = [None] * rows
         self._rotations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, shift) -> cos, sin
 
     # ----- bookkeeping -------------------------------------------------------------------------------
@@ -164,10 +167,16 @@ class SinkCache:
         return planned_evictions(self.lengths[row], self.pinned[row], self.capacity, self.evict_block, new_tokens, chunk)
 
     def _zero(self, row: int) -> None:
-        for buffers in (self.k, self.v):
-            for buf in buffers:
-                buf[row].zero_()
-        self.zeroed[row] = True
+        used = self.capacity if self.dirty[row] is None else self.dirty[row]
+        if used:
+            for buffers in (self.k, self.v):
+                for buf in buffers:
+                    buf[row, :, :used].zero_()
+        self.dirty[row] = 0
+
+    def _touch(self, row: int) -> None:
+        """Record that the row's slots up to its length may now hold data (see ``dirty``)."""
+        self.dirty[row] = max(self.dirty[row], self.lengths[row])
 
     # ----- eviction ----------------------------------------------------------------------------------
     def make_room(self, row: int, new_tokens: int) -> int:
@@ -241,31 +250,33 @@ class SinkCache:
             self.k[layer][row, :, :n] = state["k"][layer].to(self.device, self.dtype)
             self.v[layer][row, :, :n] = state["v"][layer].to(self.device, self.dtype)
         self.lengths[row], self.pinned[row], self.evicted[row] = n, pinned, evicted
+        self._touch(row)
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make ``dst`` an exact copy of ``src`` (a conversation branching off another)."""
         n = self.lengths[src]
+        self._zero(dst)
         for buffers in (self.k, self.v):
             for buf in buffers:
-                buf[dst].zero_()
                 buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst], self.pinned[dst], self.evicted[dst] = n, self.pinned[src], self.evicted[src]
-        self.zeroed[dst] = True
+        self._touch(dst)
 
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange two rows (the scheduler keeps decoding rows contiguous so a batch is a view)."""
         if a == b:
             return
-        # only the slots either row uses move when both rows were zeroed: what lies beyond a row's length is
-        # finite (zeros, or slots it used before) and masked, so it may stay behind. A session of 200 tokens
-        # in a 1,024-slot cache then moves a fifth of the bytes (the scheduler swaps as requests come and go).
-        used = max(self.lengths[a], self.lengths[b]) if self.zeroed[a] and self.zeroed[b] else self.capacity
+        # only the slots either row has used since it was zeroed move (beyond them both rows hold zeros): a
+        # session of 200 tokens in a 1,024-slot cache moves a fifth of the bytes (the scheduler swaps rows
+        # as requests come and go). A row never zeroed may hold garbage anywhere: then every slot moves.
+        dirty = (self.dirty[a], self.dirty[b])
+        used = self.capacity if None in dirty else max(dirty)
         for buffers in (self.k, self.v):
             for buf in buffers:
                 tmp = buf[a, :, :used].clone()
                 buf[a, :, :used] = buf[b, :, :used]
                 buf[b, :, :used] = tmp
-        for counters in (self.lengths, self.pinned, self.evicted, self.zeroed):
+        for counters in (self.lengths, self.pinned, self.evicted, self.dirty):
             counters[a], counters[b] = counters[b], counters[a]
 
     # ----- one forward pass --------------------------------------------------------------------------
@@ -273,7 +284,7 @@ class SinkCache:
         """Reserve ``new_tokens`` slots in each row (evicting if needed) for one forward pass."""
         undo = []
         for row in rows:
-            if not self.zeroed[row]:
+            if self.dirty[row] is None:
                 self._zero(row)
             evict = self._evictions(row, new_tokens)
             undo.append((row, self.state(row), self._snapshot(row, evict) if evict else None))
@@ -282,6 +293,7 @@ class SinkCache:
         step = CacheStep(self, rows, [self.lengths[r] for r in rows], new_tokens, undo)
         for row in rows:
             self.lengths[row] += new_tokens
+            self._touch(row)
         return step
 
     def _snapshot(self, row: int, evict: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:

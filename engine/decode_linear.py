@@ -20,9 +20,11 @@ start-up; the losers' copies are dropped.
 
 Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`` and ``packed`` (a
 oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
-file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and ``bf16`` for the decoder's layers, and
-``float32``, ``bf16`` and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
-is Q8_0. Token-by-token
+file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and a bf16 copy for the decoder's layers, and
+``float32``, bf16 and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
+is Q8_0. The bf16 copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which
+a plain bf16 ``F.linear`` re-lays out on every call: 1.2-2x faster at 8 and 16 rows, the same bytes) where
+oneDNN runs bf16 natively, plain ``bf16`` elsewhere. Token-by-token
 perplexity of 3,000 tokens (``scripts/ppl_output_kernels.py``, ``docs/results/ppl-decode-head``): 39.755
 in float32, 39.772 with int4 layers and a bf16 output projection (+0.04%), 39.834 with an int8 one
 (+0.20%), both within the 0.5% an output projection must keep; a 4-bit one gives 41.545 (+4.5%) and is
@@ -44,7 +46,8 @@ from engine.quantize import INT4_GROUP, int4_codes
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("native", "float32", "packed", "bf16", "int8", "int4")
+KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4")
+PACK_ROWS = 8  # the row count oneDNN lays packed weights out for (it serves any count; measured best near 8)
 TIE_MARGIN = 0.10  # kernels within 10% of the fastest count as tied (see _pick)
 
 
@@ -55,8 +58,18 @@ def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | 
     if device.type != "cpu" or dtype != torch.float32:
         return ("native",)
     if quantize == "int4":  # float32 layers read 8x the bytes of int4 ones: they never win a real step
-        return ("float32", "bf16", "int8") if output else ("bf16", "int4")
+        bf16 = ("bf16-packed",) if packed_bf16_supported() else ("bf16",)  # packed: faster, same bytes
+        return ("float32", *bf16, "int8") if output else (*bf16, "int4")
     return ("float32", "packed")
+
+
+def packed_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively here (AVX-512 BF16 or AMX): elsewhere its packed bf16
+    path refuses or emulates, and plain ``bf16`` stays the only bf16 candidate."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -98,7 +111,9 @@ class DecodeLinear:
         if kind == "packed":
             return torch.ops.mkldnn._linear_pointwise(x.float(), w, self.bias, "none", [], "")
         x = x.to(torch.bfloat16)
-        if kind == "bf16":
+        if kind == "bf16-packed":
+            out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        elif kind == "bf16":
             out = F.linear(x, w)
         elif kind == "int8":
             codes, scales = w
@@ -170,7 +185,9 @@ def _prepare(kind: str, weight: torch.Tensor):
     if kind in ("native", "float32"):
         return weight
     if kind == "packed":
-        return torch.ops.mkldnn._reorder_linear_weight(weight.float(), 8)  # tuned for 8 rows
+        return torch.ops.mkldnn._reorder_linear_weight(weight.float(), PACK_ROWS)
+    if kind == "bf16-packed":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), PACK_ROWS)
     if kind == "bf16":
         return weight.to(torch.bfloat16).contiguous()
     if kind == "int8":  # symmetric, one scale per output row

@@ -130,7 +130,7 @@ def test_swapping_rows_moves_their_slots_and_keeps_their_logits():
     want = twin.forward([2, 0], step)  # (2, V): the short row first
     got = runner.forward([0, 2], step)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert runner.cache.zeroed[0] and runner.cache.zeroed[2]
+    assert runner.cache.dirty[0] is not None and runner.cache.dirty[2] is not None
 
 
 @pytest.mark.parametrize("rot_dim", [16, 12])
@@ -165,3 +165,49 @@ def test_a_failed_evicting_step_leaves_the_row_exactly_as_it_was():
     after = runner.cache.export_row(0)
     for key in ("k", "v", "meta"):
         assert torch.equal(before[key], after[key]), key
+
+
+def test_slots_beyond_a_rows_dirty_mark_stay_zero():
+    """Rows are zeroed only up to the slots they used (``dirty``): across random steps (with evictions),
+    resets, rollbacks, swaps, copies and imports, every slot at or past a row's mark holds zeros (what a
+    shorter row's masked slots must hold in a batch), and a reset row is all zeros again."""
+    from engine.cache import CacheShape
+
+    rng = random.Random(5)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    cache = SinkCache(CacheShape(num_layers=2, kv_heads=2, head_dim=8), 4, 40, 4, 8, [inv_freq] * 2)
+    for buffers in (cache.k, cache.v):
+        for buf in buffers:
+            buf.fill_(float("nan"))  # what an untouched allocation may hold
+    cleared = []
+    for _ in range(300):
+        op = rng.choice(["step", "step", "step", "reset", "rollback", "swap", "copy", "import"])
+        row, other = rng.randrange(4), rng.randrange(4)
+        if op == "step":
+            new = rng.randint(1, 12)
+            step = cache.step([row], new)
+            for layer in range(2):
+                data = torch.randn(1, 2, new, 8)
+                step.update(data, data + 1, layer)
+        elif op == "reset":
+            before = cache.dirty[row]
+            cache.reset(row)
+            cleared.append(cache.capacity if before is None else before)
+            assert all(buf[row].eq(0).all() for buffers in (cache.k, cache.v) for buf in buffers)
+        elif op == "rollback" and cache.dirty[row] is not None:
+            state = cache.state(row)
+            keep = state.reusable(rng.randint(0, state.stream_length), state.pinned)
+            cache.rollback(row, keep)
+        elif op == "swap":
+            cache.swap_rows(row, other)
+        elif op == "copy" and cache.dirty[row] is not None and row != other:
+            cache.copy_row(row, other)
+        elif op == "import" and cache.dirty[row] is not None:
+            cache.import_row(other, cache.export_row(row))
+        for r in range(4):
+            if cache.dirty[r] is not None:
+                assert cache.lengths[r] <= cache.dirty[r] <= cache.capacity
+                for buffers in (cache.k, cache.v):
+                    for buf in buffers:
+                        assert buf[r, :, cache.dirty[r]:].eq(0).all(), (op, r)
+    assert any(n < cache.capacity for n in cleared)  # some resets cleared less than a whole row

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
-from engine.decode_linear import DecodeLinear, _pick, candidate_kernels, row_buckets, tune
+from engine.decode_linear import (
+    DecodeLinear,
+    _pick,
+    candidate_kernels,
+    packed_bf16_supported,
+    row_buckets,
+    tune,
+)
 from engine.llama_decode import LlamaDecoder, owned_decoder, unsupported_reason
 from engine.loader import prepare
 from engine.runner import Runner
@@ -122,12 +129,15 @@ def test_int8_modules_keep_transformers_forward():
 def test_every_kernel_computes_the_same_product():
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    linear = DecodeLinear(weight, bias, ("float32", "packed", "bf16", "int8", "int4"))
-    assert set(linear.weights) == {"float32", "packed", "bf16", "int8", "int4"}
-    for rows in (1, 3, 8):
+    kernels = {"float32": 1e-5, "packed": 1e-4, "bf16": 0.05, "int8": 0.05, "int4": 0.2}
+    if packed_bf16_supported():  # oneDNN's native bf16 (AVX-512 BF16 / AMX); absent on AVX2-only CPUs
+        kernels["bf16-packed"] = 0.05
+    linear = DecodeLinear(weight, bias, tuple(kernels))
+    assert set(linear.weights) == set(kernels)
+    for rows in (1, 3, 8, 16):
         x = torch.randn(rows, 64)
         expected = F.linear(x, weight, bias)
-        for kind, tolerance in (("float32", 1e-5), ("packed", 1e-4), ("bf16", 0.05), ("int8", 0.05), ("int4", 0.2)):
+        for kind, tolerance in kernels.items():
             got = linear.run(kind, x)
             assert (got - expected).abs().max() <= tolerance * expected.abs().max(), kind
 
@@ -159,4 +169,6 @@ def test_candidates():
     assert "int4" not in candidate_kernels(CPU, torch.float32, "int4", output=True)  # output projection
     assert "int4" in candidate_kernels(CPU, torch.float32, "int4", output=False)
     assert candidate_kernels(CPU, torch.bfloat16, "int4", output=False) == ("native",)
+    for output in (False, True):  # the packed bf16 copy is offered exactly where oneDNN runs bf16 natively
+        assert ("bf16-packed" in candidate_kernels(CPU, torch.float32, "int4", output)) == packed_bf16_supported()
     assert candidate_kernels(torch.device("cuda"), torch.bfloat16, None, output=False) == ("native",)
