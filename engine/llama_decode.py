@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import CacheStep, SinkCache
-from engine.decode_linear import DecodeLinear, candidate_kernels, release_freed_memory, row_buckets, tune
+from engine.decode_linear import (
+    PREFILL_KERNEL,
+    DecodeLinear,
+    candidate_kernels,
+    release_freed_memory,
+    row_buckets,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,8 @@ class LlamaDecoder:
         weight = next(model.parameters())
         inner, outer = (candidate_kernels(weight.device, weight.dtype, quantize, output=o) for o in (False, True))
         self.layers = [self._layer(layer, inner) for layer in model.model.layers]
+        # prompt chunks too, where the layers have a bf16 copy to run them on (else transformers' forward)
+        self.prefills = PREFILL_KERNEL in inner
         self.embed = model.get_input_embeddings().weight  # (V, C)
         self.norm = model.model.norm.weight
         head = model.get_output_embeddings()
@@ -189,6 +198,40 @@ class LlamaDecoder:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)  # bf16 stays bf16 into the down projection
             x = x + layer.down(F.silu(gate) * up)  # the residual stream stays in the model's dtype
         return self.head(self._rms_norm(x, self.norm)).float()
+
+    @torch.inference_mode()
+    def prefill(self, step: CacheStep, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """``tokens`` (T,) of a prompt fed to the step's one row at its next T slots, every layer on the
+        prefill kernel: logits (T, V) if ``all_logits`` else (1, V) (the last token's), float32. Each token
+        attends to the row's slots up to its own (the sinks, the window, the chunk's earlier tokens)."""
+        if not self.prefills or len(step.rows) != 1:
+            raise ValueError("the owned step prefills one row, on layers that have a prefill kernel")
+        keys, values = step.row_buffers()
+        T, H, Hkv, D = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        G, start, length = H // Hkv, step.offsets[0], step.kv_length
+        positions = torch.arange(start, start + T, device=self.device)
+        rotation = self._rotations(positions)  # (T, D, D)
+        hidden = torch.arange(length, device=self.device)[None] > positions[:, None]  # (T, S)
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+        mask = mask.repeat(G, 1)[None, None]  # (1, 1, G T, S): query (g, t) sees what token t sees
+        x = F.embedding(tokens.to(self.device), self.embed)  # (T, C)
+        for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
+            h = self._rms_norm(x, layer.input_norm)
+            qk, v = layer.qkv.prefill(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            qk = torch.bmm(qk.view(T, H + Hkv, D).to(self.dtype), rotation)  # (T, H + Hkv, D), rotated
+            k_buf[0, :, start : start + T] = qk[:, H:].transpose(0, 1)  # (Hkv, T, D)
+            v_buf[0, :, start : start + T] = v.view(T, Hkv, D).transpose(0, 1)
+            q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)
+            out = F.scaled_dot_product_attention(q, k_buf[:, :, :length], v_buf[:, :, :length], attn_mask=mask,
+                                                 scale=self.scale)  # (1, Hkv, G T, D)
+            out = out.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
+            x = x + layer.out.prefill(out)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = layer.gate_up.prefill(h).chunk(2, dim=-1)
+            x = x + layer.down.prefill(F.silu(gate) * up)
+        step.write_back(keys, values)
+        last = x if all_logits else x[-1:]
+        return self.head.prefill(self._rms_norm(last, self.norm)).float()
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:

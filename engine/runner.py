@@ -45,14 +45,19 @@ class Runner:
                 decoding: bool = False) -> torch.Tensor:
         """Feed ``tokens`` (B, T) to ``rows``; logits (B, T, V) if ``all_logits`` else (B, V), float32.
 
-        Prompt tokens always run on the float weights, even a one-token remainder of a resent history:
-        the reply's first token is sampled from them, and 4-bit decode weights (bf16 activations) can
-        tip a near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about
-        half the time when only its last token was fed). ``decoding`` steps use the decode weights."""
+        Prompt tokens never run on 4-bit weights, even a one-token remainder of a resent history: the
+        reply's first token is sampled from them, and 4-bit decode weights (bf16 activations) can tip a
+        near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about half the
+        time when only its last token was fed). They run on the float weights through transformers'
+        forward, or through the owned step's prefill on its bf16 copy of them where it has one (int4
+        decoding on a CPU with native bf16; engine/decode_linear.py PREFILL_KERNEL). ``decoding`` steps
+        use the decode weights."""
         step = self.cache.step(rows, tokens.shape[1])
         try:
             if decoding and self.decoder is not None:
                 logits = self.decoder(step, tokens[:, 0])[:, None]  # (B, 1, V)
+            elif self.decoder is not None and self.decoder.prefills and len(rows) == 1:
+                logits = self.decoder.prefill(step, tokens[0], all_logits)[None]  # (1, T or 1, V)
             else:
                 logits = self._forward(step, tokens, all_logits, decoding)
         except BaseException:

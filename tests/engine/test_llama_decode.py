@@ -172,3 +172,58 @@ def test_candidates():
     for output in (False, True):  # the packed bf16 copy is offered exactly where oneDNN runs bf16 natively
         assert ("bf16-packed" in candidate_kernels(CPU, torch.float32, "int4", output)) == packed_bf16_supported()
     assert candidate_kernels(torch.device("cuda"), torch.bfloat16, None, output=False) == ("native",)
+
+
+# ----- prefill ----------------------------------------------------------------------------------------------
+needs_packed_bf16 = pytest.mark.skipif(not packed_bf16_supported(),
+                                       reason="oneDNN has no native bf16 on this CPU: prompts run through transformers")
+
+
+@needs_packed_bf16
+@pytest.mark.parametrize("family", COVERED)
+def test_prefill_matches_transformers_within_bf16(family):
+    """Prompt chunks through the owned step (its bf16 copy of the layers) against transformers' float32
+    forward: the logits of every token and the keys/values in every slot, over three chunks of which the
+    last makes the row evict (its tokens then see the sinks, the shifted window and each other)."""
+    reference, owned = runners(family, quantize="int4", rows=2)
+    assert owned.decoder.prefills
+    tokens = torch.randint(0, 96, (1, 54), generator=torch.Generator().manual_seed(2))
+    for part in (tokens[:, :13], tokens[:, 13:30], tokens[:, 30:]):
+        want = reference.forward([1], part, all_logits=True)[0]
+        got = owned.forward([1], part, all_logits=True)[0]
+        assert got.shape == want.shape
+        # bf16 weights and activations on a random model whose weights are scaled up: a few % of the
+        # largest logit; a miswired mask, rotation or slot gives errors of the logits' own size
+        assert (got - want).abs().max() < 0.06 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+    assert owned.cache.evicted[1] == reference.cache.evicted[1] > 0
+    n = reference.cache.lengths[1]
+    assert owned.cache.lengths[1] == n
+    for layer in range(reference.cache.shape.num_layers):
+        for mine, theirs in ((owned.cache.k, reference.cache.k), (owned.cache.v, reference.cache.v)):
+            want = theirs[layer][1, :, :n]
+            assert (mine[layer][1, :, :n] - want).abs().max() < 0.06 * want.abs().max()
+
+
+@needs_packed_bf16
+def test_prefill_then_decode_continues_the_reference():
+    """A prompt prefilled by the owned step, then decoded by it, gives the reference's greedy tokens
+    (transformers' float32 prefill and the owned decode step), and the last-token logits of a prefill are
+    those of the all-token logits."""
+    reference, owned = runners("llama", quantize="int4", rows=1)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    last = owned.prefill(0, prompt, 16)
+    owned.cache.reset(0)
+    every = owned.forward([0], torch.tensor([prompt]), all_logits=True)[0]
+    torch.testing.assert_close(last, every[-1])
+    want = reference.prefill(0, prompt, 16)
+    assert (last - want).abs().max() < 0.06 * want.abs().max()
+
+
+def test_float_models_prefill_through_transformers():
+    """Without a bf16 copy of the layers (a float model, no quantization) prompts keep transformers'
+    float32 forward: the owned step only decodes."""
+    reference, owned = runners("llama")
+    assert not owned.decoder.prefills
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    torch.testing.assert_close(owned.forward([0], prompt, all_logits=True),
+                               reference.forward([0], prompt, all_logits=True), atol=0, rtol=0)
