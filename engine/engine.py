@@ -16,6 +16,7 @@ import torch
 
 from engine.cache import SinkCache
 from engine.config import EngineConfig
+from engine.decode_linear import release_freed_memory
 from engine.device import cache_budget_bytes, default_max_batch, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
@@ -51,7 +52,8 @@ class Engine:
     def start(self) -> Engine:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        if self.loaded is None:
+        owns_model = self.loaded is None  # a model handed in may serve others after this engine
+        if owns_model:
             self.loaded = load(self.config)
         loaded = self.loaded
         # what the config left open is decided by the device, now that the weights are loaded (running
@@ -71,6 +73,12 @@ class Engine:
         if self.config.compile:
             log.info("compiling the decode step (a minute or two on a small CPU)")
             runner.warm_up()
+        # the owned step runs every pass: its weight copies suffice
+        released = runner.release_transformers_layers() if owns_model else 0
+        if released:
+            log.info("the owned step prefills and decodes: released %.0f MB of transformers' layer weights",
+                     released / 1e6)
+            release_freed_memory()
         self.scheduler = Scheduler(runner, store, loaded.tokenizer, loaded.eos_token_ids, self.config)
         self.scheduler.start()
         log.info(

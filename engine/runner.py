@@ -32,6 +32,24 @@ class Runner:
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.device = cache.device
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        self.released = False  # transformers' decoder-layer weights dropped (release_transformers_layers)
+
+    def release_transformers_layers(self) -> int:
+        """Drop the float weights of transformers' decoder layers when the owned step both prefills and
+        decodes (its own copies run every pass a server makes): 424 MB of float32 for the embedded model.
+        The embeddings and the output projection stay (the owned step reads them). A pass that would need
+        transformers' forward afterwards (a prefill of several rows at once) fails loudly. Returns the
+        bytes released (0 when the owned step does not cover both)."""
+        if self.decoder is None or not self.decoder.prefills or self.released:
+            return 0
+        released = 0
+        for layer in self.model.model.layers:
+            for module in list(layer.self_attn.children()) + list(layer.mlp.children()):
+                if isinstance(module, torch.nn.Linear):
+                    released += module.weight.numel() * module.weight.element_size()
+                    module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+        self.released = True
+        return released
 
     def _mask(self, step) -> torch.Tensor:
         mask = step.attention_mask()  # (B, 1, T, S) bool
@@ -58,6 +76,8 @@ class Runner:
                 logits = self.decoder(step, tokens[:, 0])[:, None]  # (B, 1, V)
             elif self.decoder is not None and self.decoder.prefills and len(rows) == 1:
                 logits = self.decoder.prefill(step, tokens[0], all_logits)[None]  # (1, T or 1, V)
+            elif self.released:
+                raise RuntimeError("transformers' decoder layers were released: prefill one row per pass")
             else:
                 logits = self._forward(step, tokens, all_logits, decoding)
         except BaseException:

@@ -227,3 +227,29 @@ def test_float_models_prefill_through_transformers():
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     torch.testing.assert_close(owned.forward([0], prompt, all_logits=True),
                                reference.forward([0], prompt, all_logits=True), atol=0, rtol=0)
+
+
+@needs_packed_bf16
+def test_released_transformers_layers_change_nothing_the_owned_step_runs():
+    """Once the owned step prefills and decodes, transformers' layer weights can go (Engine drops them
+    for a model it loaded itself): a prompt and its decode steps give exactly what they gave before, and a
+    pass that would need transformers' forward fails loudly instead of running on missing weights."""
+    _, runner = runners("llama", quantize="int4", rows=2)  # one runner: the same tuned kernels throughout
+
+    def conversation() -> list[torch.Tensor]:
+        runner.cache.reset(0)
+        logits = [runner.prefill(0, [3, 1, 4, 1, 5, 9, 2, 6], 16)]
+        for _ in range(5):
+            logits.append(runner.decode([0], [int(logits[-1].argmax(-1).reshape(-1)[0])])[0])
+        return logits
+
+    before = conversation()
+    weights = sum(p.numel() * p.element_size() for layer in runner.model.model.layers for p in layer.parameters())
+    freed = runner.release_transformers_layers()
+    assert 0 < freed < weights and runner.release_transformers_layers() == 0
+    for want, got in zip(before, conversation(), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    length = runner.cache.lengths[0]
+    with pytest.raises(RuntimeError, match="released"):
+        runner.forward([0, 1], torch.tensor([[1, 2], [3, 4]]))
+    assert runner.cache.lengths[0] == length  # the failed pass left the rows as they were
