@@ -31,11 +31,26 @@ keys and values where the step says and returns the row's slots to attend over.
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import torch
 
 from engine.rope import rotate_float32, rotation
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """A cache buffer and, on a CPU, the anonymous memory map behind it (zeros, backed only where written);
+    elsewhere untouched device memory and None."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device), None
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype), None
+    # private: handing a page back (MADV_DONTNEED) makes it read as zeros again, which a shared map would not
+    region = mmap.mmap(-1, count * torch.empty((), dtype=dtype).element_size(),
+                       flags=mmap.MAP_PRIVATE)  # anonymous: no file (fileno -1)
+    return torch.frombuffer(region, dtype=dtype, count=count).view(shape), region
 
 
 @dataclass(frozen=True)
@@ -126,17 +141,23 @@ class SinkCache:
         self.dtype = dtype
         self.device = torch.device(device)
         buf = (rows, shape.kv_heads, capacity, shape.head_dim)
-        # allocated untouched (a fast start with a large budget); a row is zeroed when it is (re)used, so
-        # masked slots of a shorter row in a batch never hold garbage that could turn into NaN. Only the
-        # slots a row has used since it was last zeroed are zeroed again (``dirty``): a new conversation in a
-        # row whose last one used 200 of 1,024 slots clears a fifth of the row's bytes.
-        self.k = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
-        self.v = [torch.empty(buf, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        # Masked slots of a shorter row in a batch must hold zeros, never garbage that could turn into NaN.
+        # On a CPU the buffers are anonymous memory maps: they read as zeros and the OS backs a page only
+        # once it is written, so a session costs memory for the slots it uses (a 200-token conversation a
+        # fifth of its 47 MB row), and zeroing a row hands its pages back (madvise). Elsewhere they are
+        # allocated untouched (a fast start with a large budget) and a row is zeroed when it is first used.
+        # Either way only the slots a row has used since it was last zeroed are zeroed again (``dirty``).
+        self._row_bytes = shape.kv_heads * capacity * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+        keys = [_allocate(buf, dtype, self.device) for _ in range(shape.num_layers)]
+        values = [_allocate(buf, dtype, self.device) for _ in range(shape.num_layers)]
+        self.k, self._k_maps = [t for t, _ in keys], [m for _, m in keys]
+        self.v, self._v_maps = [t for t, _ in values], [m for _, m in values]
         self.lengths = [0] * rows  # slots in use
         self.pinned = [sink_tokens] * rows  # slots never evicted
         self.evicted = [0] * rows  # tokens evicted from the row since it was reset
         # per row: slots [dirty:] hold zeros; None until the row is first zeroed (then any slot may be garbage)
-        self.dirty: list[int | None] = [None] * rows
+        zeros = self.device.type == "cpu"
+        self.dirty: list[int | None] = [0 if zeros else None] * rows
         self._rotations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, shift) -> cos, sin
 
     # ----- bookkeeping -------------------------------------------------------------------------------
@@ -169,9 +190,13 @@ class SinkCache:
     def _zero(self, row: int) -> None:
         used = self.capacity if self.dirty[row] is None else self.dirty[row]
         if used:
-            for buffers in (self.k, self.v):
-                for buf in buffers:
-                    buf[row, :, :used].zero_()
+            whole_pages = self._row_bytes % mmap.PAGESIZE == 0 and hasattr(mmap, "MADV_DONTNEED")
+            for buffers, maps in ((self.k, self._k_maps), (self.v, self._v_maps)):
+                for buf, region in zip(buffers, maps, strict=True):
+                    if region is not None and whole_pages:  # the row's pages go back to the OS, reading as zeros
+                        region.madvise(mmap.MADV_DONTNEED, row * self._row_bytes, self._row_bytes)
+                    else:
+                        buf[row, :, :used].zero_()
         self.dirty[row] = 0
 
     def _touch(self, row: int) -> None:

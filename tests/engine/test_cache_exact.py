@@ -167,18 +167,24 @@ def test_a_failed_evicting_step_leaves_the_row_exactly_as_it_was():
         assert torch.equal(before[key], after[key]), key
 
 
-def test_slots_beyond_a_rows_dirty_mark_stay_zero():
+@pytest.mark.parametrize("capacity,garbage", [(64, False), (40, False), (64, True)])
+def test_slots_beyond_a_rows_dirty_mark_stay_zero(capacity, garbage):
     """Rows are zeroed only up to the slots they used (``dirty``): across random steps (with evictions),
     resets, rollbacks, swaps, copies and imports, every slot at or past a row's mark holds zeros (what a
-    shorter row's masked slots must hold in a batch), and a reset row is all zeros again."""
+    shorter row's masked slots must hold in a batch), and a reset row is all zeros again. On a CPU the
+    buffers start as zeros (memory maps) and a row of whole pages is zeroed by handing its pages back
+    (capacity 64: 4 KiB rows) or else by writing zeros (40); ``garbage``: buffers that start as anything
+    (untouched device memory), zeroed on first use."""
     from engine.cache import CacheShape
 
     rng = random.Random(5)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
-    cache = SinkCache(CacheShape(num_layers=2, kv_heads=2, head_dim=8), 4, 40, 4, 8, [inv_freq] * 2)
-    for buffers in (cache.k, cache.v):
-        for buf in buffers:
-            buf.fill_(float("nan"))  # what an untouched allocation may hold
+    cache = SinkCache(CacheShape(num_layers=2, kv_heads=2, head_dim=8), 4, capacity, 4, 8, [inv_freq] * 2)
+    assert cache.dirty == [0] * 4 and all(buf.eq(0).all() for buf in cache.k + cache.v)
+    if garbage:
+        for buf in cache.k + cache.v:
+            buf.fill_(float("nan"))
+        cache.dirty = [None] * 4
     cleared = []
     for _ in range(300):
         op = rng.choice(["step", "step", "step", "reset", "rollback", "swap", "copy", "import"])
