@@ -196,6 +196,15 @@ def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: s
     return None
 
 
+def in_process_memory(model: torch.nn.Module) -> None:
+    """Copy the weights transformers mapped from the model file into process memory. Mapped, every weight
+    keeps the whole file mapped while any one of them lives, so dropping some (Runner.release_transformers_layers,
+    424 MB for the embedded model) would free nothing."""
+    with torch.no_grad():
+        for parameter in model.parameters():  # tied weights are one parameter: copied once, still tied
+            parameter.data = parameter.data.clone()
+
+
 def owns_int4_decode(model: torch.nn.Module, mode: str | None, config: EngineConfig) -> bool:
     """Whether int4 decoding will run through the owned decode step (engine/llama_decode.py), which builds
     its own fused 4-bit weights: then transformers' Linear modules are left float, since they only run
@@ -262,6 +271,8 @@ def load(config: EngineConfig) -> LoadedModel:
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
         raise UnsupportedModelError(str(exc)) from exc
     model.to(device)
+    if device.type == "cpu":
+        in_process_memory(model)
     mode = resolve_quantize(config, device, weight_types)
     if owns_int4_decode(model, mode, config):
         log.info("int4 decode weights: built by the owned decode step; transformers' modules stay float (prefill)")
