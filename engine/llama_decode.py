@@ -22,6 +22,7 @@ transformers' forward for decoding too (:func:`unsupported_reason`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -204,33 +205,58 @@ class LlamaDecoder:
         """``tokens`` (T,) of a prompt fed to the step's one row at its next T slots, every layer on the
         prefill kernel: logits (T, V) if ``all_logits`` else (1, V) (the last token's), float32. Each token
         attends to the row's slots up to its own (the sinks, the window, the chunk's earlier tokens)."""
-        if not self.prefills or len(step.rows) != 1:
-            raise ValueError("the owned step prefills one row, on layers that have a prefill kernel")
-        keys, values = step.row_buffers()
-        T, H, Hkv, D = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        G, start, length = H // Hkv, step.offsets[0], step.kv_length
-        positions = torch.arange(start, start + T, device=self.device)
-        rotation = self._rotations(positions)  # (T, D, D)
-        hidden = torch.arange(length, device=self.device)[None] > positions[:, None]  # (T, S)
-        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-        mask = mask.repeat(G, 1)[None, None]  # (1, 1, G T, S): query (g, t) sees what token t sees
-        x = F.embedding(tokens.to(self.device), self.embed)  # (T, C)
-        for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
+        if len(step.rows) != 1:
+            raise ValueError("a prefill step feeds one row")
+        return self.prefill_rows([step], [tokens], all_logits)
+
+    @torch.inference_mode()
+    def prefill_rows(self, steps: list[CacheStep], tokens: list[torch.Tensor], all_logits: bool = False) -> torch.Tensor:
+        """Prompt chunks of several rows in one pass (one step of one row each, ``tokens[i]`` (T_i,) for
+        ``steps[i]``): the projections run once over all the chunks' tokens, attention row by row. Logits of
+        each row's last token (B, V), or with one row and ``all_logits`` every token's (T, V); float32."""
+        if not self.prefills:
+            raise ValueError("the owned step prefills only on layers that have a prefill kernel")
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        G = H // Hkv
+        sizes = [t.shape[0] for t in tokens]
+        starts = [step.offsets[0] for step in steps]
+        positions = torch.cat([torch.arange(s, s + n, device=self.device) for s, n in zip(starts, sizes, strict=True)])
+        rotation = self._rotations(positions)  # (N, D, D)
+        bounds = [0, *itertools.accumulate(sizes)]
+        masks = []
+        for row, step in enumerate(steps):
+            own = positions[bounds[row] : bounds[row + 1]]
+            hidden = torch.arange(step.kv_length, device=self.device)[None] > own[:, None]  # (T, S)
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            masks.append(mask.repeat(G, 1)[None, None])  # (1, 1, G T, S): query (g, t) sees what token t sees
+        buffers = [step.row_buffers() for step in steps]
+        x = F.embedding(torch.cat(tokens).to(self.device), self.embed)  # (N, C)
+        N = x.shape[0]
+        for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qk, v = layer.qkv.prefill(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = torch.bmm(qk.view(T, H + Hkv, D).to(self.dtype), rotation)  # (T, H + Hkv, D), rotated
-            k_buf[0, :, start : start + T] = qk[:, H:].transpose(0, 1)  # (Hkv, T, D)
-            v_buf[0, :, start : start + T] = v.view(T, Hkv, D).transpose(0, 1)
-            q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)
-            out = F.scaled_dot_product_attention(q, k_buf[:, :, :length], v_buf[:, :, :length], attn_mask=mask,
-                                                 scale=self.scale)  # (1, Hkv, G T, D)
-            out = out.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)
-            x = x + layer.out.prefill(out)
+            qk = torch.bmm(qk.view(N, H + Hkv, D).to(self.dtype), rotation)  # (N, H + Hkv, D), rotated
+            v = v.view(N, Hkv, D)
+            outs = []
+            for row, (step, start, size, mask) in enumerate(zip(steps, starts, sizes, masks, strict=True)):
+                k_buf, v_buf = buffers[row][0][index], buffers[row][1][index]  # (1, Hkv, P, D)
+                seg = slice(bounds[row], bounds[row + 1])
+                k_buf[0, :, start : start + size] = qk[seg, H:].transpose(0, 1)  # (Hkv, T, D)
+                v_buf[0, :, start : start + size] = v[seg].transpose(0, 1)
+                q = qk[seg, :H].reshape(size, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * size, D)
+                out = F.scaled_dot_product_attention(q, k_buf[:, :, : step.kv_length], v_buf[:, :, : step.kv_length],
+                                                     attn_mask=mask, scale=self.scale)  # (1, Hkv, G T, D)
+                outs.append(out.view(Hkv, G, size, D).permute(2, 0, 1, 3).reshape(size, H * D))
+            x = x + layer.out.prefill(outs[0] if len(outs) == 1 else torch.cat(outs))
             h = self._rms_norm(x, layer.post_norm)
             gate, up = layer.gate_up.prefill(h).chunk(2, dim=-1)
             x = x + layer.down.prefill(F.silu(gate) * up)
-        step.write_back(keys, values)
-        last = x if all_logits else x[-1:]
+        for step, (keys, values) in zip(steps, buffers, strict=True):
+            step.write_back(keys, values)
+        if all_logits and len(steps) == 1:
+            last = x
+        else:
+            last = x[torch.tensor(bounds[1:], device=self.device) - 1]  # (B, C)
         return self.head.prefill(self._rms_norm(last, self.norm)).float()
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -85,6 +85,25 @@ class Runner:
             raise
         return logits if all_logits else logits[:, -1]
 
+    @property
+    def batch_prefill(self) -> bool:
+        """Whether :meth:`prefill_rows` can feed several rows' prompt chunks in one pass."""
+        return self.decoder is not None and self.decoder.prefills
+
+    @torch.inference_mode()
+    def prefill_rows(self, rows: list[int], chunks: list[list[int]]) -> torch.Tensor:
+        """Feed each row its prompt chunk in one pass of the owned step: the logits of each row's last
+        token (B, V), float32. A failed pass leaves every row as it was."""
+        steps = []
+        try:
+            for row, chunk in zip(rows, chunks, strict=True):
+                steps.append(self.cache.step([row], len(chunk)))
+            return self.decoder.prefill_rows(steps, [torch.tensor(chunk) for chunk in chunks])
+        except BaseException:
+            for step in reversed(steps):
+                step.undo()
+            raise
+
     def _forward(self, step, tokens: torch.Tensor, all_logits: bool, decoding: bool) -> torch.Tensor:
         """transformers' forward: logits (B, T or 1, V) in float32."""
         forward = self._decode_forward if decoding else self.model.forward

@@ -183,7 +183,7 @@ class Scheduler:
         prefilling = [r for r in self.running if r.pending]
         decoding = [r for r in self.running if not r.pending][: self.config.max_batch]
         if prefilling:
-            self._guarded(lambda: self._prefill_chunk(prefilling[0]), prefilling[:1])
+            self._prefill(prefilling)
         if decoding:
             self._guarded(lambda: self._decode(decoding), decoding)
         self.counters["steps"] += bool(prefilling or decoding)
@@ -281,11 +281,43 @@ class Scheduler:
         request.loop.call_soon_threadsafe(_fail, request.admitted, error)
 
     # ----- running -----------------------------------------------------------------------------------
+    def _prefill(self, prefilling: list[Request]) -> None:
+        """A prompt chunk of the first waiting request, or, where the runner can feed several rows in one
+        pass (the owned step), of as many as fit ``chunk_size`` tokens together: 8 clients arriving at once
+        are prefilled in two passes instead of eight (each pass also delays the rows already decoding). If a
+        shared pass fails, its requests are prefilled one by one, so only a request that fails alone fails."""
+        batch = prefilling[:1]
+        if getattr(self.runner, "batch_prefill", False):
+            budget = self.config.chunk_size - len(self._next_chunk(batch[0]))
+            for request in prefilling[1:]:
+                size = len(self._next_chunk(request))
+                if size <= budget:
+                    batch.append(request)
+                    budget -= size
+        if len(batch) > 1:
+            chunks = [self._next_chunk(r) for r in batch]
+            try:
+                logits = self.runner.prefill_rows([r.session.row for r in batch], chunks)  # (B, V)
+            except Exception:  # the rows are as they were: retry each request alone
+                log.warning("a shared prefill pass failed; prefilling its requests one by one", exc_info=True)
+            else:
+                self.failed_in_a_row = 0
+                for request, chunk, row_logits in zip(batch, chunks, logits, strict=True):
+                    self._guarded(lambda r=request, c=chunk, x=row_logits: self._prefilled(r, c, x[None]), [request])
+                return
+        for request in batch:
+            self._guarded(lambda request=request: self._prefill_chunk(request), [request])
+
+    def _next_chunk(self, request: Request) -> list[int]:
+        return request.pending[: self._chunk(request.session.row)]
+
     def _prefill_chunk(self, request: Request) -> None:
-        session = request.session
-        chunk = request.pending[: self._chunk(session.row)]
-        logits = self.runner.forward([session.row], torch.tensor([chunk]))  # (1, V)
-        session.extend(chunk)
+        chunk = self._next_chunk(request)
+        self._prefilled(request, chunk, self.runner.forward([request.session.row], torch.tensor([chunk])))
+
+    def _prefilled(self, request: Request, chunk: list[int], logits: torch.Tensor) -> None:
+        """``chunk`` is in the request's cache row; ``logits`` (1, V) of its last token."""
+        request.session.extend(chunk)
         del request.pending[: len(chunk)]
         if not request.pending and self._constrain([request], logits):
             self._sample(request, logits[0])

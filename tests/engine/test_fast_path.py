@@ -11,6 +11,7 @@ import torch
 import engine.scheduler as scheduler_module
 from engine.cache import SinkCache
 from engine.config import EngineConfig
+from engine.decode_linear import packed_bf16_supported
 from engine.events import TokenEvent
 from engine.loader import prepare
 from engine.quantize import quantize_int4
@@ -81,3 +82,37 @@ async def test_batched_sampling_leaves_the_tokens_unchanged(tmp_path, monkeypatc
     assert all(len(tokens) == 12 for tokens in batched + per_row)
     compared = [i for i, p in enumerate(MIXED_PARAMS) if p.seed is not None or p.temperature == 0]
     assert [batched[i] for i in compared] == [per_row[i] for i in compared]
+
+
+@pytest.mark.skipif(not packed_bf16_supported(), reason="oneDNN has no native bf16 on this CPU: no owned prefill")
+async def test_requests_arriving_together_share_prefill_passes(tmp_path, monkeypatch):
+    """Four requests sent at once are prefilled together (the owned step's prefill_rows, within the chunk
+    budget) and answer exactly what each answers when it is sent alone."""
+    from engine.engine import Engine
+    from tests.tiny_models import tiny_chat_engine_parts
+
+    model, tokenizer = tiny_chat_engine_parts(max_positions=512)
+    config = EngineConfig(sink_tokens=4, window=250, evict_block=8, prefill_chunk=256, max_batch=8,
+                          data_dir=tmp_path / "sessions")
+    loaded = prepare(model, tokenizer, "tiny-llama", config)
+    loaded.quantize = "int4"
+    engine = Engine(config, loaded).start()
+    shared = []
+    prefill_rows = engine.scheduler.runner.prefill_rows
+    monkeypatch.setattr(engine.scheduler.runner, "prefill_rows",
+                        lambda rows, chunks: shared.append(len(rows)) or prefill_rows(rows, chunks))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    try:
+        prompts = [engine.render_chat([{"role": "user", "content": f"question {i}"}])[0] for i in range(4)]
+
+        async def one(prompt, key):
+            generation = await engine.generate(prompt, params, api_key=key)
+            return [e.token_id async for e in generation if isinstance(e, TokenEvent)]
+
+        alone = [await one(p, f"alone-{i}") for i, p in enumerate(prompts)]
+        assert not shared
+        together = await asyncio.gather(*(one(p, f"together-{i}") for i, p in enumerate(prompts)))
+    finally:
+        engine.stop()
+    assert shared and max(shared) > 1
+    assert together == alone and all(len(tokens) == 8 for tokens in alone)

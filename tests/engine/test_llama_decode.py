@@ -253,3 +253,45 @@ def test_released_transformers_layers_change_nothing_the_owned_step_runs():
     with pytest.raises(RuntimeError, match="released"):
         runner.forward([0, 1], torch.tensor([[1, 2], [3, 4]]))
     assert runner.cache.lengths[0] == length  # the failed pass left the rows as they were
+
+
+@needs_packed_bf16
+def test_several_rows_prefill_in_one_pass_as_they_do_alone():
+    """Prompt chunks of three rows in one pass (one of them evicting to fit its chunk) against each row
+    prefilled alone: the same last-token logits and the same keys and values in every slot."""
+    _, runner = runners("llama", quantize="int4", rows=3)  # one runner: the same kernels for both
+    tokens = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(4))
+    first = [tokens[0, :25].tolist(), tokens[1, :5].tolist(), tokens[2, :12].tolist()]
+    then = [tokens[0, 25:35].tolist(), tokens[1, 5:28].tolist(), tokens[2, 12:13].tolist()]
+
+    def run(together: bool):
+        for row in range(3):
+            runner.cache.reset(row)
+            runner.prefill(row, first[row], 32)
+        if together:
+            logits = runner.prefill_rows([0, 1, 2], then)
+        else:
+            logits = torch.stack([runner.prefill(row, then[row], 32) for row in range(3)])
+        rows = [[buf[row, :, : runner.cache.lengths[row]].clone() for buf in runner.cache.k + runner.cache.v]
+                for row in range(3)]
+        return logits, rows, list(runner.cache.evicted)
+
+    alone, together = run(False), run(True)
+    assert together[2] == alone[2] and alone[2][0] > 0  # row 0 (25 + 10 tokens in 32 slots) evicted
+    torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+    for mine, theirs in zip(together[1], alone[1], strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_packed_bf16
+def test_a_failed_shared_prefill_leaves_every_row_as_it_was():
+    _, runner = runners("llama", quantize="int4", rows=3)
+    for row in range(3):
+        runner.prefill(row, [1, 2, 3, 4], 16)
+    before = [(runner.cache.lengths[r], runner.cache.k[0][r].clone()) for r in range(3)]
+    with pytest.raises(IndexError):
+        runner.prefill_rows([0, 1, 2], [[5, 6], [10_000], [7]])  # no such token in row 1's chunk
+    for row, (length, keys) in enumerate(before):
+        assert runner.cache.lengths[row] == length
+        torch.testing.assert_close(runner.cache.k[0][row], keys, atol=0, rtol=0)
