@@ -18,7 +18,8 @@ one of them; medians over the rounds are reported, and the ratios sinkserve / ot
 ``sinkserve serve`` is started on a free port of 127.0.0.1 (:class:`bench.serve_process.ServerProcess`,
 default settings).
 
-Report (``api.json``): per target and client count the medians and every round; ``ratios``.
+Report (``api.json``): per target and client count the medians and every round; ``ratios``; with a
+server started here, its resident memory after the rounds and its peak (``targets.sinkserve.memory_mb``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ def table(report: dict) -> str:
                    report["ratios"][f"aggregate_tokens_per_s at {c}"]] for c in report["settings"]["clients"]]
         text += "\n" + markdown_table([f"{ours} / {other}: clients", "decode a stream", "TTFT",
                                        "aggregate tokens/s"], ratios)
+    memory = report.get("targets", {}).get("sinkserve", {}).get("memory_mb")
+    if memory:
+        text += f"\nsinkserve's resident memory after the rounds: {memory['rss']:.0f} MB (peak {memory['peak']:.0f} MB)\n"
     return text
 
 
@@ -188,6 +192,8 @@ def run_api(out_dir, *, url: str | None = None, other_url: str | None = None, qu
                 ServerProcess(Path(data_dir), *(serve_flags or []), tiny=tiny, env=serve_env,
                               log_path=out / "api-server.log") as server:
             report = measure(server.url)
+            # what the server holds after every round (its sessions included), and its peak (at start-up)
+            report["targets"]["sinkserve"]["memory_mb"] = server.memory_mb()
         report["targets"]["sinkserve"]["started"] = "bench.tiny_server (tiny random model)" if tiny else "sinkserve serve"
     report["files"] = write_report(out_dir, "api", report, table(report), None)
     return report

@@ -69,6 +69,18 @@ class ServerProcess:
         self.kill()
         raise RuntimeError("the server did not become healthy")
 
+    def memory_mb(self) -> dict[str, float] | None:
+        """The server's resident memory now and its peak so far (MB, from /proc; None where there is none)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except (AttributeError, OSError):
+            return None
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        try:
+            return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
+        except (KeyError, ValueError):
+            return None
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (graceful shutdown, sessions persisted); SIGKILL if it has not exited after ``timeout``."""
         if self.proc and self.proc.poll() is None:

@@ -31,3 +31,10 @@ def test_cli_parses_bench_api():
     args = build_parser().parse_args(["bench", "api", "--quick", "--other-url", "http://127.0.0.1:8080",
                                       "--rounds", "2", "--lengths", "1,8"])
     assert (args.suite, args.other_url, args.rounds, args.lengths) == ("api", "http://127.0.0.1:8080", 2, [1, 8])
+
+
+def test_api_bench_records_the_memory_of_the_server_it_starts(tmp_path):
+    report = run_api(tmp_path / "out", tiny=True, clients=[1], rounds=1, max_tokens=4)
+    memory = report["targets"]["sinkserve"]["memory_mb"]
+    assert 50 < memory["rss"] <= memory["peak"]  # a Python process with torch: tens of MB at least
+    assert "resident memory" in (tmp_path / "out" / "api.md").read_text()
