@@ -55,7 +55,10 @@ def sinkserve_speed(loaded: LoadedModel, ids: list[int], prefill_tokens: int, de
     with Timer(loaded.device) as decode:
         for token in ids[prefill_tokens : prefill_tokens + decode_steps]:
             runner.decode([0], [token])
-    return {"prefill_tokens_per_s": prefill_tokens / prefill.seconds, "decode_tokens_per_s": decode_steps / decode.seconds,
+    owned = runner.decoder is not None and runner.decoder.prefills
+    return {"prefill_weights": "a bf16 copy of the dequantized weights (the owned step)" if owned
+            else "the dequantized float weights",
+            "prefill_tokens_per_s": prefill_tokens / prefill.seconds, "decode_tokens_per_s": decode_steps / decode.seconds,
             "prefill_s": prefill.seconds, "decode_s": decode.seconds}
 
 
@@ -112,8 +115,8 @@ def measure_llamacpp(loaded: LoadedModel, *, prefill_tokens: int = 512, decode_s
     })
     mode = report["environment"].get("quantize_in_effect")
     decode_weights = f"{mode} weights" if mode else f"the dequantized weights in {report['environment']['dtype']}"
-    report["notes"].append("llama.cpp computes in the GGUF's quantized format; sinkserve prefills on the dequantized "
-                           f"float weights and decodes with {decode_weights}. Decode steps are teacher-forced.")
+    report["notes"].append(f"llama.cpp computes in the GGUF's quantized format; sinkserve prefills on {ours['prefill_weights']} "
+                           f"and decodes with {decode_weights}. Decode steps are teacher-forced.")
     return report
 
 
