@@ -40,7 +40,7 @@ class Runner:
         The embeddings and the output projection stay (the owned step reads them). A pass that would need
         transformers' forward afterwards (a prefill of several rows at once) fails loudly. Returns the
         bytes released (0 when the owned step does not cover both)."""
-        if self.decoder is None or not self.decoder.prefills or self.released:
+        if not self.batch_prefill or self.released:
             return 0
         released = 0
         for layer in self.model.model.layers:
@@ -74,7 +74,7 @@ class Runner:
         try:
             if decoding and self.decoder is not None:
                 logits = self.decoder(step, tokens[:, 0])[:, None]  # (B, 1, V)
-            elif self.decoder is not None and self.decoder.prefills and len(rows) == 1:
+            elif self.batch_prefill and len(rows) == 1:
                 logits = self.decoder.prefill(step, tokens[0], all_logits)[None]  # (1, T or 1, V)
             elif self.released:
                 raise RuntimeError("transformers' decoder layers were released: prefill one row per pass")
@@ -87,7 +87,8 @@ class Runner:
 
     @property
     def batch_prefill(self) -> bool:
-        """Whether :meth:`prefill_rows` can feed several rows' prompt chunks in one pass."""
+        """Whether the owned step prefills: one row through :meth:`forward`, several in one pass through
+        :meth:`prefill_rows`."""
         return self.decoder is not None and self.decoder.prefills
 
     @torch.inference_mode()
