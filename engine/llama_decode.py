@@ -179,9 +179,7 @@ class LlamaDecoder:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         mask = None
         if B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
-            hidden = torch.arange(length, device=self.device)[None] > positions[:, None]  # (B, S)
-            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-            mask = mask[:, None, None]  # (B, 1, 1, S)
+            mask = self._visible_up_to(positions, length)[:, None, None]  # (B, 1, 1, S)
         batch = torch.arange(B, device=self.device)
         x = F.embedding(tokens, self.embed)  # (B, C)
         for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
@@ -225,9 +223,7 @@ class LlamaDecoder:
         bounds = [0, *itertools.accumulate(sizes)]
         masks = []
         for row, step in enumerate(steps):
-            own = positions[bounds[row] : bounds[row + 1]]
-            hidden = torch.arange(step.kv_length, device=self.device)[None] > own[:, None]  # (T, S)
-            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            mask = self._visible_up_to(positions[bounds[row] : bounds[row + 1]], step.kv_length)  # (T, S)
             masks.append(mask.repeat(G, 1)[None, None])  # (1, 1, G T, S): query (g, t) sees what token t sees
         buffers = [step.row_buffers() for step in steps]
         x = F.embedding(torch.cat(tokens).to(self.device), self.embed)  # (N, C)
@@ -258,6 +254,11 @@ class LlamaDecoder:
         else:
             last = x[torch.tensor(bounds[1:], device=self.device) - 1]  # (B, C)
         return self.head.prefill(self._rms_norm(last, self.norm)).float()
+
+    def _visible_up_to(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """An additive attention mask (Q, S): query i sees slots ``0..positions[i]`` of ``length``."""
+        hidden = torch.arange(length, device=self.device)[None] > positions[:, None]
+        return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:

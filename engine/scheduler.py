@@ -286,16 +286,16 @@ class Scheduler:
         pass (the owned step), of as many as fit ``chunk_size`` tokens together: 8 clients arriving at once
         are prefilled in two passes instead of eight (each pass also delays the rows already decoding). If a
         shared pass fails, its requests are prefilled one by one, so only a request that fails alone fails."""
-        batch = prefilling[:1]
+        batch, chunks = prefilling[:1], [self._next_chunk(prefilling[0])]
         if getattr(self.runner, "batch_prefill", False):
-            budget = self.config.chunk_size - len(self._next_chunk(batch[0]))
+            budget = self.config.chunk_size - len(chunks[0])
             for request in prefilling[1:]:
-                size = len(self._next_chunk(request))
-                if size <= budget:
+                chunk = self._next_chunk(request)
+                if len(chunk) <= budget:
                     batch.append(request)
-                    budget -= size
+                    chunks.append(chunk)
+                    budget -= len(chunk)
         if len(batch) > 1:
-            chunks = [self._next_chunk(r) for r in batch]
             try:
                 logits = self.runner.prefill_rows([r.session.row for r in batch], chunks)  # (B, V)
             except Exception:  # the rows are as they were: retry each request alone
