@@ -104,12 +104,40 @@ class DecodeLinear:
             self.weights[kind] = _prepare(kind, weight)
         self.choice: dict[int, str] = {}  # row bucket -> kernel
         self.default = next(iter(self.weights))
+        self._bound: dict[str, object] = {}  # kernel -> its bound callable (kernel())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (R, K) -> (R, N), in the kernel's own dtype: bf16 for the int4, int8 and bf16 kernels (so a
         bf16 product can feed the next one without a round trip through float32), else the weight's."""
-        kind = self.choice.get(_bucket(x.shape[0]), self.default)
-        return self.run(kind, x)
+        return self.kernel(x.shape[0])(x)
+
+    def kernel(self, rows: int):
+        """The kernel chosen for ``rows`` rows as one callable ``x -> x @ weight.T + bias`` (as :meth:`run`),
+        bound once to its weights and the ATen op itself: a decode step calls a few hundred of these, and
+        the lookups and branches of :meth:`run` cost more than some of the matmuls."""
+        kind = self.choice.get(row_bucket(rows), self.default)
+        bound = self._bound.get(kind)
+        if bound is None:
+            bound = self._bound[kind] = self._bind(kind)
+        return bound
+
+    def _bind(self, kind: str):
+        w, bias = self.weights[kind], self.bias
+        if kind in ("native", "float32", "packed"):  # their dtype handling and bias live in run
+            return lambda x: self.run(kind, x)
+        bf16 = torch.bfloat16
+        if kind == "bf16-packed":
+            op = torch.ops.mkldnn._linear_pointwise.default._op
+            fn = lambda x: op(x.to(bf16), w, None, "none", [], "")  # noqa: E731
+        elif kind == "bf16":
+            fn = lambda x: F.linear(x.to(bf16), w)  # noqa: E731
+        elif kind == "int8":
+            op, (codes, scales) = torch.ops.aten._weight_int8pack_mm.default._op, w
+            fn = lambda x: op(x.to(bf16), codes, scales)  # noqa: E731
+        else:  # int4
+            op, (packed, scales_zeros) = torch.ops.aten._weight_int4pack_mm_for_cpu.default._op, w
+            fn = lambda x: op(x.to(bf16), packed, INT4_GROUP, scales_zeros)  # noqa: E731
+        return fn if bias is None else (lambda x: fn(x) + bias)
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (T, K) -> (T, N) for prompt tokens: the bf16 copy (see :attr:`PREFILL_KERNEL`)."""
@@ -147,6 +175,7 @@ class DecodeLinear:
         self.default = choice[min(choice)]
         for kind in [k for k in self.weights if k not in choice.values() and k != PREFILL_KERNEL]:
             del self.weights[kind]
+            self._bound.pop(kind, None)
 
 
 def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
@@ -212,7 +241,8 @@ def _prepare(kind: str, weight: torch.Tensor):
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 
-def _bucket(rows: int) -> int:
+def row_bucket(rows: int) -> int:
+    """The bucket (a power of two) whose tuned kernels serve ``rows`` rows."""
     return 1 << (rows - 1).bit_length()
 
 

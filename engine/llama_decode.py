@@ -35,6 +35,7 @@ from engine.decode_linear import (
     DecodeLinear,
     candidate_kernels,
     release_freed_memory,
+    row_bucket,
     row_buckets,
     tune,
 )
@@ -115,6 +116,7 @@ class LlamaDecoder:
         self.cos, self.sin = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D) each
         identity = torch.eye(self.head_dim, dtype=self.dtype, device=self.device)
         self.half_turn = _rope(identity, torch.zeros(()), torch.ones(()))  # (D, D): x @ it = rotate_half(x)
+        self._plans: dict[int, tuple[list[tuple], object]] = {}  # row bucket -> _plan
 
     def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -156,8 +158,21 @@ class LlamaDecoder:
         choices = {name: tune([getattr(layer, name) for layer in self.layers], buckets)
                    for name in ("qkv", "out", "gate_up", "down")}
         choices["head"] = tune([self.head], buckets)
+        self._plans.clear()
         log.info("decode kernels per row bucket: %s", choices)
         return choices
+
+    def _plan(self, rows: int) -> tuple[list[tuple], object]:
+        """The step for ``rows`` rows as plain callables, built once per row bucket: per layer (input norm
+        weight, QKV, output projection, post norm weight, gate/up, down) with each projection's chosen kernel
+        bound (:meth:`DecodeLinear.kernel`), and the output projection's."""
+        bucket = row_bucket(rows)
+        plan = self._plans.get(bucket)
+        if plan is None:
+            layers = [(layer.input_norm, layer.qkv.kernel(bucket), layer.out.kernel(bucket), layer.post_norm,
+                       layer.gate_up.kernel(bucket), layer.down.kernel(bucket)) for layer in self.layers]
+            plan = self._plans[bucket] = (layers, self.head.kernel(bucket))
+        return plan
 
     @torch.inference_mode()
     def __call__(self, step: CacheStep, tokens: torch.Tensor) -> torch.Tensor:
@@ -177,26 +192,33 @@ class LlamaDecoder:
         B = tokens.shape[0]
         rotation = self._rotations(positions)  # (B, D, D)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        G, QK, dtype, norm = H // Hkv, (H + Hkv) * D, self.dtype, self._rms_norm
         mask = None
         if B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
             mask = self._visible_up_to(positions, length)[:, None, None]  # (B, 1, 1, S)
         batch = torch.arange(B, device=self.device)
+        layers, head = self._plan(B)
+        # plain slicing and bound kernels: at a few rows the Python around each operation costs as much as
+        # the operation, and a step runs some 600 of them
         x = F.embedding(tokens, self.embed)  # (B, C)
-        for layer, k_buf, v_buf in zip(self.layers, keys, values, strict=True):
-            h = self._rms_norm(x, layer.input_norm)
-            qk, v = layer.qkv(h).split([(H + Hkv) * D, Hkv * D], dim=-1)  # bf16 or the model's dtype
-            qk = torch.bmm(qk.view(B, H + Hkv, D).to(self.dtype), rotation)  # (B, H + Hkv, D), rotated
+        for (input_norm, qkv, out, post_norm, gate_up, down), k_buf, v_buf in zip(layers, keys, values, strict=True):
+            projected = qkv(norm(x, input_norm))  # (B, (H + 2 Hkv) D), bf16 or the model's dtype
+            qk = torch.bmm(projected[:, :QK].view(B, H + Hkv, D).to(dtype), rotation)  # (B, H + Hkv, D), rotated
+            v = projected[:, QK:].view(B, Hkv, D)
             if single is None:
                 k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
-                v_buf[batch, :, positions] = v.view(B, Hkv, D).to(self.dtype)
+                v_buf[batch, :, positions] = v.to(dtype)
             else:
                 k_buf[0, :, single] = qk[0, H:]  # (Hkv, D)
-                v_buf[0, :, single] = v.view(Hkv, D)
-            x = x + layer.out(self._attention(qk[:, :H], k_buf[:, :, :length], v_buf[:, :, :length], mask))
-            h = self._rms_norm(x, layer.post_norm)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # bf16 stays bf16 into the down projection
-            x = x + layer.down(F.silu(gate) * up)  # the residual stream stays in the model's dtype
-        return self.head(self._rms_norm(x, self.norm)).float()
+                v_buf[0, :, single] = v[0]
+            attended = F.scaled_dot_product_attention(  # query heads grouped per kv head: (B, Hkv, G, D)
+                qk[:, :H].view(B, Hkv, G, D), k_buf[:, :, :length], v_buf[:, :, :length], attn_mask=mask,
+                scale=self.scale)
+            x = x + out(attended.view(B, H * D))
+            gated = gate_up(norm(x, post_norm))  # (B, 2 I): bf16 stays bf16 into the down projection
+            half = gated.shape[-1] // 2
+            x = x + down(F.silu(gated[:, :half]) * gated[:, half:])  # the residual stream stays in the model's dtype
+        return head(norm(x, self.norm)).float()
 
     @torch.inference_mode()
     def prefill(self, step: CacheStep, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -260,19 +282,11 @@ class LlamaDecoder:
         hidden = torch.arange(length, device=self.device)[None] > positions[:, None]
         return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
 
-    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H, D) against keys/values (B, Hkv, S, D) -> (B, H * D); query heads grouped per kv head."""
-        B = q.shape[0]
-        q = q.view(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # (B, Hkv, G, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)  # (B, Hkv, G, D)
-        return out.reshape(B, self.heads * self.head_dim)
-
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
         if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.eps)
-        return weight * F.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
+        return weight * torch.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

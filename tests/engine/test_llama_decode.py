@@ -140,6 +140,9 @@ def test_every_kernel_computes_the_same_product():
         for kind, tolerance in kernels.items():
             got = linear.run(kind, x)
             assert (got - expected).abs().max() <= tolerance * expected.abs().max(), kind
+            linear.choice = {1 << (rows - 1).bit_length(): kind}  # the decode step's bound callable: the same
+            torch.testing.assert_close(linear.kernel(rows)(x), got, atol=0, rtol=0)
+            torch.testing.assert_close(linear(x), got, atol=0, rtol=0)
 
 
 def test_tuning_keeps_one_kernel_per_bucket_and_drops_the_rest():
