@@ -20,6 +20,9 @@ default settings).
 
 Report (``api.json``): per target and client count the medians and every round; ``ratios``; with a
 server started here, its resident memory after the rounds and its peak (``targets.sinkserve.memory_mb``).
+A target that exposes sinkserve's decode counters on ``/metrics`` also gets, per client count, what its
+decode steps took meanwhile as the server counts them (``server_step_ms``, ``server_forward_ms``,
+``server_rows_per_step``): next to the client's gap between tokens, where that gap goes.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 CLIENTS = (1, 2, 4, 8, 16)
 QUICK_CLIENTS = (1, 4)
 METRICS = ("aggregate_tokens_per_s", "stream_decode_tokens_per_s", "ttft_ms")
+SERVER_METRICS = ("server_step_ms", "server_forward_ms", "server_rows_per_step")  # sinkserve only
 
 
 def _prompts(seed: int = 0):
@@ -83,17 +87,49 @@ async def stream_once(client: httpx.AsyncClient, url: str, model: str | None, pr
             "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None}
 
 
+DECODE_COUNTERS = ("decode_steps", "decode_rows", "decode_forward_seconds", "decode_seconds")
+
+
+async def decode_counters(client: httpx.AsyncClient, url: str) -> dict[str, float] | None:
+    """sinkserve's decode-step counters from ``/metrics`` (None for a server without them)."""
+    try:
+        text = (await client.get(f"{url}/metrics", timeout=30)).text
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        key = name.removeprefix("sinkserve_").removesuffix("_total")
+        if name.startswith("sinkserve_") and name.endswith("_total") and key in DECODE_COUNTERS:
+            found[key] = float(value)
+    return found if len(found) == len(DECODE_COUNTERS) else None
+
+
+def server_step(before: dict | None, after: dict | None) -> dict:
+    """What the server's decode steps took between two readings of its counters: ms per step (the whole
+    step, and its forward pass) and rows per step; empty when the server has no such counters."""
+    if not before or not after or after["decode_steps"] <= before["decode_steps"]:
+        return {}
+    steps = after["decode_steps"] - before["decode_steps"]
+    return {"server_step_ms": 1e3 * (after["decode_seconds"] - before["decode_seconds"]) / steps,
+            "server_forward_ms": 1e3 * (after["decode_forward_seconds"] - before["decode_forward_seconds"]) / steps,
+            "server_rows_per_step": (after["decode_rows"] - before["decode_rows"]) / steps}
+
+
 async def clients_at_once(client: httpx.AsyncClient, url: str, model: str | None, prompts, count: int,
                           max_tokens: int) -> dict:
-    """``count`` streaming clients at once: aggregate tokens/s, mean per-stream decode rate and TTFT."""
+    """``count`` streaming clients at once: aggregate tokens/s, mean per-stream decode rate and TTFT (and,
+    from a sinkserve server, its decode steps meanwhile: :func:`server_step`)."""
+    before = await decode_counters(client, url)
     runs = await asyncio.gather(*(stream_once(client, url, model, next(prompts), max_tokens) for _ in range(count)))
+    after = await decode_counters(client, url) if before else None
     begin, end = min(r["start"] for r in runs), max(r["end"] for r in runs)
     rates = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"]]
     ttfts = [r["first"] - r["start"] for r in runs if r["first"] is not None]
     return {"chunks": sum(r["chunks"] for r in runs), "wall_s": end - begin,
             "aggregate_tokens_per_s": sum(r["chunks"] for r in runs) / (end - begin),
             "stream_decode_tokens_per_s": statistics.fmean(rates) if rates else None,
-            "ttft_ms": 1e3 * statistics.fmean(ttfts) if ttfts else None}
+            "ttft_ms": 1e3 * statistics.fmean(ttfts) if ttfts else None, **server_step(before, after)}
 
 
 def _median(values):
@@ -122,7 +158,8 @@ async def measure_api_async(targets: dict[str, str], *, clients=CLIENTS, rounds:
                     log.info("round %d, %s, %2d clients: %.1f tokens/s aggregate, %.1f tokens/s a stream, TTFT %.0f ms",
                              index + 1, name, count, result["aggregate_tokens_per_s"],
                              result["stream_decode_tokens_per_s"] or float("nan"), result["ttft_ms"] or float("nan"))
-    results = {name: [{"clients": c, **{m: _median([r[m] for r in runs]) for m in METRICS}, "per_round": runs}
+    results = {name: [{"clients": c, **{m: _median([r.get(m) for r in runs]) for m in METRICS + SERVER_METRICS},
+                       "per_round": runs}
                       for c, runs in by_count.items()] for name, by_count in measured.items()}
     report = {
         "suite": "api",
@@ -156,6 +193,12 @@ def table(report: dict) -> str:
         for r in results:
             rows.append([name, r["clients"], r["stream_decode_tokens_per_s"], r["ttft_ms"], r["aggregate_tokens_per_s"]])
     text = markdown_table(["server", "clients", "decode tokens/s a stream", "TTFT ms", "aggregate tokens/s"], rows)
+    steps = [[name, r["clients"], 1e3 / r["stream_decode_tokens_per_s"] if r["stream_decode_tokens_per_s"] else None,
+              r["server_step_ms"], r["server_forward_ms"], r["server_rows_per_step"]]
+             for name, results in report["results"].items() for r in results if r.get("server_step_ms")]
+    if steps:  # where a client's gap between tokens goes, as the server counts its decode steps
+        text += "\n" + markdown_table(["server", "clients", "client gap ms", "server step ms", "forward ms",
+                                       "rows a step"], steps)
     if report.get("ratios"):
         ours, other = list(report["results"])
         ratios = [[c, report["ratios"][f"stream_decode_tokens_per_s at {c}"], report["ratios"][f"ttft_ms at {c}"],

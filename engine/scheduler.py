@@ -89,7 +89,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "requests": 0, "steps": 0,
                          "failed_steps": 0, "forks": 0,
-                         "source_local": 0, "source_shared": 0, "source_prefill": 0}
+                         "source_local": 0, "source_shared": 0, "source_prefill": 0,
+                         # batched decode steps, the rows they carried, and their wall time (the forward pass
+                         # alone, and the whole step with sampling and hand-off): what a client's
+                         # inter-token gap is made of, as the server sees it
+                         "decode_steps": 0, "decode_rows": 0, "decode_forward_seconds": 0.0, "decode_seconds": 0.0}
         self.failed_in_a_row = 0
         self.masks: BatchMask | None = None  # built at the first constrained request
         self.last_failure: str | None = None
@@ -323,9 +327,21 @@ class Scheduler:
             self._sample(request, logits[0])
 
     def _decode(self, requests: list[Request]) -> None:
+        start = time.perf_counter()
+        try:
+            self._decode_step(requests)
+        finally:
+            self.counters["decode_seconds"] += time.perf_counter() - start
+
+    def _decode_step(self, requests: list[Request]) -> None:
         rows = self.store.compact([r.session for r in requests])
         tokens = [r.next_token for r in requests]
+        forward = time.perf_counter()
         logits = self.runner.decode(rows, tokens)  # (B, V)
+        counters = self.counters
+        counters["decode_forward_seconds"] += time.perf_counter() - forward
+        counters["decode_steps"] += 1
+        counters["decode_rows"] += len(rows)
         for request, token in zip(requests, tokens, strict=True):  # every row was fed: record it first
             request.session.extend([token])
         live = self._constrain(requests, logits)

@@ -23,6 +23,10 @@ ENGINE_COUNTERS = {
     "prompt_tokens": "Prompt tokens submitted to the engine",
     "cached_tokens": "Prompt tokens served from session caches",
     "requests": "Requests admitted by the engine",
+    "decode_steps": "Batched decode steps",
+    "decode_rows": "Sequences the decode steps carried (one token each)",
+    "decode_forward_seconds": "Wall time of the decode steps' forward passes",
+    "decode_seconds": "Wall time of the decode steps (forward pass, sampling, hand-off of the tokens)",
 }
 SESSION_SOURCES = ("local", "shared", "prefill")  # engine.events.Admission.source
 ENGINE_GAUGES = {

@@ -116,3 +116,29 @@ async def test_requests_arriving_together_share_prefill_passes(tmp_path, monkeyp
         engine.stop()
     assert shared and max(shared) > 1
     assert together == alone and all(len(tokens) == 8 for tokens in alone)
+
+
+async def test_decode_counters_account_for_every_decoded_token(tmp_path):
+    """stats() (and /metrics) count the batched decode steps, the rows they carried and their wall time:
+    every generated token but each request's first (its prompt's last logits give it) is one decode row, and
+    requests running together share steps."""
+    engine = tiny_engine(tmp_path, max_batch=4)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def one(text: str, key: str) -> int:
+        prompt = engine.render_chat([{"role": "user", "content": text}])[0]
+        generation = await engine.generate(prompt, params, api_key=key)
+        return sum([isinstance(e, TokenEvent) async for e in generation])
+
+    try:
+        assert await one("alone", "a") == 6
+        alone = dict(engine.stats())
+        assert alone["decode_steps"] == alone["decode_rows"] == 5
+        counts = await asyncio.gather(*(one(f"together {i}", f"t{i}") for i in range(3)))
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert counts == [6, 6, 6]
+    assert stats["decode_rows"] - alone["decode_rows"] == 3 * 5
+    assert stats["decode_steps"] - alone["decode_steps"] < 3 * 5  # shared steps
+    assert 0 < stats["decode_forward_seconds"] < stats["decode_seconds"]

@@ -50,7 +50,8 @@ def test_metrics(http):
                  "sinkserve_inter_token_latency_seconds_count", "sinkserve_generated_tokens_total",
                  "sinkserve_prompt_tokens_total", "sinkserve_cached_tokens_total", "sinkserve_active_sessions",
                  "sinkserve_running_requests", "sinkserve_waiting_requests", "sinkserve_resident_cache_bytes",
-                 "sinkserve_cache_budget_bytes"):
+                 "sinkserve_cache_budget_bytes", "sinkserve_decode_steps_total", "sinkserve_decode_rows_total",
+                 "sinkserve_decode_forward_seconds_total", "sinkserve_decode_seconds_total"):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",status="200"' in text
 
