@@ -25,7 +25,8 @@ ENGINE_COUNTERS = {
     "requests": "Requests admitted by the engine",
     "decode_steps": "Batched decode steps",
     "decode_rows": "Sequences the decode steps carried (one token each)",
-    "decode_forward_seconds": "Wall time of the decode steps' forward passes",
+    "decode_forward_seconds": "Wall time of the decode steps' forward passes (on a GPU, until their kernels "
+                              "are queued: the wait for them falls in the sampling that follows)",
     "decode_seconds": "Wall time of the decode steps (forward pass, sampling, hand-off of the tokens)",
 }
 SESSION_SOURCES = ("local", "shared", "prefill")  # engine.events.Admission.source
