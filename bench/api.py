@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import DEFAULT_TEXT, markdown_table, sse_chunks, write_report
+from bench.common import DEFAULT_TEXT, markdown_table, metric_value, sse_chunks, write_report
 from bench.serve_process import ServerProcess
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,8 @@ async def decode_counters(client: httpx.AsyncClient, url: str) -> dict[str, floa
         text = (await client.get(f"{url}/metrics", timeout=30)).text
     except httpx.HTTPError:
         return None
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        key = name.removeprefix("sinkserve_").removesuffix("_total")
-        if name.startswith("sinkserve_") and name.endswith("_total") and key in DECODE_COUNTERS:
-            found[key] = float(value)
-    return found if len(found) == len(DECODE_COUNTERS) else None
+    found = {key: metric_value(text, f"sinkserve_{key}_total") for key in DECODE_COUNTERS}
+    return found if None not in found.values() else None
 
 
 def server_step(before: dict | None, after: dict | None) -> dict:

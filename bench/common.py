@@ -158,6 +158,18 @@ def environment(loaded: LoadedModel | None, config: EngineConfig | None) -> dict
 
 
 # ----- reports -------------------------------------------------------------------------------------------
+def metric_value(text: str, name: str) -> float | None:
+    """The value of the first sample of metric ``name`` in a Prometheus text exposition (``/metrics``), None
+    if it is absent or not a number."""
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     def cell(value) -> str:
         if value is None:

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from bench.common import DEFAULT_TEXT, markdown_table, pyplot, sse_chunks, write_report
+from bench.common import DEFAULT_TEXT, markdown_table, metric_value, pyplot, sse_chunks, write_report
 from bench.serve_process import ServerProcess
 
 log = logging.getLogger(__name__)
@@ -215,16 +215,6 @@ def _proc_rss(pid: int) -> int | None:
     return None
 
 
-def _metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
-            try:
-                return float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                return None
-    return None
-
-
 async def _rss_sampler(http: httpx.AsyncClient, pid: int | None, origin: float, samples: list, notes: list,
                        done: asyncio.Event) -> None:
     use_metrics = pid is None
@@ -232,7 +222,7 @@ async def _rss_sampler(http: httpx.AsyncClient, pid: int | None, origin: float, 
         rss = None
         if use_metrics:
             try:
-                rss = _metric((await http.get("/metrics", timeout=5)).text, "process_resident_memory_bytes")
+                rss = metric_value((await http.get("/metrics", timeout=5)).text, "process_resident_memory_bytes")
             except httpx.HTTPError:
                 rss = None
             if rss is None and not samples:
@@ -257,8 +247,8 @@ async def _consistency(http: httpx.AsyncClient, conversations: list[Conversation
     while True:
         try:
             text = (await http.get("/metrics", timeout=5)).text
-            running = _metric(text, "sinkserve_running_requests")
-            waiting = _metric(text, "sinkserve_waiting_requests")
+            running = metric_value(text, "sinkserve_running_requests")
+            waiting = metric_value(text, "sinkserve_waiting_requests")
             out["idle"] = (running or 0) == 0 and (waiting or 0) == 0
         except httpx.HTTPError as exc:
             out["idle"] = False
