@@ -112,19 +112,25 @@ class DecodeLinear:
         return self.kernel(x.shape[0])(x)
 
     def kernel(self, rows: int):
-        """The kernel chosen for ``rows`` rows as one callable ``x -> x @ weight.T + bias`` (as :meth:`run`),
-        bound once to its weights and the ATen op itself: a decode step calls a few hundred of these, and
-        the lookups and branches of :meth:`run` cost more than some of the matmuls."""
-        kind = self.choice.get(row_bucket(rows), self.default)
-        bound = self._bound.get(kind)
-        if bound is None:
-            bound = self._bound[kind] = self._bind(kind)
-        return bound
+        """The kernel chosen for ``rows`` rows as one callable ``x -> x @ weight.T + bias`` (:meth:`bound`)."""
+        return self.bound(self.choice.get(row_bucket(rows), self.default))
+
+    def bound(self, kind: str):
+        """Kernel ``kind`` as one callable ``x -> x @ weight.T + bias``, bound once to its weights and the ATen
+        op itself: a decode step calls a few hundred of these, and looking the kernel and its weights up on
+        every call cost more than some of the matmuls."""
+        fn = self._bound.get(kind)
+        if fn is None:
+            fn = self._bound[kind] = self._bind(kind)
+        return fn
 
     def _bind(self, kind: str):
         w, bias = self.weights[kind], self.bias
-        if kind in ("native", "float32", "packed"):  # their dtype handling and bias live in run
-            return lambda x: self.run(kind, x)
+        if kind in ("native", "float32"):
+            return lambda x: F.linear(x.to(w.dtype), w, bias)
+        if kind == "packed":
+            op = torch.ops.mkldnn._linear_pointwise.default._op
+            return lambda x: op(x.float(), w, bias, "none", [], "")
         bf16 = torch.bfloat16
         if kind == "bf16-packed":
             op = torch.ops.mkldnn._linear_pointwise.default._op
@@ -141,26 +147,11 @@ class DecodeLinear:
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (T, K) -> (T, N) for prompt tokens: the bf16 copy (see :attr:`PREFILL_KERNEL`)."""
-        return self.run(PREFILL_KERNEL, x)
+        return self.bound(PREFILL_KERNEL)(x)
 
     def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights[kind]
-        if kind in ("native", "float32"):
-            return F.linear(x.to(w.dtype), w, self.bias)
-        if kind == "packed":
-            return torch.ops.mkldnn._linear_pointwise(x.float(), w, self.bias, "none", [], "")
-        x = x.to(torch.bfloat16)
-        if kind == "bf16-packed":
-            out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        elif kind == "bf16":
-            out = F.linear(x, w)
-        elif kind == "int8":
-            codes, scales = w
-            out = torch.ops.aten._weight_int8pack_mm(x, codes, scales)
-        else:  # int4
-            packed, scales_zeros = w
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_zeros)
-        return out if self.bias is None else out + self.bias
+        """``x`` (R, K) -> (R, N) with kernel ``kind`` (any it holds, chosen or not: tuning times them all)."""
+        return self.bound(kind)(x)
 
     def weight_bytes(self, kind: str) -> int:
         """Bytes a matmul with ``kind`` reads (its weight copy, scales included)."""
