@@ -14,9 +14,11 @@ int4 (Q4_1 codes) 1.0      5.4
 ================  ======  ======
 
 while an AMD host without AMX gains nothing from bf16 or int4 at all (README). So nothing is decided by
-file type: :class:`DecodeLinear` holds one copy of the weight per candidate kernel and :meth:`DecodeLinear.tune`
-times them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at
-start-up; the losers' copies are dropped.
+file type: :class:`DecodeLinear` holds one copy of the weight per candidate kernel and :func:`measure` times
+them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at start-up;
+the decode step then checks the choice in whole steps against the kernels reading the fewest bytes
+(:meth:`engine.llama_decode.LlamaDecoder.tune`: a shape timed alone can sit in a large last-level cache),
+and the losers' copies are dropped (:meth:`DecodeLinear.keep`).
 
 Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`` and ``packed`` (a
 oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
@@ -170,9 +172,17 @@ class DecodeLinear:
 
 
 def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
-    """Time every kernel at every row bucket over all of ``layers`` (one shape, e.g. every layer's QKV
-    projection) in turn, as a decode step reads them: one layer alone would stay in the CPU's caches and
-    favour the largest weights. Every layer keeps the fastest kernel per bucket; the choice is returned."""
+    """:func:`measure`, then every layer keeps the chosen kernel per bucket (:meth:`DecodeLinear.keep`)."""
+    choice = measure(layers, buckets, repeats)
+    for layer in layers:
+        layer.keep(choice)
+    return choice
+
+
+def measure(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
+    """The fastest kernel per row bucket (:func:`_pick`) for ``layers`` (one shape, e.g. every layer's QKV
+    projection), each kernel timed over all of them in turn, as a decode step reads them: one layer alone
+    would stay in the CPU's caches and favour the largest weights. Nothing is kept or dropped yet."""
     first = layers[0]
     choice = {}
     for rows in buckets:
@@ -184,9 +194,14 @@ def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> di
         times = {kind: _median_time(lambda kind=kind, x=x: _run_all(layers, kind, x), repeats)
                  for kind in first.weights}
         choice[rows] = _pick(times, {kind: first.weight_bytes(kind) for kind in times})
-    for layer in layers:
-        layer.keep(choice)
     return choice
+
+
+def fewest_bytes(layer: DecodeLinear, chosen: str) -> str:
+    """The kernel of ``layer`` that reads the fewest bytes (``chosen`` where it ties for that)."""
+    least = min(layer.weight_bytes(kind) for kind in layer.weights)
+    return chosen if layer.weight_bytes(chosen) == least else next(
+        kind for kind in layer.weights if layer.weight_bytes(kind) == least)
 
 
 def _pick(times: dict[str, float], weight_bytes: dict[str, int], margin: float = TIE_MARGIN) -> str:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,16 +35,25 @@ from engine.cache import CacheStep, SinkCache
 from engine.decode_linear import (
     PREFILL_KERNEL,
     DecodeLinear,
+    _pick,
     candidate_kernels,
+    fewest_bytes,
+    measure,
     release_freed_memory,
     row_bucket,
     row_buckets,
-    tune,
 )
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+PROJECTIONS = ("qkv", "out", "gate_up", "down")
+# the in-step check of the kernels tuning chose (LlamaDecoder.tune): whole steps over this many cache slots,
+# this many of each choice, alternating; the choice reading the fewest bytes among those within STEP_TIE of
+# the fastest wins
+STEP_CHECK_SLOTS = 256
+STEP_CHECK_STEPS = 7
+STEP_TIE = 0.03
 
 
 def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | None:
@@ -153,14 +164,69 @@ class LlamaDecoder:
         return torch.diag_embed(self.cos[positions]) + self.half_turn * self.sin[positions][:, None, :]
 
     def tune(self, max_rows: int) -> dict[str, dict[int, str]]:
-        """Measure the kernels of each projection shape for 1, 2, 4, ... rows up to ``max_rows``."""
+        """Choose the kernels of each projection shape for 1, 2, 4, ... rows up to ``max_rows``: each shape
+        measured alone (:func:`~engine.decode_linear.measure`), then checked in whole steps.
+
+        A shape timed alone runs over its weights only, which a large last-level cache (300 MB on some
+        hosts) may hold whole, so a kernel reading 4x the bytes can win there and lose in a real step, where
+        every shape's weights, the output projection and the attended cache slots all pass through the cache.
+        Measured on one 2-core Xeon: packed bf16 won every shape alone at 8 rows (10.6 against 14.2 ms over
+        the layers) and lost the step (47.1 against 44.0 ms at 330 slots with int4). So wherever the chosen
+        kernels are not those reading the fewest bytes, whole steps with each choice are timed alternately
+        (:meth:`_step_ms`): the choice, the same with the layers on their fewest-bytes kernels, and everything
+        on them; the fewest bytes among those within ``STEP_TIE`` of the fastest win."""
         buckets = row_buckets(max_rows)
-        choices = {name: tune([getattr(layer, name) for layer in self.layers], buckets)
-                   for name in ("qkv", "out", "gate_up", "down")}
-        choices["head"] = tune([self.head], buckets)
+        groups = {name: [getattr(layer, name) for layer in self.layers] for name in PROJECTIONS}
+        groups["head"] = [self.head]
+        choices = {name: measure(group, buckets) for name, group in groups.items()}
+        for bucket in buckets:
+            chosen = {name: choice[bucket] for name, choice in choices.items()}
+            lean = {name: fewest_bytes(groups[name][0], kind) for name, kind in chosen.items()}
+            lean_layers = {**lean, "head": chosen["head"]}
+            variants = [v for i, v in enumerate((chosen, lean_layers, lean)) if v not in (chosen, lean_layers, lean)[:i]]
+            if len(variants) == 1:
+                continue
+            times = self._step_ms(groups, bucket, variants)
+            weight_bytes = [sum(linear.weight_bytes(v[name]) for name, group in groups.items() for linear in group)
+                            for v in variants]
+            keep = _pick(dict(enumerate(times)), dict(enumerate(weight_bytes)), STEP_TIE)
+            log.info("decode kernels at %d rows, whole steps: %s; keeping %s", bucket,
+                     "; ".join(f"{v} {t:.1f} ms" for v, t in zip(variants, times, strict=True)), variants[keep])
+            for name, kind in variants[keep].items():
+                choices[name][bucket] = kind
+        for name, group in groups.items():
+            for linear in group:
+                linear.keep(choices[name])
         self._plans.clear()
         log.info("decode kernels per row bucket: %s", choices)
         return choices
+
+    def _step_ms(self, groups: dict[str, list[DecodeLinear]], bucket: int, assignments: list[dict[str, str]]
+                 ) -> list[float]:
+        """Median ms of a whole decode step of ``bucket`` rows with each assignment (projection name -> kernel)
+        in turn, alternating, over scratch key/value buffers of ``STEP_CHECK_SLOTS`` slots (the cache's rows
+        are never touched)."""
+        slots = min(self.cos.shape[0], STEP_CHECK_SLOTS)
+        shape = (bucket, self.kv_heads, slots, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        positions = torch.full((bucket,), slots - 1, dtype=torch.long, device=self.device)
+        times: list[list[float]] = [[] for _ in assignments]
+        with torch.inference_mode():
+            for step in range(STEP_CHECK_STEPS + 1):  # the first round warms up
+                order = range(len(assignments)) if step % 2 else reversed(range(len(assignments)))
+                for index in order:
+                    for name, kind in assignments[index].items():
+                        for linear in groups[name]:
+                            linear.choice[bucket] = kind
+                    self._plans.clear()
+                    start = time.perf_counter()
+                    self.forward(tokens, positions, keys, values, slots)
+                    if step:
+                        times[index].append(time.perf_counter() - start)
+        self._plans.clear()
+        return [1e3 * statistics.median(t) for t in times]
 
     def _plan(self, rows: int) -> tuple[list[tuple], object]:
         """The step for ``rows`` rows as plain callables, built once per row bucket: per layer (input norm

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import llama_decode
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.decode_linear import (
+    PREFILL_KERNEL,
     DecodeLinear,
     _pick,
     candidate_kernels,
@@ -166,6 +168,66 @@ def test_near_ties_go_to_the_smaller_weights():
     assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.08}, sizes) == "int4"
     assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.5}, sizes) == "bf16"
     assert _pick({"float32": 1.0, "bf16": 1.5, "int4": 1.5}, sizes) == "float32"
+
+
+def _int4_decoder(rows: int = 4) -> tuple[LlamaDecoder, SinkCache]:
+    model = tiny_model("llama")
+    config = EngineConfig(sink_tokens=4, window=28, evict_block=4)
+    loaded = prepare(model, None, "tiny", config)
+    cache = SinkCache(loaded.shape, rows, config.cache_size, 4, 4, loaded.inv_freqs)
+    return LlamaDecoder(model, cache, "int4"), cache
+
+
+def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
+    """Where the kernels chosen shape by shape read more bytes than others, whole steps decide: the fastest
+    of the choice, its layers on their fewest-bytes kernels, and everything on those; near ties (3%) go
+    to the fewer bytes."""
+    big = "bf16-packed" if packed_bf16_supported() else "bf16"
+    alone = {1: big, 2: big, 4: big}  # as if every shape, timed alone, had chosen the bf16 copy
+    monkeypatch.setattr(llama_decode, "measure", lambda layers, buckets: dict(alone))
+    cases = {  # step ms of [choice, layers lean, all lean] -> the kept layers' and head's kernels
+        (10.0, 8.0, 9.0): ("int4", big),
+        (10.0, 12.0, 12.0): (big, big),
+        (10.0, 10.2, 10.1): ("int4", "int8"),
+        (10.0, 11.0, 8.0): ("int4", "int8"),
+    }
+    for times, (layers_kind, head_kind) in cases.items():
+        decoder, _ = _int4_decoder()
+        seen = []
+
+        def step_ms(groups, bucket, variants, times=times, seen=seen):
+            seen.append([dict(v) for v in variants])
+            return list(times)
+
+        monkeypatch.setattr(decoder, "_step_ms", step_ms)
+        choices = decoder.tune(4)
+        assert len(seen) == 3  # buckets 1, 2, 4
+        assert seen[0][0]["qkv"] == big and seen[0][1]["qkv"] == "int4" and seen[0][1]["head"] == big
+        assert seen[0][2] == {"qkv": "int4", "out": "int4", "gate_up": "int4", "down": "int4", "head": "int8"}
+        for name in ("qkv", "out", "gate_up", "down"):
+            assert choices[name] == {1: layers_kind, 2: layers_kind, 4: layers_kind}, (times, name)
+            assert getattr(decoder.layers[0], name).choice == choices[name]
+        assert choices["head"] == {1: head_kind, 2: head_kind, 4: head_kind}, times
+        # the losers' copies are dropped, the prefill kernel's stay
+        assert set(decoder.layers[0].qkv.weights) == {layers_kind, PREFILL_KERNEL}
+        head_candidates = set(candidate_kernels(CPU, torch.float32, "int4", output=True))
+        assert set(decoder.head.weights) == {head_kind} | ({PREFILL_KERNEL} & head_candidates)
+
+
+def test_whole_step_timing_never_touches_the_cache():
+    decoder, cache = _int4_decoder(rows=2)
+    for layer in range(cache.shape.num_layers):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    before = [t.clone() for t in (*cache.k, *cache.v)]
+    groups = {name: [getattr(layer, name) for layer in decoder.layers] for name in ("qkv", "out", "gate_up", "down")}
+    groups["head"] = [decoder.head]
+    variants = [{name: "int4" for name in groups} | {"head": "int8"},
+                {name: kind for name, kind in zip(groups, ("int4",) * 4 + ("float32",), strict=True)}]
+    times = decoder._step_ms(groups, 2, variants)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    for got, expected in zip((*cache.k, *cache.v), before, strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_candidates():
