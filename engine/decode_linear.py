@@ -57,7 +57,7 @@ KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4")
 # 4-bit copy never runs prompt tokens: a near-tie on the reply's first token can tip on it.
 PREFILL_KERNEL = "bf16-packed"
 PACK_ROWS = 8  # the row count oneDNN lays packed weights out for (it serves any count; measured best near 8)
-TIE_MARGIN = 0.10  # kernels within 10% of the fastest count as tied (see _pick)
+TIE_MARGIN = 0.10  # kernels within 10% of the fastest count as tied (see pick)
 
 
 def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | None,
@@ -180,7 +180,7 @@ def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> di
 
 
 def measure(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
-    """The fastest kernel per row bucket (:func:`_pick`) for ``layers`` (one shape, e.g. every layer's QKV
+    """The fastest kernel per row bucket (:func:`pick`) for ``layers`` (one shape, e.g. every layer's QKV
     projection), each kernel timed over all of them in turn, as a decode step reads them: one layer alone
     would stay in the CPU's caches and favour the largest weights. Nothing is kept or dropped yet."""
     first = layers[0]
@@ -193,7 +193,7 @@ def measure(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) ->
 
         times = {kind: _median_time(lambda kind=kind, x=x: _run_all(layers, kind, x), repeats)
                  for kind in first.weights}
-        choice[rows] = _pick(times, {kind: first.weight_bytes(kind) for kind in times})
+        choice[rows] = pick(times, {kind: first.weight_bytes(kind) for kind in times})
     return choice
 
 
@@ -204,7 +204,7 @@ def fewest_bytes(layer: DecodeLinear, chosen: str) -> str:
         kind for kind in layer.weights if layer.weight_bytes(kind) == least)
 
 
-def _pick(times: dict[str, float], weight_bytes: dict[str, int], margin: float = TIE_MARGIN) -> str:
+def pick(times: dict[str, float], weight_bytes: dict[str, int], margin: float = TIE_MARGIN) -> str:
     """The kernel reading the fewest bytes among those within ``margin`` of the fastest: tuning runs one
     shape's weights over and over, which a large last-level cache keeps warm, while a real step reads them
     between all the others, so a near-tie goes to the smaller weights."""

@@ -35,10 +35,10 @@ from engine.cache import CacheStep, SinkCache
 from engine.decode_linear import (
     PREFILL_KERNEL,
     DecodeLinear,
-    _pick,
     candidate_kernels,
     fewest_bytes,
     measure,
+    pick,
     release_freed_memory,
     row_bucket,
     row_buckets,
@@ -183,13 +183,16 @@ class LlamaDecoder:
             chosen = {name: choice[bucket] for name, choice in choices.items()}
             lean = {name: fewest_bytes(groups[name][0], kind) for name, kind in chosen.items()}
             lean_layers = {**lean, "head": chosen["head"]}
-            variants = [v for i, v in enumerate((chosen, lean_layers, lean)) if v not in (chosen, lean_layers, lean)[:i]]
+            variants = []
+            for variant in (chosen, lean_layers, lean):
+                if variant not in variants:
+                    variants.append(variant)
             if len(variants) == 1:
                 continue
             times = self._step_ms(groups, bucket, variants)
             weight_bytes = [sum(linear.weight_bytes(v[name]) for name, group in groups.items() for linear in group)
                             for v in variants]
-            keep = _pick(dict(enumerate(times)), dict(enumerate(weight_bytes)), STEP_TIE)
+            keep = pick(dict(enumerate(times)), dict(enumerate(weight_bytes)), STEP_TIE)
             log.info("decode kernels at %d rows, whole steps: %s; keeping %s", bucket,
                      "; ".join(f"{v} {t:.1f} ms" for v, t in zip(variants, times, strict=True)), variants[keep])
             for name, kind in variants[keep].items():

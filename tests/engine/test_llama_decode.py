@@ -14,9 +14,9 @@ from engine.config import EngineConfig
 from engine.decode_linear import (
     PREFILL_KERNEL,
     DecodeLinear,
-    _pick,
     candidate_kernels,
     packed_bf16_supported,
+    pick,
     row_bucket,
     row_buckets,
     tune,
@@ -165,9 +165,9 @@ def test_near_ties_go_to_the_smaller_weights():
     layer = DecodeLinear(weight, None, ("float32", "bf16", "int4"))
     sizes = {kind: layer.weight_bytes(kind) for kind in layer.weights}
     assert sizes["int4"] < sizes["bf16"] < sizes["float32"]
-    assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.08}, sizes) == "int4"
-    assert _pick({"float32": 1.0, "bf16": 1.05, "int4": 1.5}, sizes) == "bf16"
-    assert _pick({"float32": 1.0, "bf16": 1.5, "int4": 1.5}, sizes) == "float32"
+    assert pick({"float32": 1.0, "bf16": 1.05, "int4": 1.08}, sizes) == "int4"
+    assert pick({"float32": 1.0, "bf16": 1.05, "int4": 1.5}, sizes) == "bf16"
+    assert pick({"float32": 1.0, "bf16": 1.5, "int4": 1.5}, sizes) == "float32"
 
 
 def _int4_decoder(rows: int = 4) -> tuple[LlamaDecoder, SinkCache]:
