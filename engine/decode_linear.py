@@ -171,14 +171,6 @@ class DecodeLinear:
             self._bound.pop(kind, None)
 
 
-def tune(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
-    """:func:`measure`, then every layer keeps the chosen kernel per bucket (:meth:`DecodeLinear.keep`)."""
-    choice = measure(layers, buckets, repeats)
-    for layer in layers:
-        layer.keep(choice)
-    return choice
-
-
 def measure(layers: list[DecodeLinear], buckets: list[int], repeats: int = 7) -> dict[int, str]:
     """The fastest kernel per row bucket (:func:`pick`) for ``layers`` (one shape, e.g. every layer's QKV
     projection), each kernel timed over all of them in turn, as a decode step reads them: one layer alone

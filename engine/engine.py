@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -63,19 +63,8 @@ class Engine:
         step of 17-27 ms against 14-16."""
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        outcome: dict[str, BaseException] = {}
-
-        def setup() -> None:
-            try:
-                self._start()
-            except BaseException as exc:  # re-raised on the caller's thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=setup, name="sinkserve-setup")
-        thread.start()
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
+        with ThreadPoolExecutor(1, thread_name_prefix="sinkserve-setup") as setup:  # its thread ends on exit
+            setup.submit(self._start).result()  # a failed setup raises here, on the caller's thread
         return self
 
     def _start(self) -> None:

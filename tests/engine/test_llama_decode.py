@@ -15,11 +15,11 @@ from engine.decode_linear import (
     PREFILL_KERNEL,
     DecodeLinear,
     candidate_kernels,
+    measure,
     packed_bf16_supported,
     pick,
     row_bucket,
     row_buckets,
-    tune,
 )
 from engine.llama_decode import LlamaDecoder, owned_decoder, unsupported_reason
 from engine.loader import prepare
@@ -151,7 +151,9 @@ def test_every_kernel_computes_the_same_product():
 def test_tuning_keeps_one_kernel_per_bucket_and_drops_the_rest():
     torch.manual_seed(0)
     layers = [DecodeLinear(torch.randn(64, 64), None, ("float32", "packed", "bf16")) for _ in range(3)]
-    choice = tune(layers, row_buckets(5))
+    choice = measure(layers, row_buckets(5))
+    for layer in layers:
+        layer.keep(choice)
     assert sorted(choice) == [1, 2, 4, 8]
     for layer in layers:
         assert layer.choice == choice
