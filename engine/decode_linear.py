@@ -44,11 +44,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine import int4_rows
 from engine.quantize import INT4_GROUP, int4_codes
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4")
+KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4", "int4-rows")
 # prompt chunks (many rows) run on the oneDNN-packed bf16 copy where one exists (int4 decoding on a CPU
 # with native bf16): its matmuls are 3x faster than float32 at 45 rows (30 vs 90 ms over the embedded
 # model's layers), a 45-token prompt prefills in 71 instead of 115 ms; perplexity of chunked prefill
@@ -68,7 +69,8 @@ def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | 
         return ("native",)
     if quantize == "int4":  # float32 layers read 8x the bytes of int4 ones: they never win a real step
         bf16 = ("bf16-packed",) if packed_bf16_supported() else ("bf16",)  # packed: faster, same bytes
-        return ("float32", *bf16, "int8") if output else (*bf16, "int4")
+        own = ("int4-rows",) if int4_rows.available() else ()  # this CPU's build of our own kernel
+        return ("float32", *bf16, "int8") if output else (*bf16, "int4", *own)
     return ("float32", "packed")
 
 
@@ -100,10 +102,15 @@ class DecodeLinear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.weights: dict[str, object] = {}
+        codes = None  # the 4-bit codes, shared by both 4-bit kernels' layouts
         for kind in kernels:
             if kind == "int4" and self.in_features % INT4_GROUP:
                 continue
-            self.weights[kind] = _prepare(kind, weight)
+            if kind == "int4-rows" and not int4_rows.supports(self.out_features, self.in_features, INT4_GROUP):
+                continue
+            if kind in ("int4", "int4-rows"):
+                codes = codes or int4_codes(weight)
+            self.weights[kind] = _prepare(kind, weight, codes)
         self.choice: dict[int, str] = {}  # row bucket -> kernel
         self.default = next(iter(self.weights))
         self._bound: dict[str, object] = {}  # kernel -> its bound callable (kernel())
@@ -142,6 +149,8 @@ class DecodeLinear:
         elif kind == "int8":
             op, (codes, scales) = torch.ops.aten._weight_int8pack_mm.default._op, w
             fn = lambda x: op(x.to(bf16), codes, scales)  # noqa: E731
+        elif kind == "int4-rows":
+            fn = int4_rows.bind(*w, INT4_GROUP)
         else:  # int4
             op, (packed, scales_zeros) = torch.ops.aten._weight_int4pack_mm_for_cpu.default._op, w
             fn = lambda x: op(x.to(bf16), packed, INT4_GROUP, scales_zeros)  # noqa: E731
@@ -219,7 +228,8 @@ def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:
         layer.run(kind, x)
 
 
-def _prepare(kind: str, weight: torch.Tensor):
+def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Kernel ``kind``'s copy of ``weight``; ``codes``: :func:`~engine.quantize.int4_codes` of it (4-bit kinds)."""
     weight = weight.detach()
     if kind in ("native", "float32"):
         return weight
@@ -234,8 +244,10 @@ def _prepare(kind: str, weight: torch.Tensor):
         codes = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         return codes.contiguous(), scales.to(torch.bfloat16)
     if kind == "int4":
-        codes, scales_zeros = int4_codes(weight)
+        codes, scales_zeros = codes or int4_codes(weight)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_zeros
+    if kind == "int4-rows":
+        return int4_rows.pack(*(codes or int4_codes(weight)))
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.decode_linear import release_freed_memory
-from engine.device import cache_budget_bytes, default_max_batch, pool_rows
+from engine.device import cache_budget_bytes, default_max_batch, on_own_thread, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
 from engine.grammar import Constraint, Grammar, GrammarCompiler
@@ -53,18 +52,14 @@ class Engine:
     def start(self) -> Engine:
         """Load the model, build the cache and the decode step, start the worker thread (blocking).
 
-        The setup runs on a thread of its own that ends before this returns, so that the worker is the only
-        long-lived thread running PyTorch's OpenMP kernels. OpenMP (libgomp) keeps a team of helper threads
-        per thread that ever ran a parallel kernel, for as long as that thread lives; once the process holds
-        more such helpers than it has CPUs, every team stops spinning between kernels and sleeps instead, and
-        each of the ~600 kernels of a decode step then pays a futex wake-up. Measured on a 2-core host,
-        setting up in the calling thread (as the server's loader and every in-process caller did) and
-        decoding on the worker: 240-280 voluntary context switches a step against none, and a single-row
-        step of 17-27 ms against 14-16."""
+        The setup runs on a thread of its own that has ended when this returns
+        (:func:`~engine.device.on_own_thread`), so that the worker is the only long-lived thread running
+        PyTorch's OpenMP kernels: a second team, left on the calling thread, made every kernel of a decode
+        step sleep and wake (on a 2-core host 240-280 voluntary context switches a step against none, and a
+        single-row step of 17-27 ms against 14-16)."""
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        with ThreadPoolExecutor(1, thread_name_prefix="sinkserve-setup") as setup:  # its thread ends on exit
-            setup.submit(self._start).result()  # a failed setup raises here, on the caller's thread
+        on_own_thread(self._start)  # a failed setup raises here, on the caller's thread
         return self
 
     def _start(self) -> None:

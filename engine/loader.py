@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from engine.cache import CacheShape
 from engine.config import SAMPLING_DEFAULT_FIELDS, EngineConfig
-from engine.device import log_device, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from engine.device import log_device, on_own_thread, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from engine.llama_decode import unsupported_reason
 from engine.quantize import quantize
 from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs
@@ -257,7 +257,12 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase
 
 
 def load(config: EngineConfig) -> LoadedModel:
-    """Load the configured model on the configured device and dtype."""
+    """Load the configured model on the configured device and dtype, on a thread of its own that has ended
+    when this returns (:func:`~engine.device.on_own_thread`: the caller's thread starts no OpenMP team)."""
+    return on_own_thread(_load, config)
+
+
+def _load(config: EngineConfig) -> LoadedModel:
     offline_environment()
     source = model_source(config.model)
     directory = model_directory(source, config.cache_dir)

@@ -1,0 +1,107 @@
+"""A 4-bit matmul for decode steps of several rows that dequantizes each weight once for all the rows.
+
+PyTorch's CPU kernel for 4-bit weights (``_weight_int4pack_mm_for_cpu``) works in blocks of at most 4 rows
+and dequantizes every weight again for each block: 8 rows cost it two full passes of dequantization, and
+its time grows with the rows (on a 2-core Xeon, over the embedded model's layers: 5.2 ms at 1 row, 14.6 ms
+at 8) although the bytes read stay the same. This kernel (``kernels/int4_rows.c``) keeps up to 8 rows'
+accumulators in registers (3 on AVX2), so each weight is unpacked and scaled once and then multiplied into
+every row. It takes the same codes, scales and zeros as the PyTorch kernel (:func:`engine.quantize.int4_codes`,
+relaid in blocks of 32 outputs by :func:`pack`) and float32 activations, so it computes the same product
+(:func:`engine.quantize.int4_dequantize` is the reference, tests/engine/test_int4_rows.py).
+
+It is C built at start with the system's C compiler for the running CPU (``-march=native``: machines here
+differ, AVX-512 or AVX2 only) into a temporary file, about a second. Where there is no compiler or the
+build fails, it is simply not a candidate: :mod:`engine.decode_linear` measures it against the others and it
+is used only where it is faster (:func:`available`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "int4_rows.c"
+BLOCK = 32  # outputs per block of the layout
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per process; None (logged) where it cannot be built here."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("int4-rows kernel: no C compiler, not a candidate")
+        return None
+    import torch  # noqa: F401  (PyTorch's libgomp is loaded first, so the kernel's OpenMP resolves to it)
+
+    with tempfile.TemporaryDirectory(prefix="sinkserve-kernel-") as tmp:
+        target = Path(tmp) / "int4_rows.so"
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target)], check=True, capture_output=True,
+                           text=True, timeout=120)
+            lib = ctypes.CDLL(str(target))  # stays mapped after the directory is removed
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            log.info("int4-rows kernel: build failed, not a candidate: %s", str(detail)[-500:])
+            return None
+    fn = lib.int4_rows_matmul
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(out_features: int, in_features: int, group: int) -> bool:
+    return out_features % BLOCK == 0 and in_features % group == 0
+
+
+def pack(codes: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of ``codes`` (N, K) int in 0..15 and ``scales_zeros`` (K / group, N, 2) bf16 (the
+    layout of :func:`engine.quantize.int4_codes`): codes (N / 32, K, 16) uint8, output ``32 b + j`` in the low
+    nibble of byte j and ``32 b + 16 + j`` in the high one; scales (N / 32, K / group, 2, 32) bf16."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).reshape(n // BLOCK, BLOCK, k)
+    packed = (blocks[:, :16] | (blocks[:, 16:] << 4)).transpose(1, 2).contiguous()  # (N / 32, K, 16)
+    groups = scales_zeros.shape[0]
+    scales = scales_zeros.reshape(groups, n // BLOCK, BLOCK, 2).permute(1, 0, 3, 2).contiguous()
+    return packed, scales.to(torch.bfloat16)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` (M, K) -> (M, N) float32: ``x @ W.T`` for the weight W that :func:`pack`'s inputs stand for."""
+    return bind(packed, scales, group)(x)
+
+
+def bind(packed: torch.Tensor, scales: torch.Tensor, group: int):
+    """:func:`matmul` with its weight bound once, as one lean callable ``x -> y`` (a decode step makes ~120
+    of these calls, so what can be worked out once is: pointers, sizes, the thread count)."""
+    fn = library().int4_rows_matmul
+    n, k = packed.shape[0] * BLOCK, packed.shape[1]
+    codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
+    empty, float32 = torch.empty, torch.float32
+
+    def run(x: torch.Tensor, packed=packed, scales=scales) -> torch.Tensor:  # the defaults keep the weights alive
+        if x.dtype != float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        rows = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"int4-rows kernel: input {tuple(x.shape)} for a weight of {k} input features")
+        y = empty((rows, n), dtype=float32)
+        if fn(x.data_ptr(), codes_at, scales_at, y.data_ptr(), rows, n, k, group, threads):
+            raise ValueError(f"int4-rows kernel: unsupported shape {rows} x {k} @ {n}, group {group}")
+        return y
+
+    return run

@@ -1,0 +1,76 @@
+"""Our 4-bit kernel (engine/int4_rows.py, engine/kernels/int4_rows.c) against the float product of the weight
+its codes stand for (engine.quantize.int4_dequantize), for every row count it takes and the shapes of the
+embedded model's layers; and that without a compiler it is no candidate at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import decode_linear, int4_rows
+from engine.decode_linear import DecodeLinear, candidate_kernels
+from engine.quantize import INT4_GROUP, int4_codes, int4_dequantize
+
+needs_kernel = pytest.mark.skipif(not int4_rows.available(), reason="no C compiler for this CPU's int4-rows kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (64, 32)])
+def test_the_kernel_computes_the_float_product_of_its_codes(n, k):
+    torch.manual_seed(n + k)
+    codes, scales_zeros = int4_codes(torch.randn(n, k))
+    weight = int4_dequantize(codes, scales_zeros)
+    packed, scales = int4_rows.pack(codes, scales_zeros)
+    run = int4_rows.bind(packed, scales, INT4_GROUP)
+    for rows in (*range(1, 12), 16, 17):  # row chunks of 8 (AVX-512) or 3 (AVX2), and what is left over
+        x = torch.randn(rows, k)
+        expected = x.double() @ weight.double().T
+        got = run(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        torch.testing.assert_close(got.double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+    # bf16 and non-contiguous inputs are taken as float32 copies
+    x = torch.randn(k, 3).T
+    torch.testing.assert_close(run(x), run(x.contiguous()), atol=0, rtol=0)
+    torch.testing.assert_close(run(x.to(torch.bfloat16)), run(x.to(torch.bfloat16).float()), atol=0, rtol=0)
+
+
+@needs_kernel
+def test_each_output_block_is_its_own_weight_rows():
+    # one weight row non-zero at a time: the product lands in exactly that output, whatever its block and nibble
+    k = 64
+    for row in (0, 15, 16, 31, 32, 63):
+        weight = torch.zeros(64, k)
+        weight[row] = torch.linspace(-1, 1, k)
+        codes, scales_zeros = int4_codes(weight)
+        got = int4_rows.matmul(torch.ones(2, k), *int4_rows.pack(codes, scales_zeros), INT4_GROUP)
+        expected = torch.ones(2, k) @ int4_dequantize(codes, scales_zeros).T
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got[:, row].abs().min() > 0
+
+
+@needs_kernel
+def test_shapes_it_does_not_take():
+    assert not int4_rows.supports(48, 64, INT4_GROUP)  # outputs in blocks of 32
+    assert not int4_rows.supports(64, 48, INT4_GROUP)  # inputs in groups
+    layer = DecodeLinear(torch.randn(48, 64), None, ("int4", "int4-rows"))
+    assert set(layer.weights) == {"int4"}
+    packed, scales = int4_rows.pack(*int4_codes(torch.randn(64, 64)))
+    with pytest.raises(ValueError, match="input"):
+        int4_rows.bind(packed, scales, INT4_GROUP)(torch.randn(2, 32))
+
+
+def test_without_a_compiler_it_is_no_candidate(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert int4_rows.library.__wrapped__() is None  # the build fails quietly, uncached
+    monkeypatch.setattr(int4_rows, "available", lambda: False)
+    assert "int4-rows" not in candidate_kernels(torch.device("cpu"), torch.float32, "int4", output=False)
+    assert "int4" in candidate_kernels(torch.device("cpu"), torch.float32, "int4", output=False)
+
+
+@needs_kernel
+def test_it_is_a_candidate_for_the_layers_only():
+    cpu = torch.device("cpu")
+    assert "int4-rows" in candidate_kernels(cpu, torch.float32, "int4", output=False)
+    assert "int4-rows" not in candidate_kernels(cpu, torch.float32, "int4", output=True)
+    assert "int4-rows" not in candidate_kernels(cpu, torch.float32, None, output=False)
+    assert decode_linear.KERNELS[-1] == "int4-rows"
