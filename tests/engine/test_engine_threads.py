@@ -31,6 +31,22 @@ def test_setup_runs_on_a_thread_that_has_ended(monkeypatch):
     assert not seen[0].is_alive()
 
 
+def test_load_runs_on_a_thread_that_has_ended(monkeypatch):
+    """Loading alone too (the benches load once and hand the model to each engine they start): the caller's
+    thread must not keep an OpenMP team of its own beside the worker's."""
+    from engine import loader
+
+    seen = []
+
+    def body(config):
+        seen.append(threading.current_thread())
+        return "loaded"
+
+    monkeypatch.setattr(loader, "_load", body)
+    assert loader.load(EngineConfig()) == "loaded"
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
 def test_a_failed_setup_raises_in_the_caller(monkeypatch):
     def setup(self):
         raise RuntimeError("no model here")
