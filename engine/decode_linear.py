@@ -49,7 +49,8 @@ from engine.quantize import INT4_GROUP, int4_codes
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4", "int4-rows")
+KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4", "int4-rows", "int4-amx")
+FOUR_BIT = ("int4", "int4-rows", "int4-amx")  # PyTorch's 4-bit kernel and ours (engine/int4_rows.py), same codes
 # prompt chunks (many rows) run on the oneDNN-packed bf16 copy where one exists (int4 decoding on a CPU
 # with native bf16): its matmuls are 3x faster than float32 at 45 rows (30 vs 90 ms over the embedded
 # model's layers), a 45-token prompt prefills in 71 instead of 115 ms; perplexity of chunked prefill
@@ -69,7 +70,8 @@ def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | 
         return ("native",)
     if quantize == "int4":  # float32 layers read 8x the bytes of int4 ones: they never win a real step
         bf16 = ("bf16-packed",) if packed_bf16_supported() else ("bf16",)  # packed: faster, same bytes
-        own = ("int4-rows",) if int4_rows.available() else ()  # this CPU's build of our own kernel
+        own = ("int4-rows",) if int4_rows.available() else ()  # this CPU's build of our own kernels
+        own += ("int4-amx",) if int4_rows.amx_available() else ()
         return ("float32", *bf16, "int8") if output else (*bf16, "int4", *own)
     return ("float32", "packed")
 
@@ -106,9 +108,10 @@ class DecodeLinear:
         for kind in kernels:
             if kind == "int4" and self.in_features % INT4_GROUP:
                 continue
-            if kind == "int4-rows" and not int4_rows.supports(self.out_features, self.in_features, INT4_GROUP):
+            if kind in ("int4-rows", "int4-amx") and not int4_rows.supports(self.out_features, self.in_features,
+                                                                             INT4_GROUP):
                 continue
-            if kind in ("int4", "int4-rows"):
+            if kind in FOUR_BIT:
                 codes = codes or int4_codes(weight)
             self.weights[kind] = _prepare(kind, weight, codes)
         self.choice: dict[int, str] = {}  # row bucket -> kernel
@@ -151,6 +154,8 @@ class DecodeLinear:
             fn = lambda x: op(x.to(bf16), codes, scales)  # noqa: E731
         elif kind == "int4-rows":
             fn = int4_rows.bind(*w, INT4_GROUP)
+        elif kind == "int4-amx":
+            fn = int4_rows.bind_amx(*w, INT4_GROUP)
         else:  # int4
             op, (packed, scales_zeros) = torch.ops.aten._weight_int4pack_mm_for_cpu.default._op, w
             fn = lambda x: op(x.to(bf16), packed, INT4_GROUP, scales_zeros)  # noqa: E731
@@ -248,6 +253,8 @@ def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.T
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_zeros
     if kind == "int4-rows":
         return int4_rows.pack(*(codes or int4_codes(weight)))
+    if kind == "int4-amx":
+        return int4_rows.pack_pairs(*(codes or int4_codes(weight)))
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from engine.cache import CacheStep, SinkCache
 from engine.decode_linear import (
+    FOUR_BIT,
     PREFILL_KERNEL,
     DecodeLinear,
     candidate_kernels,
@@ -54,7 +55,6 @@ PROJECTIONS = ("qkv", "out", "gate_up", "down")
 STEP_CHECK_SLOTS = 256
 STEP_CHECK_STEPS = 7
 STEP_TIE = 0.03
-FOUR_BIT = ("int4", "int4-rows")  # PyTorch's 4-bit kernel and ours (engine/int4_rows.py), on the same codes
 
 
 def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | None:
@@ -175,8 +175,8 @@ class LlamaDecoder:
         the layers) and lost the step (47.1 against 44.0 ms at 330 slots with int4). So wherever the chosen
         kernels are not those reading the fewest bytes, whole steps with each choice are timed alternately
         (:meth:`_step_ms`): the choice, the same with the layers on their fewest-bytes kernels, and everything
-        on them; and where both 4-bit kernels exist (``FOUR_BIT``), which read the same bytes, the choice
-        with its 4-bit layers all on one and all on the other. The fewest bytes among those within
+        on them; and where several 4-bit kernels exist (``FOUR_BIT``), which read the same bytes, the choice
+        with its 4-bit layers all on each of them. The fewest bytes among those within
         ``STEP_TIE`` of the fastest win."""
         buckets = row_buckets(max_rows)
         groups = {name: [getattr(layer, name) for layer in self.layers] for name in PROJECTIONS}
@@ -186,7 +186,7 @@ class LlamaDecoder:
             chosen = {name: choice[bucket] for name, choice in choices.items()}
             lean = {name: fewest_bytes(groups[name][0], kind) for name, kind in chosen.items()}
             lean_layers = {**lean, "head": chosen["head"]}
-            # the two 4-bit kernels read the same bytes: which is faster is settled in whole steps too
+            # the 4-bit kernels read the same bytes: which is faster is settled in whole steps too
             four_bit = [{name: other if kind in FOUR_BIT and other in groups[name][0].weights else kind
                          for name, kind in chosen.items()} for other in FOUR_BIT]
             variants = []

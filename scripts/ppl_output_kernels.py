@@ -1,5 +1,7 @@
 """Token-by-token perplexity with each output-projection kernel of the owned decode step forced, against
-float32: the gate an 8-bit or bf16 output projection must pass (within 0.5%, issue 14).
+float32: the gate an 8-bit or bf16 output projection must pass (within 0.5%, issue 14); and with the
+decoder layers' 4-bit kernel forced (PyTorch's, or our own ``int4-rows`` / ``int4-amx`` where this machine
+builds them), each with an int8 output projection.
 
     .venv/bin/python scripts/ppl_output_kernels.py [--tokens 3000] [--out docs/results/ppl-decode-head]
 
@@ -23,20 +25,39 @@ from engine.evaluate.ppl import DEFAULT_TEXT
 from engine.loader import load
 from engine.runner import serving_runner
 
-CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the timed choice)
-    "float32 (quantize none)": (None, None),
-    "int4 layers + bf16 output projection": ("int4", "bf16"),
-    "int4 layers + int8 output projection": ("int4", "int8"),
-    "int4 layers + int4 output projection": ("int4", "int4"),
+CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the timed choice, layers' kernel)
+    "float32 (quantize none)": (None, None, None),
+    "int4 layers + bf16 output projection": ("int4", "bf16", None),
+    "int4 layers + int8 output projection": ("int4", "int8", None),
+    "int4 layers + int4 output projection": ("int4", "int4", None),
+    "int4 layers (PyTorch's kernel) + int8 output projection": ("int4", "int8", "int4"),
+    "int4-rows layers + int8 output projection": ("int4", "int8", "int4-rows"),
+    "int4-amx layers + int8 output projection": ("int4", "int8", "int4-amx"),
 }
 
 
-def forced_head(kernel: str | None):
-    """``serving_runner`` with the owned decode step's output projection forced to ``kernel``."""
+KEEP = DecodeLinear.keep
+
+
+def forced_head(kernel: str | None, layers: str | None = None):
+    """``serving_runner`` with the owned decode step's output projection forced to ``kernel`` and, with
+    ``layers``, the decoder layers' kernel too (at every row count)."""
     def build(model, cache, quantize, max_rows, compile_decode=False):
-        runner = serving_runner(model, cache, quantize, max_rows)
+        if layers:  # tuning keeps every kernel's weights, so the forced one is there
+            DecodeLinear.keep = lambda self, choice: setattr(self, "choice", dict(choice))
+        try:
+            runner = serving_runner(model, cache, quantize, max_rows)
+        finally:
+            DecodeLinear.keep = KEEP
         if kernel:
             runner.decoder.head = DecodeLinear(model.get_output_embeddings().weight, None, (kernel,))
+        if layers:
+            for layer in runner.decoder.layers:
+                for linear in (layer.qkv, layer.out, layer.gate_up, layer.down):
+                    if layers not in linear.weights:
+                        raise SystemExit(f"{layers} is not among this machine's kernels ({list(linear.weights)})")
+                    linear.choice = dict.fromkeys(linear.choice, layers)
+            runner.decoder._plans.clear()
         return runner
     return build
 
@@ -50,12 +71,12 @@ def main() -> None:
     torch.set_num_threads(2)
     text = Path(DEFAULT_TEXT).read_text(encoding="utf-8")
     result = {}
-    for label, (quantize, kernel) in CONFIGURATIONS.items():
+    for label, (quantize, kernel, layers) in CONFIGURATIONS.items():
         if args.only and label not in args.only and quantize is not None:
             continue
         loaded = load(EngineConfig(quantize=quantize))
         ids = loaded.tokenizer(text)["input_ids"][: args.tokens]
-        ppl.serving_runner = forced_head(kernel)
+        ppl.serving_runner = forced_head(kernel, layers)
         result[label] = ppl.stream_ppl(loaded, ids, 1024, 4, 64, chunk=1)["ppl"]
         print(f"{label}: {result[label]:.3f}", flush=True)
     base = result["float32 (quantize none)"]

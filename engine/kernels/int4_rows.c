@@ -8,11 +8,25 @@
  *   weight = (q - 8) * s + z
  *
  * Compiled with -march=native, for AVX-512 or AVX2 with FMA (elsewhere the build fails and the kernel is not used).
+ *
+ * int4_amx_matmul, where the CPU has AMX (Intel Sapphire Rapids and later): the same product on the tile unit.
+ * Per block of 32 outputs and chunk of 32 inputs, the weights are dequantized with AVX-512 into two bf16 tiles
+ * (16 input pairs x 16 outputs, the tile unit's pair layout) and multiplied by up to 16 rows of bf16
+ * activations with TDPBF16PS into float32 accumulator tiles: the multiplications cost next to nothing, so the
+ * time is the dequantization, the same for 1 row as for 16. Its own layout (int4_rows.py: pack_pairs):
+ *   codes uint8 (N / 32, K / 2, 32): for input pair p, 16 bytes for outputs 0-15 of the block, then 16 for
+ *         16-31; in each, byte j holds (output j / 2, input 2p + j % 2) in its low nibble and (output
+ *         8 + j / 2, the same input) in its high nibble
+ *   scales as above.
  * Parallel over the blocks of outputs with OpenMP; the process's libgomp is PyTorch's own (same soname,
  * already loaded), so the caller's existing team runs it and no second team is made.
  */
+#define _GNU_SOURCE /* syscall() */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__AVX512F__)
 #define ROW_CHUNK 8 /* 2 x 8 accumulators of 16 floats: half of AVX-512's 32 registers */
@@ -145,3 +159,85 @@ int int4_rows_matmul(const float *x, const uint8_t *codes, const uint16_t *scale
     }
     return 0;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* the kernel may use the tile unit only once Linux has granted this process the tile state: 0 when granted */
+int int4_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+/* y (M, N) float32 = x (M, K) bf16 @ W.T, M <= 16; returns 0, or -1 for a shape it does not take */
+int int4_amx_matmul(const uint16_t *x, const uint8_t *codes, const uint16_t *scales, float *y, int64_t M, int64_t N,
+                    int64_t K, int64_t group, int threads) {
+    if (M < 1 || M > 16 || N % 32 || group < 32 || group % 32 || K % group)
+        return -1;
+    const int64_t blocks = N / 32;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config config;
+        memset(&config, 0, sizeof config);
+        config.palette_id = 1;
+        for (int t = 0; t < 3; t++) { /* tiles 0, 1: accumulators (M x 16 float32); 2: activations (M x 32 bf16) */
+            config.rows[t] = (uint8_t)M;
+            config.colsb[t] = 64;
+        }
+        for (int t = 3; t < 5; t++) { /* 3, 4: the weights of outputs 0-15 and 16-31 (16 input pairs) */
+            config.rows[t] = 16;
+            config.colsb[t] = 64;
+        }
+        _tile_loadconfig(&config);
+        uint16_t weights[2][16 * 32] __attribute__((aligned(64)));
+        const __m512i low = _mm512_set1_epi32(15);
+        const __m512 eight = _mm512_set1_ps(-8.0f);
+        const __m512i pairs_low = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i pairs_high = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *block_codes = codes + b * K * 16;
+            const uint16_t *block_scales = scales + b * (K / group) * 64;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t k0 = 0; k0 < K; k0 += 32) {
+                const uint16_t *sz = block_scales + (k0 / group) * 64;
+                for (int half = 0; half < 2; half++) {
+                    __m512 s = bf16_to_float(sz + 16 * half);
+                    __m512 m = _mm512_fmadd_ps(eight, s, bf16_to_float(sz + 32 + 16 * half)); /* z - 8 s */
+                    __m512 s_low = _mm512_permutexvar_ps(pairs_low, s), s_high = _mm512_permutexvar_ps(pairs_high, s);
+                    __m512 m_low = _mm512_permutexvar_ps(pairs_low, m), m_high = _mm512_permutexvar_ps(pairs_high, m);
+                    for (int p = 0; p < 16; p++) {
+                        const uint8_t *at = block_codes + (k0 / 2 + p) * 32 + half * 16;
+                        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)at));
+                        __m512 w_low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), s_low, m_low);
+                        __m512 w_high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s_high, m_high);
+                        _mm512_store_si512((__m512i *)(weights[half] + p * 32), (__m512i)_mm512_cvtne2ps_pbh(w_high, w_low));
+                    }
+                }
+                _tile_loadd(2, x + k0, K * 2);
+                _tile_loadd(3, weights[0], 64);
+                _tile_loadd(4, weights[1], 64);
+                _tile_dpbf16ps(0, 2, 3);
+                _tile_dpbf16ps(1, 2, 4);
+            }
+            _tile_stored(0, y + b * 32, N * 4);
+            _tile_stored(1, y + b * 32 + 16, N * 4);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+#else
+int int4_amx_init(void) { return -1; } /* no AMX here: never a candidate */
+
+int int4_amx_matmul(const uint16_t *x, const uint8_t *codes, const uint16_t *scales, float *y, int64_t M, int64_t N,
+                    int64_t K, int64_t group, int threads) {
+    (void)x, (void)codes, (void)scales, (void)y, (void)M, (void)N, (void)K, (void)group, (void)threads;
+    return -1;
+}
+#endif

@@ -1,6 +1,7 @@
-"""Our 4-bit kernel (engine/int4_rows.py, engine/kernels/int4_rows.c) against the float product of the weight
-its codes stand for (engine.quantize.int4_dequantize), for every row count it takes and the shapes of the
-embedded model's layers; and that without a compiler it is no candidate at all."""
+"""Our 4-bit kernels (engine/int4_rows.py, engine/kernels/int4_rows.c) against the float product of the weight
+their codes stand for (engine.quantize.int4_dequantize), for every row count they take and the shapes of the
+embedded model's layers (the AMX one where the CPU has AMX); and that without a compiler they are no
+candidates at all."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from engine.decode_linear import DecodeLinear, candidate_kernels
 from engine.quantize import INT4_GROUP, int4_codes, int4_dequantize
 
 needs_kernel = pytest.mark.skipif(not int4_rows.available(), reason="no C compiler for this CPU's int4-rows kernel")
+needs_amx = pytest.mark.skipif(not int4_rows.amx_available(), reason="no AMX on this CPU (or no compiler)")
 
 
 @needs_kernel
@@ -48,11 +50,35 @@ def test_each_output_block_is_its_own_weight_rows():
         assert got[:, row].abs().min() > 0
 
 
+@needs_amx
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (64, 32)])
+def test_the_amx_kernel_computes_the_product_within_bf16(n, k):
+    """bf16 activations and dequantized weights, float32 sums: within 1% of the largest output (measured
+    ~0.3%); a miswired layout (pairs, halves, nibbles) gives errors of the outputs' own size."""
+    torch.manual_seed(n * k)
+    codes, scales_zeros = int4_codes(torch.randn(n, k))
+    weight = int4_dequantize(codes, scales_zeros)
+    run = int4_rows.bind_amx(*int4_rows.pack_pairs(codes, scales_zeros), INT4_GROUP)
+    for rows in (1, 2, 7, 8, 15, 16, 17, 40):  # more than 16 rows run 16 at a time
+        x = torch.randn(rows, k)
+        expected = x @ weight.T
+        got = run(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        assert (got - expected).abs().max() < 0.01 * expected.abs().max(), rows
+    for row in (0, 7, 8, 15, 16, 31):  # each output from its own weight row only
+        weight = torch.zeros(32, k)
+        weight[row] = torch.linspace(0.1, 1, k)  # positive: its sum does not cancel out
+        codes, scales_zeros = int4_codes(weight)
+        got = int4_rows.bind_amx(*int4_rows.pack_pairs(codes, scales_zeros), INT4_GROUP)(torch.ones(1, k))
+        assert got[0, row] != 0 and torch.count_nonzero(got) == 1
+        torch.testing.assert_close(got[0, row], (int4_dequantize(codes, scales_zeros)[row]).sum(), rtol=0.01, atol=0.01)
+
+
 @needs_kernel
 def test_shapes_it_does_not_take():
     assert not int4_rows.supports(48, 64, INT4_GROUP)  # outputs in blocks of 32
     assert not int4_rows.supports(64, 48, INT4_GROUP)  # inputs in groups
-    layer = DecodeLinear(torch.randn(48, 64), None, ("int4", "int4-rows"))
+    layer = DecodeLinear(torch.randn(48, 64), None, ("int4", "int4-rows", "int4-amx"))
     assert set(layer.weights) == {"int4"}
     packed, scales = int4_rows.pack(*int4_codes(torch.randn(64, 64)))
     with pytest.raises(ValueError, match="input"):
@@ -63,7 +89,8 @@ def test_without_a_compiler_it_is_no_candidate(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert int4_rows.library.__wrapped__() is None  # the build fails quietly, uncached
     monkeypatch.setattr(int4_rows, "available", lambda: False)
-    assert "int4-rows" not in candidate_kernels(torch.device("cpu"), torch.float32, "int4", output=False)
+    monkeypatch.setattr(int4_rows, "amx_available", lambda: False)
+    assert not {"int4-rows", "int4-amx"} & set(candidate_kernels(torch.device("cpu"), torch.float32, "int4", False))
     assert "int4" in candidate_kernels(torch.device("cpu"), torch.float32, "int4", output=False)
 
 
@@ -73,4 +100,5 @@ def test_it_is_a_candidate_for_the_layers_only():
     assert "int4-rows" in candidate_kernels(cpu, torch.float32, "int4", output=False)
     assert "int4-rows" not in candidate_kernels(cpu, torch.float32, "int4", output=True)
     assert "int4-rows" not in candidate_kernels(cpu, torch.float32, None, output=False)
-    assert decode_linear.KERNELS[-1] == "int4-rows"
+    assert ("int4-amx" in candidate_kernels(cpu, torch.float32, "int4", output=False)) == int4_rows.amx_available()
+    assert set(decode_linear.FOUR_BIT) == {"int4", "int4-rows", "int4-amx"} <= set(decode_linear.KERNELS)

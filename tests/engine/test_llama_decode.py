@@ -135,8 +135,10 @@ def test_every_kernel_computes_the_same_product():
     kernels = {"float32": 1e-5, "packed": 1e-4, "bf16": 0.05, "int8": 0.05, "int4": 0.2}
     if packed_bf16_supported():  # oneDNN's native bf16 (AVX-512 BF16 / AMX); absent on AVX2-only CPUs
         kernels["bf16-packed"] = 0.05
-    if int4_rows.available():  # our 4-bit kernel, where a C compiler builds it (tests/engine/test_int4_rows.py)
+    if int4_rows.available():  # our 4-bit kernels, where a C compiler builds them (tests/engine/test_int4_rows.py)
         kernels["int4-rows"] = 0.2
+    if int4_rows.amx_available():
+        kernels["int4-amx"] = 0.2
     linear = DecodeLinear(weight, bias, tuple(kernels))
     assert set(linear.weights) == set(kernels)
     for rows in (1, 3, 8, 16):
@@ -220,8 +222,8 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
 
 @pytest.mark.skipif(not int4_rows.available(), reason="no C compiler for the int4-rows kernel")
 def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
-    """Both 4-bit kernels read the same bytes, so the fewest-bytes variants cannot tell them apart: the
-    choice is also timed with its 4-bit layers all on PyTorch's kernel and all on ours."""
+    """The 4-bit kernels read the same bytes, so the fewest-bytes variants cannot tell them apart: the
+    choice is also timed with its 4-bit layers all on PyTorch's kernel and all on each of ours."""
     decoder, _ = _int4_decoder()
     if "int4-rows" not in decoder.layers[0].qkv.weights:
         pytest.skip("the tiny model's projections are not in blocks of 32 outputs")
@@ -231,13 +233,15 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
 
     def step_ms(groups, bucket, variants):
         seen.append([dict(v) for v in variants])
-        return [{"int4": 12.0, "int4-rows": 9.0}[v["qkv"]] + (v["out"] == "int4") for v in variants]
+        return [{"int4": 12.0, "int4-rows": 9.0, "int4-amx": 10.0}[v["qkv"]] + (v["out"] == "int4") for v in variants]
 
     monkeypatch.setattr(decoder, "_step_ms", step_ms)
     choices = decoder.tune(4)
     layers = ("qkv", "out", "gate_up", "down")
     assert {name: "int4" for name in layers} | {"head": "int8"} in seen[0]
     assert {name: "int4-rows" for name in layers} | {"head": "int8"} in seen[0]
+    if int4_rows.amx_available():
+        assert {name: "int4-amx" for name in layers} | {"head": "int8"} in seen[0]
     for name in layers:  # the fastest variant: every layer on ours
         assert choices[name] == {1: "int4-rows", 2: "int4-rows", 4: "int4-rows"}
     assert set(decoder.layers[0].qkv.weights) == {"int4-rows"} | ({PREFILL_KERNEL} & set(decoder.layers[0].qkv.weights))

@@ -156,5 +156,5 @@ def test_int4_loads_float_modules_when_the_owned_step_decodes(tmp_path, compile_
         cache = SinkCache(loaded.shape, 1, config.cache_size, 4, 8, loaded.inv_freqs)
         runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)
         assert runner.decoder is not None
-        four_bit = {"int4", "int4-rows"}  # PyTorch's 4-bit kernel or ours, whichever tuning kept
+        four_bit = {"int4", "int4-rows", "int4-amx"}  # PyTorch's 4-bit kernel or ours, whichever tuning kept
         assert any(four_bit & set(layer.qkv.weights) for layer in runner.decoder.layers)
