@@ -2,18 +2,18 @@
 
 PyTorch's CPU kernel for 4-bit weights (``_weight_int4pack_mm_for_cpu``) works in blocks of at most 4 rows
 and dequantizes every weight again for each block: 8 rows cost it two full passes of dequantization, and
-its time grows with the rows (on a 2-core Xeon, over the embedded model's layers: 5.2 ms at 1 row, 14.6 ms
-at 8) although the bytes read stay the same. This kernel (``kernels/int4_rows.c``) keeps up to 8 rows'
-accumulators in registers (3 on AVX2), so each weight is unpacked and scaled once and then multiplied into
-every row. It takes the same codes, scales and zeros as the PyTorch kernel (:func:`engine.quantize.int4_codes`,
+its time grows with the rows (on a 2-core Xeon, over the embedded model's layers in a profiled step:
+5.2 ms at 1 row, 14.6 ms at 8) although the bytes read stay the same. This kernel (``kernels/int4_rows.c``)
+keeps up to 8 rows' accumulators in registers (3 on AVX2), so each weight is unpacked and scaled once and
+then multiplied into every row. It takes the same codes, scales and zeros as the PyTorch kernel (:func:`engine.quantize.int4_codes`,
 relaid in blocks of 32 outputs by :func:`pack`) and float32 activations, so it computes the same product
 (:func:`engine.quantize.int4_dequantize` is the reference, tests/engine/test_int4_rows.py).
 
 Where the CPU has AMX (Intel Sapphire Rapids and later), the same file builds a second kernel, ``int4-amx``
 (:func:`amx_available`, :func:`bind_amx`): the weights are dequantized with AVX-512 into bf16 tiles and the
 tile unit multiplies them by up to 16 rows of bf16 activations, so its time is the dequantization and does
-not grow with the rows (over the embedded model's layers on a 2-core Sapphire Rapids guest, ms at 1 / 8 /
-16 rows: about 10.5 / 10.4 / 10.9 against 9.2 / 14.8 / 25.9 for ``int4-rows``, an indication from an ad-hoc
+not grow with the rows (over the embedded model's layers on a 2-core Xeon guest with AMX, ms at 1 / 8 /
+16 rows: 10.9 / 10.4 / 10.9 against 9.2 / 14.8 / 25.9 for ``int4-rows``, an indication from an ad-hoc
 script). Its activations are rounded to bf16, as PyTorch's 4-bit kernel rounds them, and its dequantized
 weights too (a product within ~0.3% of the float one, tests/engine/test_int4_rows.py; perplexity:
 ``scripts/ppl_output_kernels.py``).
