@@ -35,7 +35,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-import torch
+import torch  # first: its libgomp is the one the kernel's OpenMP resolves to (openmp_runtimes)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("int4-rows kernel: no C compiler, not a candidate")
         return None
-    import torch  # noqa: F401  (PyTorch's libgomp is loaded first, so the kernel's OpenMP resolves to it)
-
     with tempfile.TemporaryDirectory(prefix="sinkserve-kernel-") as tmp:
         target = Path(tmp) / "int4_rows.so"
         try:
@@ -63,11 +61,26 @@ def library() -> ctypes.CDLL | None:
             detail = getattr(exc, "stderr", None) or exc
             log.info("int4-rows kernel: build failed, not a candidate: %s", str(detail)[-500:])
             return None
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:  # the kernel's OpenMP is not PyTorch's: it would start teams of its own
+        log.warning("int4-rows kernel: not a candidate, it loaded a second OpenMP runtime: %s", sorted(runtimes))
+        return None
     for fn in (lib.int4_rows_matmul, lib.int4_amx_matmul):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.int4_amx_init.restype = ctypes.c_int
     return lib
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes (libgomp files) mapped into this process (Linux; empty elsewhere). The kernel links
+    to ``libgomp.so.1``, which resolves to PyTorch's own copy, already loaded under that name (torch is
+    imported first, at the top of this module); a PyTorch whose copy were named otherwise would leave two."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return set()
 
 
 def available() -> bool:

@@ -102,3 +102,13 @@ def test_it_is_a_candidate_for_the_layers_only():
     assert "int4-rows" not in candidate_kernels(cpu, torch.float32, None, output=False)
     assert ("int4-amx" in candidate_kernels(cpu, torch.float32, "int4", output=False)) == int4_rows.amx_available()
     assert set(decode_linear.FOUR_BIT) == {"int4", "int4-rows", "int4-amx"} <= set(decode_linear.KERNELS)
+
+
+@needs_kernel
+def test_the_kernel_runs_on_pytorchs_openmp():
+    """One OpenMP runtime in the process: the kernel's parallel loops run on the calling thread's existing
+    PyTorch team (a second runtime would start teams of its own, and libgomp's teams sleep between kernels
+    once they outnumber the CPUs: tests/engine/test_engine_threads.py)."""
+    int4_rows.library()
+    runtimes = int4_rows.openmp_runtimes()
+    assert len(runtimes) == 1 and "torch" in next(iter(runtimes))
