@@ -41,12 +41,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "int4_rows.c"
 BLOCK = 32  # outputs per block of the layout
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per process; None (logged) where it cannot be built here."""
+    """The kernels compiled for this CPU, built once per process; None (logged) where they cannot be built."""
+    return build("native")
+
+
+def build(march: str) -> ctypes.CDLL | None:
+    """The kernels compiled for ``-march=march`` (``native``: this CPU; tests also build ``haswell``, the AVX2
+    path, on a CPU with AVX-512); None (logged) where they cannot be built or would not run on our OpenMP."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.info("int4-rows kernel: no C compiler, not a candidate")
@@ -54,8 +60,8 @@ def library() -> ctypes.CDLL | None:
     with tempfile.TemporaryDirectory(prefix="sinkserve-kernel-") as tmp:
         target = Path(tmp) / "int4_rows.so"
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target)], check=True, capture_output=True,
-                           text=True, timeout=120)
+            subprocess.run([compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", str(target)], check=True,
+                           capture_output=True, text=True, timeout=120)
             lib = ctypes.CDLL(str(target))  # stays mapped after the directory is removed
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or exc
@@ -148,10 +154,11 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: i
     return bind(packed, scales, group)(x)
 
 
-def bind(packed: torch.Tensor, scales: torch.Tensor, group: int):
+def bind(packed: torch.Tensor, scales: torch.Tensor, group: int, lib: ctypes.CDLL | None = None):
     """:func:`matmul` with its weight bound once, as one lean callable ``x -> y`` (a decode step makes ~120
-    of these calls, so what can be worked out once is: pointers, sizes, the thread count)."""
-    fn = library().int4_rows_matmul
+    of these calls, so what can be worked out once is: pointers, sizes, the thread count). ``lib``: another
+    build than :func:`library` (tests)."""
+    fn = (lib or library()).int4_rows_matmul
     n, k = packed.shape[0] * BLOCK, packed.shape[1]
     codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
     empty, float32 = torch.empty, torch.float32

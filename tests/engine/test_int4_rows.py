@@ -50,6 +50,33 @@ def test_each_output_block_is_its_own_weight_rows():
         assert got[:, row].abs().min() > 0
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return any(flag in line.split() for line in info if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (int4_rows.available() and _cpu_has("avx512f") and _cpu_has("avx2") and _cpu_has("fma")),
+                    reason="only where the native build is the AVX-512 one and AVX2 runs too")
+def test_the_avx2_build_computes_the_same_product():
+    """CPUs differ between machines (AVX-512 here, AVX2 only on others): the AVX2 path (3 rows a chunk, 8-wide
+    vectors, its own nibble unpacking) is built for Haswell and checked here too."""
+    lib = int4_rows.build("haswell")
+    assert lib is not None
+    assert lib.int4_amx_init() == -1  # no AMX in that build: the AMX kernel is never offered from it
+    torch.manual_seed(1)
+    for n, k in ((960, 576), (64, 32)):
+        codes, scales_zeros = int4_codes(torch.randn(n, k))
+        weight = int4_dequantize(codes, scales_zeros)
+        run = int4_rows.bind(*int4_rows.pack(codes, scales_zeros), INT4_GROUP, lib=lib)
+        for rows in (1, 2, 3, 4, 7, 8, 17):
+            x = torch.randn(rows, k)
+            expected = x.double() @ weight.double().T
+            torch.testing.assert_close(run(x).double(), expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
 @needs_amx
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (64, 32)])
 def test_the_amx_kernel_computes_the_product_within_bf16(n, k):
