@@ -50,7 +50,8 @@ def on_own_thread(fn: Callable[..., T], /, *args, **kwargs) -> T:
     the ~600 kernels of a decode step pays a wake-up. Loading a model and building the decode step run large
     parallel kernels; done on a thread that lives on (the server's loader thread, a benchmark's main thread)
     they left a second team beside the engine worker's. Measured on a 2-core host: 160-280 voluntary context
-    switches a decode step against ~2, and 8-row steps of ~52 against ~34 ms (tests/engine/test_engine_threads.py).
+    switches a decode step against ~2 (tests/engine/test_engine_threads.py fails above 40), and in ``bench
+    concurrency`` 8 streams' inter-token gap 52.4 against 40.9 ms once the benchmark's load stopped leaving one.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="sinkserve-setup") as executor:  # its thread ends on exit
         return executor.submit(fn, *args, **kwargs).result()

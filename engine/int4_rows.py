@@ -126,29 +126,6 @@ def pack_pairs(codes: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.T
     return packed.permute(0, 3, 1, 2, 4).reshape(n // BLOCK, k // 2, BLOCK).contiguous(), pack(codes, scales_zeros)[1]
 
 
-def bind_amx(packed: torch.Tensor, scales: torch.Tensor, group: int):
-    """The AMX kernel with its weight (:func:`pack_pairs`) bound, as one callable ``x -> y`` (M, N) float32;
-    more than 16 rows run 16 at a time."""
-    fn = library().int4_amx_matmul
-    n, k = packed.shape[0] * BLOCK, packed.shape[1] * 2
-    codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
-    empty, float32, bf16 = torch.empty, torch.float32, torch.bfloat16
-
-    def run(x: torch.Tensor, packed=packed, scales=scales) -> torch.Tensor:  # the defaults keep the weights alive
-        x = x.to(bf16).contiguous()
-        rows = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"int4-amx kernel: input {tuple(x.shape)} for a weight of {k} input features")
-        y = empty((rows, n), dtype=float32)
-        for start in range(0, rows, 16):
-            part = min(16, rows - start)
-            if fn(x[start].data_ptr(), codes_at, scales_at, y[start].data_ptr(), part, n, k, group, threads):
-                raise ValueError(f"int4-amx kernel: unsupported shape {part} x {k} @ {n}, group {group}")
-        return y
-
-    return run
-
-
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """``x`` (M, K) -> (M, N) float32: ``x @ W.T`` for the weight W that :func:`pack`'s inputs stand for."""
     return bind(packed, scales, group)(x)
@@ -159,19 +136,43 @@ def bind(packed: torch.Tensor, scales: torch.Tensor, group: int, lib: ctypes.CDL
     of these calls, so what can be worked out once is: pointers, sizes, the thread count). ``lib``: another
     build than :func:`library` (tests)."""
     fn = (lib or library()).int4_rows_matmul
-    n, k = packed.shape[0] * BLOCK, packed.shape[1]
+    return _bound("int4-rows", fn, packed, scales, group, in_features=packed.shape[1], dtype=torch.float32,
+                  rows_per_call=None)
+
+
+def bind_amx(packed: torch.Tensor, scales: torch.Tensor, group: int):
+    """The AMX kernel with its weight (:func:`pack_pairs`) bound, as one callable ``x -> y`` (M, N) float32;
+    more than 16 rows run 16 at a time (the tile unit's rows)."""
+    if not amx_available():  # it also asks Linux for the tile state, without which AMX instructions fault
+        raise RuntimeError("int4-amx kernel: no AMX here, or Linux did not grant this process the tile state")
+    return _bound("int4-amx", library().int4_amx_matmul, packed, scales, group, in_features=packed.shape[1] * 2,
+                  dtype=torch.bfloat16, rows_per_call=16)
+
+
+def _bound(name: str, fn, packed: torch.Tensor, scales: torch.Tensor, group: int, in_features: int,
+           dtype: torch.dtype, rows_per_call: int | None):
+    """``x -> y`` (M, N) float32 through the C function ``fn`` (either kernel's signature), its weight's pointers,
+    sizes and the thread count worked out once; ``x`` is taken in ``dtype``, contiguous, and passed
+    ``rows_per_call`` rows at a time (None: all)."""
+    n, k = packed.shape[0] * BLOCK, in_features
     codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
     empty, float32 = torch.empty, torch.float32
 
     def run(x: torch.Tensor, packed=packed, scales=scales) -> torch.Tensor:  # the defaults keep the weights alive
-        if x.dtype != float32 or not x.is_contiguous():
-            x = x.float().contiguous()
+        if x.dtype != dtype or not x.is_contiguous():
+            x = x.to(dtype).contiguous()
         rows = x.shape[0]
         if x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"int4-rows kernel: input {tuple(x.shape)} for a weight of {k} input features")
+            raise ValueError(f"{name} kernel: input {tuple(x.shape)} for a weight of {k} input features")
         y = empty((rows, n), dtype=float32)
-        if fn(x.data_ptr(), codes_at, scales_at, y.data_ptr(), rows, n, k, group, threads):
-            raise ValueError(f"int4-rows kernel: unsupported shape {rows} x {k} @ {n}, group {group}")
+        if rows_per_call is None or rows <= rows_per_call:  # a decode step's case: one call, no row views
+            parts = ((x.data_ptr(), y.data_ptr(), rows),)
+        else:
+            parts = [(x[at].data_ptr(), y[at].data_ptr(), min(rows_per_call, rows - at))
+                     for at in range(0, rows, rows_per_call)]
+        for x_at, y_at, part in parts:
+            if fn(x_at, codes_at, scales_at, y_at, part, n, k, group, threads):
+                raise ValueError(f"{name} kernel: unsupported shape {part} x {k} @ {n}, group {group}")
         return y
 
     return run
