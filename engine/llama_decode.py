@@ -179,8 +179,7 @@ class LlamaDecoder:
         with its 4-bit layers all on each of them. The fewest bytes among those within
         ``STEP_TIE`` of the fastest win."""
         buckets = row_buckets(max_rows)
-        groups = {name: [getattr(layer, name) for layer in self.layers] for name in PROJECTIONS}
-        groups["head"] = [self.head]
+        groups = self.projections()
         choices = {name: measure(group, buckets) for name, group in groups.items()}
         for bucket in buckets:
             chosen = {name: choice[bucket] for name, choice in choices.items()}
@@ -195,7 +194,7 @@ class LlamaDecoder:
                     variants.append(variant)
             if len(variants) == 1:
                 continue
-            times = self._step_ms(groups, bucket, variants)
+            times = self._step_ms(bucket, variants)
             weight_bytes = [sum(linear.weight_bytes(v[name]) for name, group in groups.items() for linear in group)
                             for v in variants]
             keep = pick(dict(enumerate(times)), dict(enumerate(weight_bytes)), STEP_TIE)
@@ -210,8 +209,26 @@ class LlamaDecoder:
         log.info("decode kernels per row bucket: %s", choices)
         return choices
 
-    def _step_ms(self, groups: dict[str, list[DecodeLinear]], bucket: int, assignments: list[dict[str, str]]
-                 ) -> list[float]:
+    def projections(self) -> dict[str, list[DecodeLinear]]:
+        """The step's projections by name (``PROJECTIONS``, every layer's of each, then ``head``)."""
+        groups = {name: [getattr(layer, name) for layer in self.layers] for name in PROJECTIONS}
+        groups["head"] = [self.head]
+        return groups
+
+    def assign(self, kernels: dict[str, str], buckets) -> None:
+        """Run each named projection (:meth:`projections`) on kernel ``kernels[name]`` at these row buckets,
+        whatever tuning chose (its whole-step check; tests and scripts that pin kernels). The kernel's weights
+        must still be held (:meth:`DecodeLinear.keep` drops the losers')."""
+        groups = self.projections()
+        for name, kind in kernels.items():
+            for linear in groups[name]:
+                if kind not in linear.weights:
+                    raise ValueError(f"{name} holds no {kind!r} weights (it holds {list(linear.weights)})")
+                for bucket in buckets:
+                    linear.choice[bucket] = kind
+        self._plans.clear()
+
+    def _step_ms(self, bucket: int, assignments: list[dict[str, str]]) -> list[float]:
         """Median ms of a whole decode step of ``bucket`` rows with each assignment (projection name -> kernel)
         in turn, alternating, over scratch key/value buffers of ``STEP_CHECK_SLOTS`` slots (the cache's rows
         are never touched)."""
@@ -226,10 +243,7 @@ class LlamaDecoder:
             for step in range(STEP_CHECK_STEPS + 1):  # the first round warms up
                 order = range(len(assignments)) if step % 2 else reversed(range(len(assignments)))
                 for index in order:
-                    for name, kind in assignments[index].items():
-                        for linear in groups[name]:
-                            linear.choice[bucket] = kind
-                    self._plans.clear()
+                    self.assign(assignments[index], (bucket,))
                     start = time.perf_counter()
                     self.forward(tokens, positions, keys, values, slots)
                     if step:

@@ -22,6 +22,7 @@ import engine.evaluate.ppl as ppl
 from engine.config import EngineConfig
 from engine.decode_linear import DecodeLinear
 from engine.evaluate.ppl import DEFAULT_TEXT
+from engine.llama_decode import PROJECTIONS
 from engine.loader import load
 from engine.runner import serving_runner
 
@@ -51,13 +52,8 @@ def forced_head(kernel: str | None, layers: str | None = None):
             DecodeLinear.keep = KEEP
         if kernel:
             runner.decoder.head = DecodeLinear(model.get_output_embeddings().weight, None, (kernel,))
-        if layers:
-            for layer in runner.decoder.layers:
-                for linear in (layer.qkv, layer.out, layer.gate_up, layer.down):
-                    if layers not in linear.weights:
-                        raise SystemExit(f"{layers} is not among this machine's kernels ({list(linear.weights)})")
-                    linear.choice = dict.fromkeys(linear.choice, layers)
-            runner.decoder._plans.clear()
+        if layers:  # every row count (a ValueError where this machine has no such kernel)
+            runner.decoder.assign(dict.fromkeys(PROJECTIONS, layers), runner.decoder.head.choice)
         return runner
     return build
 

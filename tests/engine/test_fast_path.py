@@ -101,10 +101,7 @@ async def test_requests_arriving_together_share_prefill_passes(tmp_path, monkeyp
     # rounding: bf16 or float32 activations) than a 1-row one, which can tip a near-tie of this random model;
     # what is tested here is the shared prefill, so every row count decodes on the 1-row step's kernels
     decoder = engine.scheduler.runner.decoder
-    for linear in [decoder.head, *(getattr(layer, name) for layer in decoder.layers
-                                   for name in ("qkv", "out", "gate_up", "down"))]:
-        linear.choice = dict.fromkeys(linear.choice, linear.choice[1])
-    decoder._plans.clear()
+    decoder.assign({name: group[0].choice[1] for name, group in decoder.projections().items()}, decoder.head.choice)
     shared = []
     prefill_rows = engine.scheduler.runner.prefill_rows
     monkeypatch.setattr(engine.scheduler.runner, "prefill_rows",

@@ -201,7 +201,7 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
         decoder, _ = _int4_decoder()
         seen = []
 
-        def step_ms(groups, bucket, variants, times=times, seen=seen):
+        def step_ms(bucket, variants, times=times, seen=seen):
             seen.append([dict(v) for v in variants])
             return list(times)
 
@@ -231,7 +231,7 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
     monkeypatch.setattr(llama_decode, "measure", lambda layers, buckets: {b: mixed[_name(decoder, layers)] for b in buckets})
     seen = []
 
-    def step_ms(groups, bucket, variants):
+    def step_ms(bucket, variants):
         seen.append([dict(v) for v in variants])
         return [{"int4": 12.0, "int4-rows": 9.0, "int4-amx": 10.0}[v["qkv"]] + (v["out"] == "int4") for v in variants]
 
@@ -249,9 +249,17 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
 
 def _name(decoder: LlamaDecoder, layers: list) -> str:
     """Which projection (or the head) a group of layers passed to measure is."""
-    if layers[0] is decoder.head:
-        return "head"
-    return next(name for name in ("qkv", "out", "gate_up", "down") if getattr(decoder.layers[0], name) is layers[0])
+    return next(name for name, group in decoder.projections().items() if group[0] is layers[0])
+
+
+def test_assigned_kernels_run_at_every_given_bucket_and_must_be_held():
+    decoder, _ = _int4_decoder()
+    decoder.tune(4)
+    kept = decoder.layers[0].qkv.choice[1]
+    decoder.assign({"qkv": kept}, (1, 2, 4))
+    assert all(layer.qkv.choice == {1: kept, 2: kept, 4: kept} for layer in decoder.layers)
+    with pytest.raises(ValueError, match="holds no"):  # never a candidate for the output projection
+        decoder.assign({"head": "int4"}, (1,))
 
 
 def test_whole_step_timing_never_touches_the_cache():
@@ -260,11 +268,10 @@ def test_whole_step_timing_never_touches_the_cache():
         cache.k[layer].normal_()
         cache.v[layer].normal_()
     before = [t.clone() for t in (*cache.k, *cache.v)]
-    groups = {name: [getattr(layer, name) for layer in decoder.layers] for name in ("qkv", "out", "gate_up", "down")}
-    groups["head"] = [decoder.head]
+    groups = decoder.projections()
     variants = [{name: "int4" for name in groups} | {"head": "int8"},
                 {name: kind for name, kind in zip(groups, ("int4",) * 4 + ("float32",), strict=True)}]
-    times = decoder._step_ms(groups, 2, variants)
+    times = decoder._step_ms(2, variants)
     assert len(times) == 2 and all(t > 0 for t in times)
     for got, expected in zip((*cache.k, *cache.v), before, strict=True):
         assert torch.equal(got, expected)
