@@ -233,8 +233,9 @@ def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:
         layer.run(kind, x)
 
 
-def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Kernel ``kind``'s copy of ``weight``; ``codes``: :func:`~engine.quantize.int4_codes` of it (4-bit kinds)."""
+def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor] | None):
+    """Kernel ``kind``'s copy of ``weight``; ``codes``: :func:`~engine.quantize.int4_codes` of it, computed once
+    by the caller for all the 4-bit kinds (``FOUR_BIT``), None for the others."""
     weight = weight.detach()
     if kind in ("native", "float32"):
         return weight
@@ -246,15 +247,14 @@ def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.T
         return weight.to(torch.bfloat16).contiguous()
     if kind == "int8":  # symmetric, one scale per output row
         scales = (weight.float().abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return codes.contiguous(), scales.to(torch.bfloat16)
+        int8_codes = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return int8_codes.contiguous(), scales.to(torch.bfloat16)
     if kind == "int4":
-        codes, scales_zeros = codes or int4_codes(weight)
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_zeros
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[0], 1), codes[1]
     if kind == "int4-rows":
-        return int4_rows.pack(*(codes or int4_codes(weight)))
+        return int4_rows.pack(*codes)
     if kind == "int4-amx":
-        return int4_rows.pack_pairs(*(codes or int4_codes(weight)))
+        return int4_rows.pack_pairs(*codes)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 
