@@ -381,6 +381,12 @@ class CacheStep:
                     buf[self._row_index, :, self._slot_index + t] = rows[batch, :, self._slot_index + t]
 
     @property
+    def row_index(self) -> torch.Tensor:
+        """The step's rows (B,) on the cache's device: which row of the buffers (``cache.k``, ``cache.v``)
+        each batch row is."""
+        return self._row_index
+
+    @property
     def slot_index(self) -> torch.Tensor:
         """Each row's first new slot (= the first new token's position), (B,) on the cache's device."""
         return self._slot_index

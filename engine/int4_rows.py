@@ -18,30 +18,21 @@ script). Its activations are rounded to bf16, as PyTorch's 4-bit kernel rounds t
 weights too (a product within ~0.3% of the float one, tests/engine/test_int4_rows.py; perplexity:
 ``scripts/ppl_output_kernels.py``).
 
-It is C built at start with the system's C compiler for the running CPU (``-march=native``: machines here
-differ, AVX-512 or AVX2 only) into a temporary file, about a second. Where there is no compiler or the
-build fails, it is simply not a candidate: :mod:`engine.decode_linear` measures it against the others and it
+It is C built at start for the running CPU (:mod:`engine.native`: machines here differ, AVX-512 or AVX2
+only). Where there is no compiler or the build fails, it is simply not a candidate: :mod:`engine.decode_linear` measures it against the others and it
 is used only where it is faster (:func:`available`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from pathlib import Path
 
-import torch  # first: its libgomp is the one the kernel's OpenMP resolves to (openmp_runtimes)
+import torch
 
-log = logging.getLogger(__name__)
+from engine import native
 
-SOURCE = Path(__file__).with_name("kernels") / "int4_rows.c"
 BLOCK = 32  # outputs per block of the layout
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
 @cache
@@ -51,42 +42,16 @@ def library() -> ctypes.CDLL | None:
 
 
 def build(march: str) -> ctypes.CDLL | None:
-    """The kernels compiled for ``-march=march`` (``native``: this CPU; tests also build ``haswell``, the AVX2
-    path, on a CPU with AVX-512); None (logged) where they cannot be built or would not run on our OpenMP."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("int4-rows kernel: no C compiler, not a candidate")
-        return None
-    with tempfile.TemporaryDirectory(prefix="sinkserve-kernel-") as tmp:
-        target = Path(tmp) / "int4_rows.so"
-        try:
-            subprocess.run([compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", str(target)], check=True,
-                           capture_output=True, text=True, timeout=120)
-            lib = ctypes.CDLL(str(target))  # stays mapped after the directory is removed
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            log.info("int4-rows kernel: build failed, not a candidate: %s", str(detail)[-500:])
-            return None
-    runtimes = openmp_runtimes()
-    if len(runtimes) > 1:  # the kernel's OpenMP is not PyTorch's: it would start teams of its own
-        log.warning("int4-rows kernel: not a candidate, it loaded a second OpenMP runtime: %s", sorted(runtimes))
+    """The kernels compiled for ``-march=march`` (:func:`engine.native.build`); None (logged) where they cannot
+    be built."""
+    lib = native.build("int4_rows", march)
+    if lib is None:
         return None
     for fn in (lib.int4_rows_matmul, lib.int4_amx_matmul):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.int4_amx_init.restype = ctypes.c_int
     return lib
-
-
-def openmp_runtimes() -> set[str]:
-    """The OpenMP runtimes (libgomp files) mapped into this process (Linux; empty elsewhere). The kernel links
-    to ``libgomp.so.1``, which resolves to PyTorch's own copy, already loaded under that name (torch is
-    imported first, at the top of this module); a PyTorch whose copy were named otherwise would leave two."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
-    except OSError:
-        return set()
 
 
 def available() -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import decode_attention
 from engine.cache import CacheStep, SinkCache
 from engine.decode_linear import (
     FOUR_BIT,
@@ -128,6 +129,9 @@ class LlamaDecoder:
         self.cos, self.sin = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D) each
         identity = torch.eye(self.head_dim, dtype=self.dtype, device=self.device)
         self.half_turn = _rope(identity, torch.zeros(()), torch.ones(()))  # (D, D): x @ it = rotate_half(x)
+        # attention in one C call per layer over the cache's rows in place, where it can (else PyTorch's)
+        self.attention_kernel = decode_attention.supports(self.device, self.dtype, self.heads, self.kv_heads,
+                                                          self.head_dim)
         self._plans: dict[int, tuple[list[tuple], object]] = {}  # row bucket -> _plan
 
     def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
@@ -266,6 +270,9 @@ class LlamaDecoder:
     @torch.inference_mode()
     def __call__(self, step: CacheStep, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (B,) fed to the step's rows at their next slot: logits (B, V) in float32."""
+        if self.attention_kernel:  # the cache's whole buffers, its rows read and written in place
+            keys, values, rows = step.cache.k, step.cache.v, step.row_index
+            return self.forward(tokens.to(self.device), step.slot_index, keys, values, step.kv_length, rows=rows)
         keys, values = step.row_buffers()
         single = step.offsets[0] if len(step.rows) == 1 else None
         logits = self.forward(tokens.to(self.device), step.slot_index, keys, values, step.kv_length, single)
@@ -273,19 +280,24 @@ class LlamaDecoder:
         return logits
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor], length: int, single: int | None = None) -> torch.Tensor:
+                values: list[torch.Tensor], length: int, single: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """The step as a function of tensors: ``tokens`` (B,) at slots ``positions`` (B,) of the rows whose
         per-layer buffers are ``keys``/``values`` (B, Hkv, P, D), attending over their first ``length``
         slots. Writes the new keys and values; returns logits (B, V) in float32. ``single``: the slot as a
-        number when there is one row (a plain slice write, cheaper than indexing by tensors)."""
+        number when there is one row (a plain slice write, cheaper than indexing by tensors). With the
+        attention kernel (``attention_kernel``), ``rows`` (B,): which row of the buffers each batch row is
+        (default: the first B), each attending over its own slots up to ``positions``."""
         B = tokens.shape[0]
         rotation = self._rotations(positions)  # (B, D, D)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        G, QK, dtype, norm = H // Hkv, (H + Hkv) * D, self.dtype, self._rms_norm
-        mask = None
-        if B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
-            mask = self._visible_up_to(positions, length)[:, None, None]  # (B, 1, 1, S)
+        QK, dtype, norm = (H + Hkv) * D, self.dtype, self._rms_norm
         batch = torch.arange(B, device=self.device)
+        attention, mask = None, None
+        if self.attention_kernel:
+            attention = decode_attention.DecodeAttention(H, Hkv, D, batch if rows is None else rows, positions)
+        elif B > 1:  # rows of different lengths: each sees its slots up to its own (an additive mask, built once)
+            mask = self._visible_up_to(positions, length)[:, None, None]  # (B, 1, 1, S)
         layers, head = self._plan(B)
         # plain slicing and bound kernels: at a few rows the Python around each operation costs as much as
         # the operation, and a step runs some 600 of them
@@ -294,20 +306,31 @@ class LlamaDecoder:
             projected = qkv(norm(x, input_norm))  # (B, (H + 2 Hkv) D), bf16 or the model's dtype
             qk = torch.bmm(projected[:, :QK].view(B, H + Hkv, D).to(dtype), rotation)  # (B, H + Hkv, D), rotated
             v = projected[:, QK:].view(B, Hkv, D)
-            if single is None:
-                k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
-                v_buf[batch, :, positions] = v.to(dtype)
+            if attention is not None:  # the new key and value written, the rows attended: (B, H D)
+                x = x + out(attention(qk[:, :H], qk[:, H:], v, k_buf, v_buf))
             else:
-                k_buf[0, :, single] = qk[0, H:]  # (Hkv, D)
-                v_buf[0, :, single] = v[0]
-            attended = F.scaled_dot_product_attention(  # query heads grouped per kv head: (B, Hkv, G, D)
-                qk[:, :H].view(B, Hkv, G, D), k_buf[:, :, :length], v_buf[:, :, :length], attn_mask=mask,
-                scale=self.scale)
-            x = x + out(attended.view(B, H * D))
+                x = x + out(self._attend(qk, v, k_buf, v_buf, positions, batch, mask, length, single))
             gated = gate_up(norm(x, post_norm))  # (B, 2 I): bf16 stays bf16 into the down projection
             half = gated.shape[-1] // 2
             x = x + down(F.silu(gated[:, :half]) * gated[:, half:])  # the residual stream stays in the model's dtype
         return head(norm(x, self.norm)).float()
+
+    def _attend(self, qk: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                positions: torch.Tensor, batch: torch.Tensor, mask: torch.Tensor | None, length: int,
+                single: int | None) -> torch.Tensor:
+        """PyTorch's path of the attention kernel: ``qk`` (B, H + Hkv, D) rotated queries and new keys, ``v``
+        (B, Hkv, D), written into the row buffers (B, Hkv, P, D) at ``positions``; the attended values (B, H D)."""
+        B, H, Hkv, D = qk.shape[0], self.heads, self.kv_heads, self.head_dim
+        if single is None:
+            k_buf[batch, :, positions] = qk[:, H:]  # (B, Hkv, D)
+            v_buf[batch, :, positions] = v.to(self.dtype)
+        else:
+            k_buf[0, :, single] = qk[0, H:]  # (Hkv, D)
+            v_buf[0, :, single] = v[0]
+        attended = F.scaled_dot_product_attention(  # query heads grouped per kv head: (B, Hkv, G, D)
+            qk[:, :H].view(B, Hkv, H // Hkv, D), k_buf[:, :, :length], v_buf[:, :, :length], attn_mask=mask,
+            scale=self.scale)
+        return attended.view(B, H * D)
 
     @torch.inference_mode()
     def prefill(self, step: CacheStep, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:

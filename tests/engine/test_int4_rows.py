@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import decode_linear, int4_rows
+from engine import decode_linear, int4_rows, native
 from engine.decode_linear import DecodeLinear, candidate_kernels
 from engine.quantize import INT4_GROUP, int4_codes, int4_dequantize
 
@@ -137,5 +137,5 @@ def test_the_kernel_runs_on_pytorchs_openmp():
     PyTorch team (a second runtime would start teams of its own, and libgomp's teams sleep between kernels
     once they outnumber the CPUs: tests/engine/test_engine_threads.py)."""
     int4_rows.library()
-    runtimes = int4_rows.openmp_runtimes()
+    runtimes = native.openmp_runtimes()
     assert len(runtimes) == 1 and "torch" in next(iter(runtimes))

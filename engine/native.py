@@ -1,0 +1,64 @@
+"""The project's C kernels (``engine/kernels/*.c``), compiled at start for the running CPU.
+
+Machines differ (AVX-512 or AVX2 only; AMX on some), so each kernel is built with the system's C compiler
+for ``-march=native`` into a temporary file (about a second) and loaded with ctypes; where there is no
+compiler or the build fails it is simply not used, and the engine runs PyTorch's operations instead
+(:mod:`engine.int4_rows`, :mod:`engine.decode_attention`).
+
+The kernels use OpenMP and link to ``libgomp.so.1``, which resolves to PyTorch's own copy, already loaded
+under that name (torch is imported first, at the top of this module): their parallel loops then run on the
+calling thread's existing PyTorch team. A PyTorch whose copy were named otherwise would leave two runtimes,
+and a second one starts teams of its own (libgomp's teams sleep between kernels once they outnumber the
+CPUs): a build that maps one is refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  first: its libgomp is the one the kernels' OpenMP resolves to (openmp_runtimes)
+
+log = logging.getLogger(__name__)
+
+KERNELS = Path(__file__).with_name("kernels")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+def build(name: str, march: str = "native") -> ctypes.CDLL | None:
+    """``kernels/<name>.c`` compiled for ``-march=march`` (``native``: this CPU; tests also build ``haswell``,
+    the AVX2 path, on a CPU with AVX-512) and loaded; None (logged) where it cannot be built or would not run
+    on PyTorch's OpenMP."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("%s kernel: no C compiler, not used", name)
+        return None
+    with tempfile.TemporaryDirectory(prefix="sinkserve-kernel-") as tmp:
+        target = Path(tmp) / f"{name}.so"
+        try:
+            subprocess.run([compiler, *FLAGS, f"-march={march}", str(KERNELS / f"{name}.c"), "-o", str(target)],
+                           check=True, capture_output=True, text=True, timeout=120)
+            lib = ctypes.CDLL(str(target))  # stays mapped after the directory is removed
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            log.info("%s kernel: build failed, not used: %s", name, str(detail)[-500:])
+            return None
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:  # the kernel's OpenMP is not PyTorch's: it would start teams of its own
+        log.warning("%s kernel: not used, it loaded a second OpenMP runtime: %s", name, sorted(runtimes))
+        return None
+    return lib
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes (libgomp files) mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return set()
