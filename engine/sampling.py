@@ -288,7 +288,9 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
     the whole batch on its device and one host transfer at the end.
 
     Row ``i`` gets exactly ``sample(process_logits(logits[i], params[i], [], []), params[i],
-    uniform=uniforms[i])``: the same filters with per-row settings as tensors, the same inverse-CDF draw.
+    uniform=uniforms[i])``: the same filters with per-row settings as tensors, the same inverse-CDF draw
+    (on a CPU, rows filtered by top-p only draw among the most probable tokens, :func:`_draw_from_nucleus`:
+    the same token up to float rounding of the sum).
     ``uniforms`` (B,) defaults to fresh draws from the device's default generator.
     """
     if not all(plain(p) for p in params):
@@ -302,13 +304,17 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
     temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
                                dtype=torch.float32, device=device)  # (B,)
     out = logits / temperature[:, None]  # (B, V)
+    if uniforms is None:
+        uniforms = torch.rand(batch, device=device)  # (B,)
+    if device.type == "cpu" and not any(greedy) and all(_nucleus_only(p, vocab) for p in params):
+        tokens = _draw_from_nucleus(out, [p.top_p for p in params], uniforms)
+        if tokens is not None:
+            return tokens
     out = _top_k_rows(out, [p.top_k if 0 < p.top_k < vocab else 0 for p in params])
     out = _top_p_rows(out, [p.top_p for p in params])
     out = _min_p_rows(out, [p.min_p for p in params])
     probs = out.softmax(dim=-1)  # (B, V)
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    if uniforms is None:
-        uniforms = torch.rand(batch, device=device)  # (B,)
     points = uniforms.to(device=device, dtype=torch.float32)[:, None] * cdf[:, -1:]  # (B, 1)
     drawn = torch.searchsorted(cdf, points, right=True).clamp_max(vocab - 1)[:, 0]  # (B,)
     total = cdf[:, -1]  # (B,) NaN or inf when a row's probabilities overflowed, 0 when nothing survived
@@ -321,6 +327,50 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
     for row in (i for i, bad in enumerate(broken_rows) if bad):  # rare: the reference's fallback, row by row
         tokens[row] = int(out[row].nan_to_num(nan=-math.inf).argmax())
     return tokens
+
+
+def _nucleus_only(params: SamplingParams, vocab: int) -> bool:
+    """Whether a row's only filter is top-p (no top-k, no min-p): :func:`_draw_from_nucleus` can take it."""
+    return params.top_p < 1.0 and not 0 < params.top_k < vocab and params.min_p <= 0.0
+
+
+def _draw_from_nucleus(scaled: torch.Tensor, ps: list[float], uniforms: torch.Tensor) -> list[int] | None:
+    """:func:`sample_batch` for rows of temperature-scaled logits ``scaled`` (B, V) whose only filter is top-p
+    ``ps``, drawing among the 16 most probable tokens instead of over the vocabulary: the nucleus of a chat
+    model's next token is a handful of tokens (the embedded model's card samples at temperature 0.2, top-p
+    0.9), and the general path's full-vocabulary operations after the filter (the mask, softmax, cumulative
+    sum, search) were most of sampling: 8 rows of 49,152 logits at the card's settings took 3.5 ms of a
+    30 ms step on a 2-core Xeon, 1.1 ms this way (1 row: 1.0 and 0.5 ms; an indication from an ad-hoc
+    timing). One pass over the vocabulary remains, the softmax's sum.
+
+    The same token as :func:`sample`'s inverse-CDF draw from the same uniform: the kept tokens' probabilities
+    cumulated in vocabulary order, the point ``uniform`` times their total (the reference's, up to float
+    rounding of the sum). None (the caller takes the general path) when a row's nucleus is not among the
+    16, its best logit is not finite, or a token outside it ties with its least probable one (which the
+    reference's stable sort decides). CPU only (host syncs)."""
+    batch, vocab = scaled.shape
+    k = min(vocab, TOP_P_CANDIDATES[0])
+    top = scaled.topk(k, dim=-1)  # (B, k) descending
+    best = top.values[:, :1]  # (B, 1)
+    if not bool(best.isfinite().all()):
+        return None
+    # floored at exp(-87), as _nucleus_from_candidates: terms that small never change a sum holding the top's 1
+    total = (scaled - best).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (B, 1)
+    weights = (top.values - best).clamp_min_(-87.0).exp_()  # (B, k)
+    probs = weights / total
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, k) mass of strictly more probable tokens
+    p = torch.tensor(ps, dtype=torch.float32)[:, None]  # (B, 1)
+    kept = (mass_before < p).sum(dim=-1, keepdim=True)  # (B, 1) tokens the nucleus keeps, >= 1
+    if not bool((kept < k).all()):
+        return None
+    if not bool((top.values.gather(-1, kept) < top.values.gather(-1, kept - 1)).all()):
+        return None  # the next candidate ties with the least probable kept token
+    outside = torch.arange(k)[None] >= kept  # (B, k)
+    ids, order = top.indices.masked_fill(outside, vocab).sort(dim=-1)  # (B, k) kept ids in vocabulary order
+    cdf = weights.masked_fill(outside, 0.0).gather(-1, order).cumsum(dim=-1)  # (B, k)
+    points = uniforms.to(torch.float32)[:, None] * cdf[:, -1:]  # (B, 1)
+    drawn = torch.minimum(torch.searchsorted(cdf, points, right=True), kept - 1)  # (B, 1)
+    return ids.gather(-1, drawn)[:, 0].tolist()
 
 
 def _top_k_rows(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:

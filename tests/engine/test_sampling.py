@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from engine import sampling
 from engine.sampling import (
     SamplingParams,
     make_generator,
@@ -237,6 +238,33 @@ def test_batch_matches_the_reference_token_for_token(vocab):
         drawn.update(batched[1:6])
     assert mismatches == 0
     assert len(drawn) > 20  # the sampled rows really were sampled
+
+
+@pytest.mark.parametrize("vocab", [50, 1000])
+def test_nucleus_only_rows_draw_among_candidates_as_the_reference(monkeypatch, vocab):
+    """Rows whose only filter is top-p (the embedded model's card settings) take the candidates' draw when the
+    nucleus lies among them; rows where it does not, or where a tie sits at its edge, the general path:
+    token for token the reference either way."""
+    taken = []
+    draw = sampling._draw_from_nucleus
+    monkeypatch.setattr(sampling, "_draw_from_nucleus", lambda *a: taken.append(draw(*a)) or taken[-1])
+    gen = torch.Generator().manual_seed(11)
+    params = [SamplingParams(temperature=t, top_p=p) for t, p in ((0.2, 0.9), (1.0, 0.5), (0.7, 0.9), (1.0, 0.8))]
+    mismatches, drawn = 0, set()
+    for trial in range(60):
+        logits = 6 * torch.randn(len(params), vocab, generator=gen)  # (B, V)
+        if trial % 3 == 1:
+            logits = logits.round()  # exact ties, some at the nucleus's edge
+        elif trial % 3 == 2:
+            logits = logits / 20  # flat: nuclei of more than 16 tokens
+        uniforms = torch.rand(len(params), generator=gen)
+        batched = sample_batch(logits, params, uniforms=uniforms)
+        mismatches += batched != reference(logits, params, uniforms)
+        drawn.update(batched)
+    assert mismatches == 0
+    assert len(drawn) > 30
+    fast = sum(t is not None for t in taken)
+    assert 10 < fast < len(taken) == 60  # both paths ran
 
 
 def test_batch_of_greedy_rows_is_the_argmax():
