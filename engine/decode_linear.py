@@ -24,7 +24,7 @@ Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`
 oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
 file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and a bf16 copy for the decoder's layers, and
 ``float32``, bf16 and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
-is Q8_0. The bf16 copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which
+is Q8_0 (its kernel ``int8-rows``, :mod:`engine.int8_rows`, where that builds, else PyTorch's). The bf16 copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which
 a plain bf16 ``F.linear`` re-lays out on every call: 1.2-2x faster at 8 and 16 rows, the same bytes) where
 oneDNN runs bf16 natively, plain ``bf16`` elsewhere. Token-by-token
 perplexity of 3,000 tokens (``scripts/ppl_output_kernels.py``, ``docs/results/ppl-decode-head``): 39.755
@@ -44,12 +44,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine import int4_rows
+from engine import int4_rows, int8_rows
 from engine.quantize import INT4_GROUP, int4_codes
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int4", "int4-rows", "int4-amx")
+KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int8-rows", "int4", "int4-rows", "int4-amx")
 FOUR_BIT = ("int4", "int4-rows", "int4-amx")  # PyTorch's 4-bit kernel and ours (engine/int4_rows.py), same codes
 # prompt chunks (many rows) run on the oneDNN-packed bf16 copy where one exists (int4 decoding on a CPU
 # with native bf16): its matmuls are 3x faster than float32 at 45 rows (30 vs 90 ms over the embedded
@@ -72,7 +72,8 @@ def candidate_kernels(device: torch.device, dtype: torch.dtype, quantize: str | 
         bf16 = ("bf16-packed",) if packed_bf16_supported() else ("bf16",)  # packed: faster, same bytes
         own = ("int4-rows",) if int4_rows.available() else ()  # this CPU's build of our own kernels
         own += ("int4-amx",) if int4_rows.amx_available() else ()
-        return ("float32", *bf16, "int8") if output else (*bf16, "int4", *own)
+        int8 = "int8-rows" if int8_rows.available() else "int8"  # ours where it builds: the same codes, faster
+        return ("float32", *bf16, int8) if output else (*bf16, "int4", *own)
     return ("float32", "packed")
 
 
@@ -110,6 +111,8 @@ class DecodeLinear:
                 continue
             if kind in ("int4-rows", "int4-amx") and not int4_rows.supports(self.out_features, self.in_features,
                                                                              INT4_GROUP):
+                continue
+            if kind == "int8-rows" and not int8_rows.supports(self.out_features):
                 continue
             if kind in FOUR_BIT:
                 codes = codes or int4_codes(weight)
@@ -152,6 +155,8 @@ class DecodeLinear:
         elif kind == "int8":
             op, (codes, scales) = torch.ops.aten._weight_int8pack_mm.default._op, w
             fn = lambda x: op(x.to(bf16), codes, scales)  # noqa: E731
+        elif kind == "int8-rows":
+            fn = int8_rows.bind(*w)
         elif kind == "int4-rows":
             fn = int4_rows.bind(*w, INT4_GROUP)
         elif kind == "int4-amx":
@@ -249,6 +254,8 @@ def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.T
         scales = (weight.float().abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         int8_codes = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         return int8_codes.contiguous(), scales.to(torch.bfloat16)
+    if kind == "int8-rows":  # the same codes and (bf16-rounded) scales, in the kernel's layout
+        return int8_rows.pack(*_prepare("int8", weight, None))
     if kind == "int4":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[0], 1), codes[1]
     if kind == "int4-rows":

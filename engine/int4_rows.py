@@ -32,7 +32,7 @@ import torch
 
 from engine import native
 
-BLOCK = 32  # outputs per block of the layout
+BLOCK = native.MATMUL_BLOCK  # outputs per block of the layout
 
 
 @cache
@@ -101,7 +101,7 @@ def bind(packed: torch.Tensor, scales: torch.Tensor, group: int, lib: ctypes.CDL
     of these calls, so what can be worked out once is: pointers, sizes, the thread count). ``lib``: another
     build than :func:`library` (tests)."""
     fn = (lib or library()).int4_rows_matmul
-    return _bound("int4-rows", fn, packed, scales, group, in_features=packed.shape[1], dtype=torch.float32,
+    return native.bind_matmul("int4-rows", fn, packed, scales, group, in_features=packed.shape[1], dtype=torch.float32,
                   rows_per_call=None)
 
 
@@ -110,34 +110,5 @@ def bind_amx(packed: torch.Tensor, scales: torch.Tensor, group: int):
     more than 16 rows run 16 at a time (the tile unit's rows)."""
     if not amx_available():  # it also asks Linux for the tile state, without which AMX instructions fault
         raise RuntimeError("int4-amx kernel: no AMX here, or Linux did not grant this process the tile state")
-    return _bound("int4-amx", library().int4_amx_matmul, packed, scales, group, in_features=packed.shape[1] * 2,
+    return native.bind_matmul("int4-amx", library().int4_amx_matmul, packed, scales, group, in_features=packed.shape[1] * 2,
                   dtype=torch.bfloat16, rows_per_call=16)
-
-
-def _bound(name: str, fn, packed: torch.Tensor, scales: torch.Tensor, group: int, in_features: int,
-           dtype: torch.dtype, rows_per_call: int | None):
-    """``x -> y`` (M, N) float32 through the C function ``fn`` (either kernel's signature), its weight's pointers,
-    sizes and the thread count worked out once; ``x`` is taken in ``dtype``, contiguous, and passed
-    ``rows_per_call`` rows at a time (None: all)."""
-    n, k = packed.shape[0] * BLOCK, in_features
-    codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
-    empty, float32 = torch.empty, torch.float32
-
-    def run(x: torch.Tensor, packed=packed, scales=scales) -> torch.Tensor:  # the defaults keep the weights alive
-        if x.dtype != dtype or not x.is_contiguous():
-            x = x.to(dtype).contiguous()
-        rows = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"{name} kernel: input {tuple(x.shape)} for a weight of {k} input features")
-        y = empty((rows, n), dtype=float32)
-        if rows_per_call is None or rows <= rows_per_call:  # a decode step's case: one call, no row views
-            parts = ((x.data_ptr(), y.data_ptr(), rows),)
-        else:
-            parts = [(x[at].data_ptr(), y[at].data_ptr(), min(rows_per_call, rows - at))
-                     for at in range(0, rows, rows_per_call)]
-        for x_at, y_at, part in parts:
-            if fn(x_at, codes_at, scales_at, y_at, part, n, k, group, threads):
-                raise ValueError(f"{name} kernel: unsupported shape {part} x {k} @ {n}, group {group}")
-        return y
-
-    return run

@@ -22,12 +22,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  first: its libgomp is the one the kernels' OpenMP resolves to (openmp_runtimes)
+import torch  # first: its libgomp is the one the kernels' OpenMP resolves to (openmp_runtimes)
 
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("kernels")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+MATMUL_BLOCK = 32  # outputs per block of the matmul kernels' weight layouts
 
 
 def build(name: str, march: str = "native") -> ctypes.CDLL | None:
@@ -62,3 +63,34 @@ def openmp_runtimes() -> set[str]:
             return {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
     except OSError:
         return set()
+
+
+def bind_matmul(name: str, fn, packed: torch.Tensor, scales: torch.Tensor, group: int, in_features: int,
+                dtype: torch.dtype, rows_per_call: int | None):
+    """``x -> y`` (M, N) float32 through the C matmul ``fn`` with the kernels' one signature ``(x, codes,
+    scales, y, M, N, K, group, threads)`` over a weight laid out in blocks of 32 outputs (``packed``, first
+    dimension N / 32), its pointers, sizes and the thread count worked out once: a decode step makes ~120 of
+    these calls. ``x`` is taken in ``dtype``, contiguous, and passed ``rows_per_call`` rows at a time (None:
+    all)."""
+    n, k = packed.shape[0] * MATMUL_BLOCK, in_features
+    codes_at, scales_at, threads = packed.data_ptr(), scales.data_ptr(), torch.get_num_threads()
+    empty, float32 = torch.empty, torch.float32
+
+    def run(x: torch.Tensor, packed=packed, scales=scales) -> torch.Tensor:  # the defaults keep the weights alive
+        if x.dtype != dtype or not x.is_contiguous():
+            x = x.to(dtype).contiguous()
+        rows = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"{name} kernel: input {tuple(x.shape)} for a weight of {k} input features")
+        y = empty((rows, n), dtype=float32)
+        if rows_per_call is None or rows <= rows_per_call:  # a decode step's case: one call, no row views
+            parts = ((x.data_ptr(), y.data_ptr(), rows),)
+        else:
+            parts = [(x[at].data_ptr(), y[at].data_ptr(), min(rows_per_call, rows - at))
+                     for at in range(0, rows, rows_per_call)]
+        for x_at, y_at, part in parts:
+            if fn(x_at, codes_at, scales_at, y_at, part, n, k, group, threads):
+                raise ValueError(f"{name} kernel: unsupported shape {part} x {k} @ {n}, group {group}")
+        return y
+
+    return run

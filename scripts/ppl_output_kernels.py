@@ -30,6 +30,7 @@ CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the
     "float32 (quantize none)": (None, None, None),
     "int4 layers + bf16 output projection": ("int4", "bf16", None),
     "int4 layers + int8 output projection": ("int4", "int8", None),
+    "int4 layers + int8 output projection (int8-rows kernel)": ("int4", "int8-rows", None),
     "int4 layers + int4 output projection": ("int4", "int4", None),
     "int4 layers (PyTorch's kernel) + int8 output projection": ("int4", "int8", "int4"),
     "int4-rows layers + int8 output projection": ("int4", "int8", "int4-rows"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import int4_rows, llama_decode
+from engine import int4_rows, int8_rows, llama_decode
 from engine.cache import SinkCache
 from engine.config import EngineConfig
 from engine.decode_linear import (
@@ -29,6 +29,7 @@ from tests.tiny_models import tiny_model
 
 COVERED = ("llama", "mistral", "qwen2")
 CPU = torch.device("cpu")
+INT8 = "int8-rows" if int8_rows.available() else "int8"  # the output projection's 8-bit kernel here
 
 
 def runners(family: str, quantize: str | None = None, rows: int = 4):
@@ -139,6 +140,8 @@ def test_every_kernel_computes_the_same_product():
         kernels["int4-rows"] = 0.2
     if int4_rows.amx_available():
         kernels["int4-amx"] = 0.2
+    if int8_rows.available():  # tests/engine/test_int8_rows.py
+        kernels["int8-rows"] = 0.05
     linear = DecodeLinear(weight, bias, tuple(kernels))
     assert set(linear.weights) == set(kernels)
     for rows in (1, 3, 8, 16):
@@ -194,8 +197,8 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
     cases = {  # step ms of [choice, layers lean, all lean] -> the kept layers' and head's kernels
         (10.0, 8.0, 9.0): ("int4", big),
         (10.0, 12.0, 12.0): (big, big),
-        (10.0, 10.2, 10.1): ("int4", "int8"),
-        (10.0, 11.0, 8.0): ("int4", "int8"),
+        (10.0, 10.2, 10.1): ("int4", INT8),
+        (10.0, 11.0, 8.0): ("int4", INT8),
     }
     for times, (layers_kind, head_kind) in cases.items():
         decoder, _ = _int4_decoder()
@@ -209,7 +212,7 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
         choices = decoder.tune(4)
         assert len(seen) == 3  # buckets 1, 2, 4
         assert seen[0][0]["qkv"] == big and seen[0][1]["qkv"] == "int4" and seen[0][1]["head"] == big
-        assert seen[0][2] == {"qkv": "int4", "out": "int4", "gate_up": "int4", "down": "int4", "head": "int8"}
+        assert seen[0][2] == {"qkv": "int4", "out": "int4", "gate_up": "int4", "down": "int4", "head": INT8}
         for name in ("qkv", "out", "gate_up", "down"):
             assert choices[name] == {1: layers_kind, 2: layers_kind, 4: layers_kind}, (times, name)
             assert getattr(decoder.layers[0], name).choice == choices[name]
@@ -227,7 +230,7 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
     decoder, _ = _int4_decoder()
     if "int4-rows" not in decoder.layers[0].qkv.weights:
         pytest.skip("the tiny model's projections are not in blocks of 32 outputs")
-    mixed = {"qkv": "int4-rows", "out": "int4", "gate_up": "int4-rows", "down": "int4-rows", "head": "int8"}
+    mixed = {"qkv": "int4-rows", "out": "int4", "gate_up": "int4-rows", "down": "int4-rows", "head": INT8}
     monkeypatch.setattr(llama_decode, "measure", lambda layers, buckets: {b: mixed[_name(decoder, layers)] for b in buckets})
     seen = []
 
@@ -238,10 +241,10 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
     monkeypatch.setattr(decoder, "_step_ms", step_ms)
     choices = decoder.tune(4)
     layers = ("qkv", "out", "gate_up", "down")
-    assert {name: "int4" for name in layers} | {"head": "int8"} in seen[0]
-    assert {name: "int4-rows" for name in layers} | {"head": "int8"} in seen[0]
+    assert {name: "int4" for name in layers} | {"head": INT8} in seen[0]
+    assert {name: "int4-rows" for name in layers} | {"head": INT8} in seen[0]
     if int4_rows.amx_available():
-        assert {name: "int4-amx" for name in layers} | {"head": "int8"} in seen[0]
+        assert {name: "int4-amx" for name in layers} | {"head": INT8} in seen[0]
     for name in layers:  # the fastest variant: every layer on ours
         assert choices[name] == {1: "int4-rows", 2: "int4-rows", 4: "int4-rows"}
     assert set(decoder.layers[0].qkv.weights) == {"int4-rows"} | ({PREFILL_KERNEL} & set(decoder.layers[0].qkv.weights))
@@ -269,7 +272,7 @@ def test_whole_step_timing_never_touches_the_cache():
         cache.v[layer].normal_()
     before = [t.clone() for t in (*cache.k, *cache.v)]
     groups = decoder.projections()
-    variants = [{name: "int4" for name in groups} | {"head": "int8"},
+    variants = [{name: "int4" for name in groups} | {"head": INT8},
                 {name: kind for name, kind in zip(groups, ("int4",) * 4 + ("float32",), strict=True)}]
     times = decoder._step_ms(2, variants)
     assert len(times) == 2 and all(t > 0 for t in times)
