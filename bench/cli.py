@@ -69,7 +69,8 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
     api = parser.add_argument_group("api (streaming clients through the HTTP API; see bench/api.py)")
     api.add_argument("--other-url", default=None,
                      help="another OpenAI-compatible server to run the same workload against, interleaved")
-    api.add_argument("--rounds", type=int, default=None, help="rounds (medians reported); default 3, --quick 1")
+    api.add_argument("--rounds", type=int, default=None,
+                     help="api, concurrency, constrained: rounds (medians reported); default 3, --quick 1")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -168,7 +169,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                     else:
                         from bench.concurrency import run_concurrency
 
-                        reports[suite] = run_concurrency(engine, args.out, quick=args.quick, streams=sizes)
+                        reports[suite] = run_concurrency(engine, args.out, quick=args.quick, streams=sizes,
+                                                         **({"rounds": args.rounds} if args.rounds else {}))
                 finally:
                     engine.stop()
     return reports
