@@ -26,6 +26,8 @@ import torch
 from engine import native
 
 MAX_GROUP = 16  # query heads per key/value head (kernels/decode_attention.c: MAX_G)
+SIGNATURE = (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+             + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int])
 MAX_HEAD_DIM = 256
 
 
@@ -37,13 +39,7 @@ def library() -> ctypes.CDLL | None:
 
 def build(march: str) -> ctypes.CDLL | None:
     """The kernel compiled for ``-march=march`` (:func:`engine.native.build`); None where it cannot be built."""
-    lib = native.build("decode_attention", march)
-    if lib is not None:
-        fn = lib.decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                       + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int])
-    return lib
+    return native.build("decode_attention", march, {"decode_attention": SIGNATURE})
 
 
 def supports(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:

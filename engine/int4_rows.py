@@ -44,14 +44,9 @@ def library() -> ctypes.CDLL | None:
 def build(march: str) -> ctypes.CDLL | None:
     """The kernels compiled for ``-march=march`` (:func:`engine.native.build`); None (logged) where they cannot
     be built."""
-    lib = native.build("int4_rows", march)
-    if lib is None:
-        return None
-    for fn in (lib.int4_rows_matmul, lib.int4_amx_matmul):
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    lib.int4_amx_init.restype = ctypes.c_int
-    return lib
+    return native.build("int4_rows", march, {"int4_rows_matmul": native.MATMUL_SIGNATURE,
+                                             "int4_amx_matmul": native.MATMUL_SIGNATURE,
+                                             "int4_amx_init": (ctypes.c_int, [])})
 
 
 def available() -> bool:

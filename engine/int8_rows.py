@@ -34,11 +34,7 @@ def library() -> ctypes.CDLL | None:
 
 def build(march: str) -> ctypes.CDLL | None:
     """The kernel compiled for ``-march=march`` (:func:`engine.native.build`); None where it cannot be built."""
-    lib = native.build("int8_rows", march)
-    if lib is not None:
-        lib.int8_rows_matmul.restype = ctypes.c_int
-        lib.int8_rows_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    return lib
+    return native.build("int8_rows", march, {"int8_rows_matmul": native.MATMUL_SIGNATURE})
 
 
 def available() -> bool:

@@ -31,10 +31,15 @@ FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 MATMUL_BLOCK = 32  # outputs per block of the matmul kernels' weight layouts
 
 
-def build(name: str, march: str = "native") -> ctypes.CDLL | None:
+# the matmul kernels' one signature: (x, codes, scales, y, M, N, K, group, threads) -> 0, or -1 for a shape
+# they do not take (bind_matmul)
+MATMUL_SIGNATURE = (ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int])
+
+
+def build(name: str, march: str = "native", functions: dict[str, tuple] | None = None) -> ctypes.CDLL | None:
     """``kernels/<name>.c`` compiled for ``-march=march`` (``native``: this CPU; tests also build ``haswell``,
-    the AVX2 path, on a CPU with AVX-512) and loaded; None (logged) where it cannot be built or would not run
-    on PyTorch's OpenMP."""
+    the AVX2 path, on a CPU with AVX-512) and loaded, with ``functions`` (name -> (restype, argtypes))
+    declared; None (logged) where it cannot be built or would not run on PyTorch's OpenMP."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.info("%s kernel: no C compiler, not used", name)
@@ -53,6 +58,9 @@ def build(name: str, march: str = "native") -> ctypes.CDLL | None:
     if len(runtimes) > 1:  # the kernel's OpenMP is not PyTorch's: it would start teams of its own
         log.warning("%s kernel: not used, it loaded a second OpenMP runtime: %s", name, sorted(runtimes))
         return None
+    for function, (restype, argtypes) in (functions or {}).items():
+        getattr(lib, function).restype = restype
+        getattr(lib, function).argtypes = argtypes
     return lib
 
 
