@@ -10,7 +10,8 @@
 # Container Toolkit. The CUDA image refuses to start without a usable GPU (SINKSERVE_REQUIRE_CUDA, set
 # from TORCH_VARIANT by docker/entrypoint.sh; 0 allows the CPU). A C compiler is installed because
 # `--compile` needs one: Inductor builds C++ kernels on a CPU and Triton builds its launcher on a GPU; their
-# caches live on the volume, so a restart does not compile again.
+# caches live on the volume, so a restart does not compile again. On a CPU the engine also builds its own
+# decode kernels with it at start (engine/native.py; without one PyTorch's operations stand in).
 FROM python:3.11.11-slim-bookworm
 
 ARG TORCH_VARIANT=cuda
@@ -24,8 +25,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SINKSERVE_EDITABLE=0 \
     PATH=/opt/venv/bin:${PATH}
 
-# gcc and the C library headers for torch.compile (Triton's launcher, Inductor's C++ kernels); unpinned on
-# purpose: build tools of the pinned Debian release, with its security updates.
+# gcc and the C library headers for torch.compile (Triton's launcher, Inductor's C++ kernels) and the CPU
+# decode kernels (engine/kernels/*.c); unpinned on purpose: build tools of the pinned Debian release, with
+# its security updates.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
