@@ -11,7 +11,9 @@ step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-
   from cos/sin tables that the model's own rotary module fills at start (so scaled RoPE variants come out
   as the model computes them);
 - the new keys and values written into the cache row's next slot, then grouped-query attention over the
-  row's slots read in place (no repeated key/value heads, no gathered copy when the rows are contiguous);
+  row's slots read in place (no repeated key/value heads): on a CPU with a float32 cache both in one C call
+  per layer that reads the rows wherever they are (:mod:`engine.decode_attention`), else PyTorch's
+  scaled-dot-product attention over the rows (a view when they are contiguous, else a gathered copy);
 - the output projection of the last hidden state only.
 
 transformers' forward stays the reference: prefill chunks run through it, and tests/engine/test_llama_decode.py
