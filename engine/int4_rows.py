@@ -96,8 +96,8 @@ def bind(packed: torch.Tensor, scales: torch.Tensor, group: int, lib: ctypes.CDL
     of these calls, so what can be worked out once is: pointers, sizes, the thread count). ``lib``: another
     build than :func:`library` (tests)."""
     fn = (lib or library()).int4_rows_matmul
-    return native.bind_matmul("int4-rows", fn, packed, scales, group, in_features=packed.shape[1], dtype=torch.float32,
-                  rows_per_call=None)
+    return native.bind_matmul("int4-rows", fn, packed, scales, group, in_features=packed.shape[1],
+                              dtype=torch.float32, rows_per_call=None)
 
 
 def bind_amx(packed: torch.Tensor, scales: torch.Tensor, group: int):
@@ -105,5 +105,5 @@ def bind_amx(packed: torch.Tensor, scales: torch.Tensor, group: int):
     more than 16 rows run 16 at a time (the tile unit's rows)."""
     if not amx_available():  # it also asks Linux for the tile state, without which AMX instructions fault
         raise RuntimeError("int4-amx kernel: no AMX here, or Linux did not grant this process the tile state")
-    return native.bind_matmul("int4-amx", library().int4_amx_matmul, packed, scales, group, in_features=packed.shape[1] * 2,
-                  dtype=torch.bfloat16, rows_per_call=16)
+    return native.bind_matmul("int4-amx", library().int4_amx_matmul, packed, scales, group,
+                              in_features=packed.shape[1] * 2, dtype=torch.bfloat16, rows_per_call=16)

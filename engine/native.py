@@ -3,7 +3,7 @@
 Machines differ (AVX-512 or AVX2 only; AMX on some), so each kernel is built with the system's C compiler
 for ``-march=native`` into a temporary file (about a second) and loaded with ctypes; where there is no
 compiler or the build fails it is simply not used, and the engine runs PyTorch's operations instead
-(:mod:`engine.int4_rows`, :mod:`engine.decode_attention`).
+(:mod:`engine.int4_rows`, :mod:`engine.int8_rows`, :mod:`engine.decode_attention`).
 
 The kernels use OpenMP and link to ``libgomp.so.1``, which resolves to PyTorch's own copy, already loaded
 under that name (torch is imported first, at the top of this module): their parallel loops then run on the

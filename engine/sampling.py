@@ -351,16 +351,10 @@ def _draw_from_nucleus(scaled: torch.Tensor, ps: list[float], uniforms: torch.Te
     batch, vocab = scaled.shape
     k = min(vocab, TOP_P_CANDIDATES[0])
     top = scaled.topk(k, dim=-1)  # (B, k) descending
-    best = top.values[:, :1]  # (B, 1)
-    if not bool(best.isfinite().all()):
+    counted = _nucleus_among(scaled, top.values, torch.tensor(ps, dtype=torch.float32))
+    if counted is None:
         return None
-    # floored at exp(-87), as _nucleus_from_candidates: terms that small never change a sum holding the top's 1
-    total = (scaled - best).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (B, 1)
-    weights = (top.values - best).clamp_min_(-87.0).exp_()  # (B, k)
-    probs = weights / total
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, k) mass of strictly more probable tokens
-    p = torch.tensor(ps, dtype=torch.float32)[:, None]  # (B, 1)
-    kept = (mass_before < p).sum(dim=-1, keepdim=True)  # (B, 1) tokens the nucleus keeps, >= 1
+    kept, weights = counted  # (B, 1), (B, k)
     if not bool((kept < k).all()):
         return None
     if not bool((top.values.gather(-1, kept) < top.values.gather(-1, kept - 1)).all()):
@@ -420,16 +414,10 @@ def _nucleus_from_candidates(logits: torch.Tensor, p: torch.Tensor) -> torch.Ten
     vocab = logits.shape[-1]
     for k in sorted({min(vocab, c) for c in TOP_P_CANDIDATES}):
         top = logits.topk(k, dim=-1)  # (R, k) descending
-        best = top.values[:, :1]  # (R, 1)
-        if not bool(best.isfinite().all()):
+        counted = _nucleus_among(logits, top.values, p)
+        if counted is None:
             return None
-        # softmax's terms, floored at exp(-87) (the smallest normal float32): at a low temperature most of a
-        # row's exp() would be denormal numbers, which cost a CPU ten times more, while terms that small
-        # can never change a sum that holds the top token's 1
-        total = (logits - best).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (R, 1)
-        probs = (top.values - best).clamp_min_(-87.0).exp_() / total  # (R, k)
-        mass_before = probs.cumsum(dim=-1) - probs  # (R, k) mass of strictly more probable tokens
-        kept = (mass_before < p[:, None]).sum(dim=-1, keepdim=True)  # (R, 1) tokens the nucleus keeps, >= 1
+        kept = counted[0]  # (R, 1)
         if k == vocab or bool((kept < k).all()):
             break
     else:
@@ -441,6 +429,25 @@ def _nucleus_from_candidates(logits: torch.Tensor, p: torch.Tensor) -> torch.Ten
     above, tied = logits > edge, logits == edge  # (R, V) each: more tokens tie with the edge than fit
     room = kept - above.sum(dim=-1, keepdim=True)  # (R, 1) tied tokens kept
     return above | (tied & (tied.cumsum(dim=-1) <= room))
+
+
+def _nucleus_among(logits: torch.Tensor, top: torch.Tensor, p: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """How many of the most probable logits ``top`` (R, k), descending, of ``logits`` (R, V) the nucleus of
+    mass ``p`` (R,) keeps, (R, 1) and >= 1 (all k when it needs more), with their softmax terms exp(top -
+    best) (R, k); None when a row's best logit is not finite (topk puts NaN and +inf first).
+
+    The terms are floored at exp(-87) (the smallest normal float32): at a low temperature most of a row's
+    exp() would be denormal numbers, which cost a CPU ten times more, while terms that small can never
+    change a sum that holds the top token's 1."""
+    best = top[:, :1]  # (R, 1)
+    if not bool(best.isfinite().all()):
+        return None
+    total = (logits - best).clamp_min_(-87.0).exp_().sum(dim=-1, keepdim=True)  # (R, 1)
+    weights = (top - best).clamp_min_(-87.0).exp_()  # (R, k)
+    probs = weights / total
+    mass_before = probs.cumsum(dim=-1) - probs  # (R, k) mass of strictly more probable tokens
+    return (mass_before < p[:, None]).sum(dim=-1, keepdim=True), weights
 
 
 def _min_p_rows(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
