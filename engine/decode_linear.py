@@ -24,9 +24,10 @@ Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`
 oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
 file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and a bf16 copy for the decoder's layers, and
 ``float32``, bf16 and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
-is Q8_0 (its kernel ``int8-rows``, :mod:`engine.int8_rows`, where that builds, else PyTorch's). The bf16 copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which
-a plain bf16 ``F.linear`` re-lays out on every call: 1.2-2x faster at 8 and 16 rows, the same bytes) where
-oneDNN runs bf16 natively, plain ``bf16`` elsewhere. Token-by-token
+is Q8_0 (its kernel ``int8-rows``, :mod:`engine.int8_rows`, where that builds, else PyTorch's). The bf16
+copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which a plain bf16
+``F.linear`` re-lays out on every call: 1.2-2x faster at 8 and 16 rows, the same bytes) where oneDNN runs
+bf16 natively, plain ``bf16`` elsewhere. Token-by-token
 perplexity of 3,000 tokens (``scripts/ppl_output_kernels.py``, ``docs/results/ppl-decode-head``): 39.755
 in float32, 39.772 with int4 layers and a bf16 output projection (+0.04%), 39.834 with an int8 one
 (+0.20%), both within the 0.5% an output projection must keep; a 4-bit one gives 41.545 (+4.5%) and is
