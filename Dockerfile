@@ -11,7 +11,7 @@
 # from TORCH_VARIANT by docker/entrypoint.sh; 0 allows the CPU). A C compiler is installed because
 # `--compile` needs one: Inductor builds C++ kernels on a CPU and Triton builds its launcher on a GPU; their
 # caches live on the volume, so a restart does not compile again. On a CPU the engine also builds its own
-# decode kernels with it at start (engine/native.py; without one PyTorch's operations stand in).
+# decode kernels with it at start (engine/model/kernels/native.py; without one PyTorch's operations stand in).
 FROM python:3.11.11-slim-bookworm
 
 ARG TORCH_VARIANT=cuda
@@ -26,7 +26,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:${PATH}
 
 # gcc and the C library headers for torch.compile (Triton's launcher, Inductor's C++ kernels) and the CPU
-# decode kernels (engine/kernels/*.c); unpinned on purpose: build tools of the pinned Debian release, with
+# decode kernels (engine/model/kernels/*.c); unpinned on purpose: build tools of the pinned Debian release, with
 # its security updates.
 # hadolint ignore=DL3008
 RUN apt-get update \

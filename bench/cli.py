@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import SUITES
 from engine.config import DTYPES
-from engine.quantize import parse_quantize
+from engine.model.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 
 from bench.common import environment, history_ids, markdown_table, pyplot, ratio, write_report
 from engine.events import FinishEvent, TokenEvent
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ rounds give every generation its own matcher of one JSON schema (``engine.constr
 cached, as the server does per request); the schema asks for an array of at least 64 objects, so no
 constrained reply can end before ``max_tokens`` and both kinds of round generate the same number of
 tokens (the free rounds ignore end-of-sequence). Per step the scheduler fills one batch bitmask for the
-constrained rows (llguidance, ``engine/grammar.py``), applies it to their logits and advances each
+constrained rows (llguidance, ``engine/scheduling/grammar.py``), applies it to their logits and advances each
 matcher with the sampled token: that work is what this suite measures. Free and constrained rounds
 alternate (free first in even rounds, constrained first in odd ones) so a slow spell of a shared machine
 does not land on one kind only; medians are reported.
@@ -26,8 +26,8 @@ import time
 
 from bench.common import environment, history_ids, markdown_table, ratio, write_report
 from engine.events import FinishEvent, TokenEvent
-from engine.grammar import Grammar
-from engine.sampling import SamplingParams
+from engine.scheduling.grammar import Grammar
+from engine.scheduling.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

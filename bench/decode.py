@@ -4,7 +4,7 @@ Three ways to keep talking after a conversation of ``L`` tokens (the baselines o
 2023, arXiv 2309.17453, section 4.5 "Efficiency Results", Figure 10):
 
 ``sinkserve``
-    The engine's :class:`~engine.runner.Runner` over a :class:`~engine.cache.SinkCache` (``sink_tokens`` +
+    The engine's :class:`~engine.model.runner.Runner` over a :class:`~engine.cache.sink.SinkCache` (``sink_tokens`` +
     ``window`` slots, 4 + 1020 by default) with one row per length plus a stream row. The history is
     streamed through the stream row in big prefill chunks, as a session does, one length after the other;
     when it reaches a length the row is copied into that length's own row (``SinkCache.copy_row``), a
@@ -58,10 +58,10 @@ from bench.common import (
     sync,
     write_report,
 )
-from engine.cache import SinkCache
-from engine.loader import LoadedModel
-from engine.quantize import float_weights
-from engine.runner import serving_runner
+from engine.cache.sink import SinkCache
+from engine.model.loader import LoadedModel
+from engine.model.quantize import float_weights
+from engine.model.runner import serving_runner
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from bench.common import (
     write_report,
 )
 from engine.events import FinishEvent, TokenEvent
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

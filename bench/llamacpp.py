@@ -7,11 +7,11 @@ more fed one at a time, teacher-forced so both do identical work) and the same n
 
 - llama.cpp: ``Llama(model_path=<the embedded GGUF>, n_threads=..., n_batch=chunk)``; ``eval`` of the
   prompt, then ``eval`` of one token per step. It computes in the GGUF's quantized format (Q4_1).
-- sinkserve: the :class:`~engine.runner.Runner` over a :class:`~engine.cache.SinkCache` (sinks + window,
+- sinkserve: the :class:`~engine.model.runner.Runner` over a :class:`~engine.cache.sink.SinkCache` (sinks + window,
   StreamingLLM, arXiv 2309.17453; section 4.5 compares it with dense attention and the sliding window with
   re-computation, see the ``decode`` suite), prefilled in chunks of ``chunk``, then one decode step per
   token: prefill on the float weights, decode with the weights the engine serves with (``quantize=auto``
-  on a CPU: the GGUF's own Q4_1 codes through torch's int4 kernel, see engine/quantize.py).
+  on a CPU: the GGUF's own Q4_1 codes through torch's int4 kernel, see engine/model/quantize.py).
 
 Report (``llamacpp.json``): ``prefill_tokens_per_s`` and ``decode_tokens_per_s`` of each, and the ratios
 sinkserve / llama.cpp.
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from bench.common import Timer, environment, history_ids, markdown_table, pyplot, ratio, write_report
-from engine.cache import SinkCache
-from engine.loader import LoadedModel, embedded_gguf_path
-from engine.runner import serving_runner
+from engine.cache.sink import SinkCache
+from engine.model.loader import LoadedModel, embedded_gguf_path
+from engine.model.runner import serving_runner
 
 log = logging.getLogger(__name__)
 

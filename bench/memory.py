@@ -1,7 +1,7 @@
 """Memory of one endless conversation: sink-cache bytes and process RSS against tokens streamed.
 
 One session's worth of history (``tokens``, 100k; 10k with ``--quick``) is streamed through one row of a
-:class:`~engine.cache.SinkCache` by the engine's :class:`~engine.runner.Runner` in prefill chunks; every
+:class:`~engine.cache.sink.SinkCache` by the engine's :class:`~engine.model.runner.Runner` in prefill chunks; every
 ``sample_every`` (4096) tokens the suite records the row's cache bytes (``SinkCache.row_bytes_used``), the
 process's peak RSS (``resource.getrusage(...).ru_maxrss``) and current RSS (``VmRSS`` of
 /proc/self/status), and, on CUDA, the allocator's current and peak bytes. Next to them it lists the bytes a
@@ -33,9 +33,9 @@ from bench.common import (
     save_figure,
     write_report,
 )
-from engine.cache import SinkCache
-from engine.loader import LoadedModel
-from engine.runner import serving_runner
+from engine.cache.sink import SinkCache
+from engine.model.loader import LoadedModel
+from engine.model.runner import serving_runner
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ The engine carries no timing code. For the length of a run this suite wraps, in 
 the scheduler instance's ``step`` (the whole step) and its runner's ``forward`` (split into decode and
 prefill passes by the number of tokens per row); the sampling functions the scheduler module calls
 (``penalize_logits``, ``filter_logits``, ``sample``, ``sample_batch``, ``token_logprobs``); the ``push`` /
-``flush`` methods of :class:`~engine.stops.IncrementalDetokenizer` and :class:`~engine.stops.StopMatcher`;
+``flush`` methods of :class:`~engine.scheduling.stops.IncrementalDetokenizer` and :class:`~engine.scheduling.stops.StopMatcher`;
 and ``emit`` of the scheduler's request (the hand-off to the event loop). Everything else a step spends
 is "bookkeeping" (batching, cache rows, session sync, finishing); "between" is the time from one step's
 end to the next one's start (the worker loop's inbox and admission, and waiting for the GIL). ``perf_counter`` costs
@@ -34,11 +34,11 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 
-import engine.scheduler as scheduler_module
+import engine.scheduling.scheduler as scheduler_module
 from bench.common import environment, history_ids, markdown_table, write_report
 from engine.events import FinishEvent, TokenEvent
-from engine.sampling import SamplingParams
-from engine.stops import IncrementalDetokenizer, StopMatcher
+from engine.scheduling.sampling import SamplingParams
+from engine.scheduling.stops import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 

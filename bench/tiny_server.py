@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from bench.load import BAN_SPECIAL  # noqa: F401 (the tests' and scripts' logit_bias against special tokens)
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.loader import load_tokenizer, prepare
+from engine.model.loader import load_tokenizer, prepare
 
 MAX_POSITIONS = 128
 

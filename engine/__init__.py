@@ -12,7 +12,7 @@ from engine.errors import (
     ShuttingDown,
 )
 from engine.events import Admission, FinishEvent, Generation, TokenEvent, TokenLogprob, Usage
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 
 __all__ = [
     "Admission",

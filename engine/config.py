@@ -9,16 +9,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.quantize import QUANTIZE_MODES
+from engine.model.quantize import QUANTIZE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
-# request fields whose default the model (generation_config.json) or the operator may set (engine/loader.py)
+# request fields whose default the model (generation_config.json) or the operator may set (engine/model/loader.py)
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def check_sampling_defaults(defaults) -> None:
     """ValueError unless ``defaults`` maps names of SAMPLING_DEFAULT_FIELDS to values SamplingParams takes."""
-    from engine.sampling import SamplingParams
+    from engine.scheduling.sampling import SamplingParams
 
     if not isinstance(defaults, dict):
         raise ValueError(f"sampling_defaults must be a JSON object, got {defaults!r}")
@@ -51,7 +51,7 @@ class EngineConfig:
     window: int = 1020
     evict_block: int = 64  # window tokens evicted at once when the cache is full
     prefill_chunk: int = 256  # prompt tokens per forward pass
-    max_batch: int | None = None  # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/device.py)
+    max_batch: int | None = None  # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/model/device.py)
     cache_dir: Path = field(default_factory=lambda: default_home() / "models")
     data_dir: Path = field(default_factory=lambda: default_home() / "sessions")
     # resident (device) session caches; None: 80% of the GPU's free memory after the weights load, 2 GiB on a CPU
@@ -62,13 +62,13 @@ class EngineConfig:
     max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
     max_queue: int = 256  # requests waiting for admission before new ones get Overloaded
     # "auto": int4 on CPU for Q4_1 GGUF weights (the embedded model), else none; "int4" / "int8" / None
-    # force a mode (engine/quantize.py, README)
+    # force a mode (engine/model/quantize.py, README)
     quantize: str | None = "auto"
     compile: bool = False  # torch.compile the decode step (slow first start; see README)
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's
     sampling_defaults: dict[str, float] | None = None
-    # a cluster's shared session store (engine/cluster_sessions.py): a redis:// URL, or None for a single
+    # a cluster's shared session store (engine/sessions/cluster.py): a redis:// URL, or None for a single
     # server (sessions only in this process and its data_dir); ``replica`` names this server in it
     session_store: str | None = None
     replica: str | None = None  # None: the host name

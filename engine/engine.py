@@ -1,7 +1,7 @@
 """The engine's face: load a model, render prompts, start generations, manage sessions.
 
 Callers (the HTTP server, benchmarks, tests) use only this class and the types in ``engine.events``,
-``engine.sampling`` and ``engine.errors``. It knows nothing of HTTP or OpenAI field names.
+``engine.scheduling.sampling`` and ``engine.errors``. It knows nothing of HTTP or OpenAI field names.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from dataclasses import replace
 
 import torch
 
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.decode_linear import release_freed_memory
-from engine.device import cache_budget_bytes, default_max_batch, on_own_thread, pool_rows
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
-from engine.grammar import Constraint, Grammar, GrammarCompiler
-from engine.loader import LoadedModel, load
+from engine.model.device import cache_budget_bytes, default_max_batch, on_own_thread, pool_rows
+from engine.model.linear import release_freed_memory
+from engine.model.loader import LoadedModel, load
+from engine.model.runner import serving_runner
 from engine.prompts import PromptEncoder
-from engine.runner import serving_runner
-from engine.sampling import SamplingParams
-from engine.scheduler import Request, Scheduler
-from engine.sessions import SessionStore, check_session_id, common_prefix
+from engine.scheduling.grammar import Constraint, Grammar, GrammarCompiler
+from engine.scheduling.sampling import SamplingParams
+from engine.scheduling.scheduler import Request, Scheduler
+from engine.sessions.store import SessionStore, check_session_id, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Engine:
         """Load the model, build the cache and the decode step, start the worker thread (blocking).
 
         The setup runs on a thread of its own that has ended when this returns
-        (:func:`~engine.device.on_own_thread`), so that the worker is the only long-lived thread running
+        (:func:`~engine.model.device.on_own_thread`), so that the worker is the only long-lived thread running
         PyTorch's OpenMP kernels: a second team, left on the calling thread, made every kernel of a decode
         step sleep and wake (on a 2-core host 240-280 voluntary context switches a step against none, and a
         single-row step of 17-27 ms against 14-16)."""
@@ -104,7 +104,7 @@ class Engine:
         config = self.config
         if not config.session_store:
             return SessionStore(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s)
-        from engine.cluster_sessions import ClusterSessionStore
+        from engine.sessions.cluster import ClusterSessionStore
 
         return ClusterSessionStore.connect(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s,
                                            url=config.session_store, replica=config.replica, model=model_name)

@@ -84,7 +84,7 @@ async def _wave(engine, prompts: list[list[int]], params, tag: str) -> dict:
 
 def measure_sampling(engine, sessions: int = 64, max_tokens: int = 64) -> dict:
     from bench.common import history_ids
-    from engine.sampling import SamplingParams
+    from engine.scheduling.sampling import SamplingParams
 
     tokenizer = engine.loaded.tokenizer
     prompts = [history_ids(tokenizer, 128, offset=i * 7) for i in range(sessions)]
@@ -109,7 +109,7 @@ def measure_sampling(engine, sessions: int = 64, max_tokens: int = 64) -> dict:
 def measure_offload(loaded, config, data_dir: Path, sessions: int = 64, rows: int = 16, max_tokens: int = 32) -> dict:
     from bench.common import history_ids
     from engine.engine import Engine
-    from engine.sampling import SamplingParams
+    from engine.scheduling.sampling import SamplingParams
 
     per_row = config.cache_size * loaded.shape.bytes_per_token(loaded.dtype)
     tight = replace(config, memory_budget_bytes=rows * per_row, data_dir=data_dir, max_batch=rows)

@@ -23,7 +23,7 @@ from openai import OpenAI
 from bench.common import history_ids
 from bench.serve_process import ServerProcess
 from engine.config import EngineConfig
-from engine.loader import load_tokenizer
+from engine.model.loader import load_tokenizer
 
 QUESTION = "Now summarise, in two short sentences, what happened in the text above and who spoke last?"
 

@@ -56,7 +56,7 @@ import json, sys
 from pathlib import Path
 
 from engine.config import EngineConfig
-from engine.loader import model_directory, model_source
+from engine.model.loader import model_directory, model_source
 
 folder = Path(sys.argv[1]) / "smollm2"
 source = model_directory(model_source(None), EngineConfig().cache_dir)  # the converted embedded model
@@ -103,7 +103,7 @@ else
     fi
     "$python" - <<'EOF'
 import torch, transformers
-from engine.device import cuda_build, describe, resolve_device
+from engine.model.device import cuda_build, describe, resolve_device
 
 print(f"[gpu_check] torch.version.cuda={torch.version.cuda}; {cuda_build()}; transformers {transformers.__version__}")
 print(f"[gpu_check] {describe(resolve_device('cuda'))}")

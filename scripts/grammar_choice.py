@@ -20,7 +20,7 @@ import time
 from importlib.metadata import version
 
 from engine.config import EngineConfig
-from engine.loader import load_tokenizer
+from engine.model.loader import load_tokenizer
 
 VOCAB = 49152  # the embedded model's logits width
 SEPARATORS = (", ", ": ")
@@ -189,10 +189,10 @@ def measure(lib, tokenizer) -> dict:
 
 
 def engine_step_cost(tokenizer, rows: int = 8) -> float:
-    """engine/grammar.py's BatchMask.apply for ``rows`` constrained rows inside a string (best of 30, ms)."""
+    """engine/scheduling/grammar.py's BatchMask.apply for ``rows`` constrained rows inside a string (best of 30, ms)."""
     import torch
 
-    from engine.grammar import BatchMask, Grammar, GrammarCompiler
+    from engine.scheduling.grammar import BatchMask, Grammar, GrammarCompiler
 
     compiler = GrammarCompiler(tokenizer, VOCAB, {tokenizer.eos_token_id})
     constraints = [compiler.constraint(Grammar.json_schema(NESTED)) for _ in range(rows)]
@@ -226,7 +226,7 @@ def main() -> None:
             f"{r['mask_us_mean']:.0f} us mean, {r['mask_us_p99']:.0f} us p99; "
             f"coverage {r['covered']}/{len(FEATURES)}; not covered: {', '.join(r['missing']) or 'none'}"
         )
-    print(f"engine/grammar.py BatchMask.apply, 8 constrained rows (masks + -inf fill): {engine_step_cost(tokenizer):.2f} ms")
+    print(f"engine/scheduling/grammar.py BatchMask.apply, 8 constrained rows (masks + -inf fill): {engine_step_cost(tokenizer):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import torch
 
 import engine.evaluate.ppl as ppl
 from engine.config import EngineConfig
-from engine.decode_linear import DecodeLinear
 from engine.evaluate.ppl import DEFAULT_TEXT
-from engine.llama_decode import PROJECTIONS
-from engine.loader import load
-from engine.runner import serving_runner
+from engine.model.families.llama import PROJECTIONS
+from engine.model.linear import DecodeLinear
+from engine.model.loader import load
+from engine.model.runner import serving_runner
 
 CONFIGURATIONS = {  # label: (quantize, output projection kernel or None for the timed choice, layers' kernel)
     "float32 (quantize none)": (None, None, None),

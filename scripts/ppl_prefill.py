@@ -1,5 +1,5 @@
 """Perplexity of prompt processing: chunked prefill through transformers' float32 forward against the owned
-step's prefill on its bf16 copy of the layers (engine/decode_linear.py ``PREFILL_KERNEL``), the gate that
+step's prefill on its bf16 copy of the layers (engine/model/linear.py ``PREFILL_KERNEL``), the gate that
 copy must pass before prompts run on it (within 0.5% of float32, as the output projection's kernels).
 
     .venv/bin/python scripts/ppl_prefill.py [--tokens 3000] [--out docs/results/ppl-prefill]
@@ -20,8 +20,8 @@ import torch
 import engine.evaluate.ppl as ppl
 from engine.config import EngineConfig
 from engine.evaluate.ppl import DEFAULT_TEXT
-from engine.loader import load
-from engine.runner import serving_runner
+from engine.model.loader import load
+from engine.model.runner import serving_runner
 
 CONFIGURATIONS = {"float32 (transformers' forward)": False, "bf16 (owned prefill)": True}
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from engine.cache import CacheShape, SinkCache
-from engine.sampling import SamplingParams, sample_batch
+from engine.cache.sink import CacheShape, SinkCache
+from engine.scheduling.sampling import SamplingParams, sample_batch
 
 SHAPE = CacheShape(num_layers=30, kv_heads=3, head_dim=64)
 VOCAB = 49152

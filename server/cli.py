@@ -14,7 +14,7 @@ import sys
 
 from bench.cli import add_bench_parser, run_bench
 from engine.evaluate.cli import add_eval_parser, run_eval
-from engine.quantize import QUANTIZE_CHOICES
+from engine.model.quantize import QUANTIZE_CHOICES
 
 log = logging.getLogger("sinkserve")
 

@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse
 from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.events import FinishEvent, Generation, TokenEvent, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
 from server.errors import APIError, from_engine_error
 from server.limits import KeyLimiter, Slot

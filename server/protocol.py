@@ -28,8 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from engine.config import SAMPLING_DEFAULT_FIELDS
-from engine.sampling import SamplingParams
-from engine.sessions import check_session_id
+from engine.scheduling.sampling import SamplingParams
+from engine.sessions.store import check_session_id
 from server.errors import APIError
 
 

@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 from server.errors import APIError
 
 

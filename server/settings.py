@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig, check_sampling_defaults
-from engine.quantize import parse_quantize
+from engine.model.quantize import parse_quantize
 
 MiB = 1024 * 1024
 

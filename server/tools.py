@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InvalidRequest
-from engine.grammar import MAX_GRAMMAR_CHARS, Constraint, Grammar
+from engine.scheduling.grammar import MAX_GRAMMAR_CHARS, Constraint, Grammar
 from server.structured import NAME, FieldError, as_dict, check_schema, response_format_grammar
 from server.tool_stream import ReplyStream
 

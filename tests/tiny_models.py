@@ -62,7 +62,7 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: 
 def tiny_chat_engine_parts(max_positions: int = 128, seed: int = 0):
     """A tiny Llama with the embedded model's real tokenizer and chat template (vocab 49152)."""
     from engine.config import EngineConfig
-    from engine.loader import load_tokenizer
+    from engine.model.loader import load_tokenizer
 
     tokenizer = load_tokenizer(None, EngineConfig().cache_dir)
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def tiny_engine(tmp_path, sink_tokens: int = 4, window: int = 60, max_positions:
     """A started Engine around a tiny model: fast enough for server and session tests."""
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.loader import prepare
+    from engine.model.loader import prepare
 
     model, tokenizer = tiny_chat_engine_parts(max_positions)
     config = EngineConfig(

@@ -19,7 +19,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.evaluate.ppl import DEFAULT_TEXT, text_ids
-from engine.loader import LoadedModel, load
+from engine.model.loader import LoadedModel, load
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from engine.evaluate.ppl import DEFAULT_TEXT, MODES
-from engine.quantize import parse_quantize
+from engine.model.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ the first is scored by the negative log-likelihood the model gave it when predic
 before, as the cache policy lets it see that past:
 
 ``sink``
-    :class:`~engine.cache.SinkCache` with ``sink_tokens`` pinned tokens and a rolling ``window``; the
+    :class:`~engine.cache.sink.SinkCache` with ``sink_tokens`` pinned tokens and a rolling ``window``; the
     engine's own runner (in-cache positions, block eviction and key re-rotation).
 ``window``
     The same cache with no sinks (``sink_tokens=0``) and the same window: plain window attention, whose
@@ -19,7 +19,7 @@ before, as the cache policy lets it see that past:
     tokens the sink cache would hold at that moment (its pinned first ``sink_tokens`` tokens plus its window)
     are re-encoded from scratch together with the block by a plain ``model(input_ids)`` forward, with
     positions 0.. as in the cache, and the block's predictions are scored. Which tokens the cache holds is
-    not re-derived: a :class:`~engine.cache.SinkCache` with zero layers (bookkeeping only, no tensors) is
+    not re-derived: a :class:`~engine.cache.sink.SinkCache` with zero layers (bookkeeping only, no tensors) is
     stepped alongside, so its ``make_room`` (pinned sinks, capacity ``sink_tokens + window``, eviction of
     whole ``evict_block`` blocks, rounded up) decides exactly as in ``sink`` mode. ``sink`` and ``recompute``
     therefore see the same tokens at the same positions; they differ only in that the sink cache keeps the
@@ -48,10 +48,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.cache import CacheShape, SinkCache
+from engine.cache.sink import CacheShape, SinkCache
 from engine.config import EngineConfig
-from engine.loader import LoadedModel, load
-from engine.runner import serving_runner
+from engine.model.loader import LoadedModel, load
+from engine.model.runner import serving_runner
 
 log = logging.getLogger(__name__)
 

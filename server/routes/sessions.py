@@ -1,6 +1,6 @@
 """``/v1/sessions``: list, inspect and delete the caller's sessions (a sinkserve extension).
 
-A session is the KV cache of one conversation (``engine/sessions.py``). Sessions are scoped to the API
+A session is the KV cache of one conversation (``engine/sessions/store.py``). Sessions are scoped to the API
 key that created them: another key's session answers 404, never 403, so ids leak nothing.
 """
 

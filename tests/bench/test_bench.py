@@ -17,7 +17,7 @@ from bench.followup import measure_followup
 from bench.llamacpp import SKIPPED, measure_llamacpp, run_llamacpp
 from bench.memory import run_memory
 from engine.config import EngineConfig
-from engine.loader import prepare
+from engine.model.loader import prepare
 from tests.tiny_models import tiny_chat_engine_parts, tiny_engine
 
 

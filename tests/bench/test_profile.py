@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import engine.scheduler as scheduler_module
+import engine.scheduling.scheduler as scheduler_module
 from bench.profile import CATEGORIES, run_profile
-from engine.stops import IncrementalDetokenizer
+from engine.scheduling.stops import IncrementalDetokenizer
 from tests.tiny_models import tiny_engine
 
 

@@ -1,4 +1,4 @@
-"""engine/cluster_sessions.py in-process: two tiny engines ("replicas") share one data directory and a
+"""engine/sessions/cluster.py in-process: two tiny engines ("replicas") share one data directory and a
 real redis-server. A conversation moved to the other replica resumes from the shared store with the
 same greedy reply as one replica serving it throughout; a replica a conversation comes back to reloads
 the newer version; with Redis down a replica keeps serving its local sessions and says so."""

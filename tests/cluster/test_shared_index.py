@@ -1,5 +1,5 @@
-"""engine/shared_index.py against a real redis-server (leases, versions, the prefix index, TTLs, outages)
-and engine/session_versions.py (the versioned session files)."""
+"""engine/sessions/shared_index.py against a real redis-server (leases, versions, the prefix index, TTLs, outages)
+and engine/sessions/versions.py (the versioned session files)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from engine.session_versions import (
+from engine.sessions.shared_index import IndexUnavailable, PublishRejected, SharedIndex, prefix_digests
+from engine.sessions.versions import (
     collect_garbage,
     collect_temp_files,
     next_local_version,
@@ -19,7 +20,6 @@ from engine.session_versions import (
     saved_versions,
     version_path,
 )
-from engine.shared_index import IndexUnavailable, PublishRejected, SharedIndex, prefix_digests
 from tests.cluster.redis_process import RedisProcess, needs_redis
 
 pytestmark = needs_redis
@@ -76,7 +76,7 @@ def test_acquire_waits_for_a_lapsing_lease(index):
 
 
 def test_keep_alive_renews_past_the_ttl(index, monkeypatch):
-    import engine.shared_index as mod
+    import engine.sessions.shared_index as mod
 
     monkeypatch.setattr(mod, "LEASE_TTL_MS", 300)  # keeper period: 0.1 s
     lease = index.acquire_lease("s4", ttl_ms=300)

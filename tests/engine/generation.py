@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine import FinishEvent, SamplingParams
-from engine.runner import Runner
+from engine.model.runner import Runner
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 

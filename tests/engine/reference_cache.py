@@ -1,4 +1,4 @@
-"""A float64 reference of the sink-cache policy, written independently of engine/cache.py.
+"""A float64 reference of the sink-cache policy, written independently of engine/cache/sink.py.
 
 It stores keys *un-rotated* (undoing the model's rotation exactly in float64) and rotates every key at
 its current slot position on each read, so it has no re-rotation at all: the exact answer that the

@@ -152,7 +152,7 @@ async def test_a_float32_session_loads_into_a_bfloat16_engine(tmp_path):
     first.stop()
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.loader import prepare
+    from engine.model.loader import prepare
     from tests.tiny_models import tiny_chat_engine_parts
 
     model, tokenizer = tiny_chat_engine_parts()  # the same seed: the same weights as `first`
@@ -170,7 +170,7 @@ async def test_a_float32_session_loads_into_a_bfloat16_engine(tmp_path):
 
 
 def test_open_settings_are_decided_by_the_device(engine):
-    from engine.device import CPU_CACHE_BUDGET_BYTES, CPU_MAX_BATCH
+    from engine.model.device import CPU_CACHE_BUDGET_BYTES, CPU_MAX_BATCH
 
     assert engine.config.max_batch == CPU_MAX_BATCH  # the tiny engine leaves both open
     assert engine.config.memory_budget_bytes == CPU_CACHE_BUDGET_BYTES

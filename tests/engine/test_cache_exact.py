@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.loader import prepare
-from engine.runner import Runner
+from engine.model.loader import prepare
+from engine.model.runner import Runner
 from tests.engine.reference_cache import ReferenceCache
 from tests.tiny_models import FAMILIES, tiny_model
 
@@ -136,7 +136,7 @@ def test_swapping_rows_moves_their_slots_and_keeps_their_logits():
 @pytest.mark.parametrize("rot_dim", [16, 12])
 def test_rotate_float32_matches_rotate(rot_dim):
     """The cache's one-temporary re-rotation against the reference formula, partial rotary dims included."""
-    from engine.rope import rotate, rotate_float32, rotation
+    from engine.cache.rope import rotate, rotate_float32, rotation
 
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
     cos, sin = rotation(inv_freq, -64, torch.float32, "cpu")
@@ -175,7 +175,7 @@ def test_slots_beyond_a_rows_dirty_mark_stay_zero(capacity, garbage):
     buffers start as zeros (memory maps) and a row of whole pages is zeroed by handing its pages back
     (capacity 64: 4 KiB rows) or else by writing zeros (40); ``garbage``: buffers that start as anything
     (untouched device memory), zeroed on first use."""
-    from engine.cache import CacheShape
+    from engine.cache.sink import CacheShape
 
     rng = random.Random(5)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))

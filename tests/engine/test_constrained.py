@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from engine import FinishEvent, InvalidRequest, SamplingParams
-from engine.grammar import Grammar
+from engine.scheduling.grammar import Grammar
 from tests.tiny_models import tiny_engine
 
 SCHEMA = {

@@ -1,4 +1,4 @@
-"""The decode-attention kernel (engine/decode_attention.py) against PyTorch's path, its reference: the same
+"""The decode-attention kernel (engine/model/kernels/attention.py) against PyTorch's path, its reference: the same
 attended values and the same slots written, for rows anywhere in the buffers at different lengths, one row
 split across threads, grouped-query shapes, the AVX2 build; and the owned step with and without it."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import decode_attention
-from engine.decode_attention import DecodeAttention
+from engine.model.kernels import attention as decode_attention
+from engine.model.kernels.attention import DecodeAttention
 
 needs_kernel = pytest.mark.skipif(decode_attention.library() is None, reason="no C compiler to build the kernel")
 
@@ -120,11 +120,11 @@ def test_the_owned_step_with_and_without_it():
     """Greedy decoding of rows that are not contiguous, at different lengths and across evictions: the same
     logits and cache contents as the owned step on PyTorch's attention (which tests/engine/test_llama_decode.py
     checks against transformers' forward)."""
-    from engine.cache import SinkCache
+    from engine.cache.sink import SinkCache
     from engine.config import EngineConfig
-    from engine.llama_decode import owned_decoder
-    from engine.loader import prepare
-    from engine.runner import Runner
+    from engine.model.families.llama import owned_decoder
+    from engine.model.loader import prepare
+    from engine.model.runner import Runner
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama")

@@ -1,4 +1,4 @@
-"""Device and dtype resolution and GPU-sized defaults (engine/device.py), on a CPU: torch.cuda's queries are
+"""Device and dtype resolution and GPU-sized defaults (engine/model/device.py), on a CPU: torch.cuda's queries are
 monkeypatched to describe a card. tests/gpu/ runs the same resolution on a real one."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import device as dev
+from engine.model import device as dev
 
 GiB = 1024**3
 

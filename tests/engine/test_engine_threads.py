@@ -34,8 +34,7 @@ def test_setup_runs_on_a_thread_that_has_ended(monkeypatch):
 def test_load_runs_on_a_thread_that_has_ended(monkeypatch):
     """Loading alone too (the benches load once and hand the model to each engine they start): the caller's
     thread must not keep an OpenMP team of its own beside the worker's."""
-    from engine import loader
-
+    from engine.model import loader
     seen = []
 
     def body(config):
@@ -65,7 +64,7 @@ import asyncio, resource
 from concurrent.futures import ThreadPoolExecutor
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 
 engine = Engine(EngineConfig(threads=2, data_dir={data_dir!r}))
 starter = ThreadPoolExecutor(1)  # kept: its thread lives on, as the server's loader thread does

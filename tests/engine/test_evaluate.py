@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from engine.cache import CacheShape, SinkCache
+from engine.cache.sink import CacheShape, SinkCache
 from engine.config import EngineConfig
 from engine.evaluate.attention import FIRST, run_attention
 from engine.evaluate.cli import add_eval_parser
 from engine.evaluate.ppl import MODES, SEGMENT, held_tokens, run_ppl
-from engine.loader import prepare
+from engine.model.loader import prepare
 from tests.tiny_models import tiny_model
 
 SINKS, WINDOW, BLOCK, CHUNK = 4, 60, 16, 16

@@ -8,15 +8,15 @@ import asyncio
 import pytest
 import torch
 
-import engine.scheduler as scheduler_module
-from engine.cache import SinkCache
+import engine.scheduling.scheduler as scheduler_module
+from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.decode_linear import packed_bf16_supported
 from engine.events import TokenEvent
-from engine.loader import prepare
-from engine.quantize import quantize_int4
-from engine.runner import Runner
-from engine.sampling import SamplingParams
+from engine.model.linear import packed_bf16_supported
+from engine.model.loader import prepare
+from engine.model.quantize import quantize_int4
+from engine.model.runner import Runner
+from engine.scheduling.sampling import SamplingParams
 from tests.engine.generation import greedy_decode
 from tests.tiny_models import tiny_engine, tiny_model
 

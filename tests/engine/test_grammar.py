@@ -1,4 +1,4 @@
-"""Constrained decoding (engine/grammar.py) with the embedded model's real tokenizer and random "models"."""
+"""Constrained decoding (engine/scheduling/grammar.py) with the embedded model's real tokenizer and random "models"."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
-from engine.grammar import MAX_GRAMMAR_CHARS, BatchMask, Grammar, GrammarCompiler, logits_vocab_size
-from engine.loader import load_tokenizer
+from engine.model.loader import load_tokenizer
+from engine.scheduling.grammar import (
+    MAX_GRAMMAR_CHARS,
+    BatchMask,
+    Grammar,
+    GrammarCompiler,
+    logits_vocab_size,
+)
 
 V = 49152  # the embedded model's logits width
 

@@ -1,5 +1,5 @@
-"""Our 4-bit kernels (engine/int4_rows.py, engine/kernels/int4_rows.c) against the float product of the weight
-their codes stand for (engine.quantize.int4_dequantize), for every row count they take and the shapes of the
+"""Our 4-bit kernels (engine/model/kernels/int4_rows.py, engine/model/kernels/int4_rows.c) against the float product of the weight
+their codes stand for (engine.model.quantize.int4_dequantize), for every row count they take and the shapes of the
 embedded model's layers (the AMX one where the CPU has AMX); and that without a compiler they are no
 candidates at all."""
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import decode_linear, int4_rows, native
-from engine.decode_linear import DecodeLinear, candidate_kernels
-from engine.quantize import INT4_GROUP, int4_codes, int4_dequantize
+from engine.model import linear
+from engine.model.kernels import int4_rows, native
+from engine.model.linear import DecodeLinear, candidate_kernels
+from engine.model.quantize import INT4_GROUP, int4_codes, int4_dequantize
 
 needs_kernel = pytest.mark.skipif(not int4_rows.available(), reason="no C compiler for this CPU's int4-rows kernel")
 needs_amx = pytest.mark.skipif(not int4_rows.amx_available(), reason="no AMX on this CPU (or no compiler)")
@@ -128,7 +129,7 @@ def test_it_is_a_candidate_for_the_layers_only():
     assert "int4-rows" not in candidate_kernels(cpu, torch.float32, "int4", output=True)
     assert "int4-rows" not in candidate_kernels(cpu, torch.float32, None, output=False)
     assert ("int4-amx" in candidate_kernels(cpu, torch.float32, "int4", output=False)) == int4_rows.amx_available()
-    assert set(decode_linear.FOUR_BIT) == {"int4", "int4-rows", "int4-amx"} <= set(decode_linear.KERNELS)
+    assert set(linear.FOUR_BIT) == {"int4", "int4-rows", "int4-amx"} <= set(linear.KERNELS)
 
 
 @needs_kernel

@@ -1,4 +1,4 @@
-"""The int8-rows kernel (engine/int8_rows.py) against the product of its dequantized weights, on this CPU's
+"""The int8-rows kernel (engine/model/kernels/int8_rows.py) against the product of its dequantized weights, on this CPU's
 build and the AVX2 one, for row counts across its register blocks; and where it replaces PyTorch's 8-bit
 kernel as the output projection's candidate."""
 
@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import decode_linear, int8_rows
-from engine.decode_linear import DecodeLinear, candidate_kernels
+from engine.model import linear
+from engine.model.kernels import int8_rows
+from engine.model.linear import DecodeLinear, candidate_kernels
 
 needs_kernel = pytest.mark.skipif(not int8_rows.available(), reason="no C compiler to build the kernel")
 
@@ -16,7 +17,7 @@ needs_kernel = pytest.mark.skipif(not int8_rows.available(), reason="no C compil
 def codes_and_scales(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The output projection's 8-bit copy of a random weight (decode_linear's ``int8``)."""
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    return decode_linear._prepare("int8", weight, None)
+    return linear._prepare("int8", weight, None)
 
 
 @needs_kernel

@@ -1,6 +1,6 @@
-"""The owned decode step (engine/llama_decode.py) against transformers' forward, its reference: logits,
+"""The owned decode step (engine/model/families/llama.py) against transformers' forward, its reference: logits,
 the cache slots it writes, greedy tokens across evictions, batches of rows at different lengths, rows
-that are not contiguous; and its kernels (engine/decode_linear.py) against a plain float matmul."""
+that are not contiguous; and its kernels (engine/model/linear.py) against a plain float matmul."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import int4_rows, int8_rows, llama_decode
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.decode_linear import (
+from engine.model.families import llama
+from engine.model.families.llama import LlamaDecoder, owned_decoder, unsupported_reason
+from engine.model.kernels import int4_rows, int8_rows
+from engine.model.linear import (
     PREFILL_KERNEL,
     DecodeLinear,
     candidate_kernels,
@@ -21,9 +23,8 @@ from engine.decode_linear import (
     row_bucket,
     row_buckets,
 )
-from engine.llama_decode import LlamaDecoder, owned_decoder, unsupported_reason
-from engine.loader import prepare
-from engine.runner import Runner
+from engine.model.loader import prepare
+from engine.model.runner import Runner
 from tests.engine.generation import greedy_decode
 from tests.tiny_models import tiny_model
 
@@ -193,7 +194,7 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
     to the fewer bytes."""
     big = "bf16-packed" if packed_bf16_supported() else "bf16"
     alone = {1: big, 2: big, 4: big}  # as if every shape, timed alone, had chosen the bf16 copy
-    monkeypatch.setattr(llama_decode, "measure", lambda layers, buckets: dict(alone))
+    monkeypatch.setattr(llama, "measure", lambda layers, buckets: dict(alone))
     cases = {  # step ms of [choice, layers lean, all lean] -> the kept layers' and head's kernels
         (10.0, 8.0, 9.0): ("int4", big),
         (10.0, 12.0, 12.0): (big, big),
@@ -231,7 +232,7 @@ def test_whole_steps_settle_which_4_bit_kernel(monkeypatch):
     if "int4-rows" not in decoder.layers[0].qkv.weights:
         pytest.skip("the tiny model's projections are not in blocks of 32 outputs")
     mixed = {"qkv": "int4-rows", "out": "int4", "gate_up": "int4-rows", "down": "int4-rows", "head": INT8}
-    monkeypatch.setattr(llama_decode, "measure", lambda layers, buckets: {b: mixed[_name(decoder, layers)] for b in buckets})
+    monkeypatch.setattr(llama, "measure", lambda layers, buckets: {b: mixed[_name(decoder, layers)] for b in buckets})
     seen = []
 
     def step_ms(bucket, variants):

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from engine.cache.rope import UnsupportedModelError
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.events import TokenEvent
-from engine.loader import load, logits_size, prepare
-from engine.quantize import QUANTIZE_CHOICES, parse_quantize
-from engine.rope import UnsupportedModelError
-from engine.sampling import SamplingParams
+from engine.model.loader import load, logits_size, prepare
+from engine.model.quantize import QUANTIZE_CHOICES, parse_quantize
+from engine.scheduling.sampling import SamplingParams
 from tests.tiny_models import COMMON, tiny_chat_engine_parts
 
 
@@ -51,7 +51,7 @@ def test_refuses_a_cache_larger_than_the_models_positions():
 
 
 def test_int8_quantization_keeps_the_model_close():
-    from engine.quantize import quantize_int8
+    from engine.model.quantize import quantize_int8
 
     model, _ = tiny_chat_engine_parts()
     ids = torch.tensor([[5, 9, 200, 7, 31]])
@@ -65,7 +65,7 @@ def test_int8_quantization_keeps_the_model_close():
 
 
 def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_a_cpu(monkeypatch):
-    from engine.loader import resolve_dtype
+    from engine.model.loader import resolve_dtype
 
     # a bf16-capable card, described to a CPU host (tests/engine/test_device.py covers cards without bf16)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -106,7 +106,7 @@ async def test_every_quantize_choice_serves_a_few_tokens(tiny_dir, tmp_path, cho
 
 
 def test_logits_size_reads_a_quantized_head():
-    from engine.quantize import quantize_int8
+    from engine.model.quantize import quantize_int8
 
     model, tokenizer = tiny_chat_engine_parts()
     quantized = quantize_int8(model, torch.device("cpu"))
@@ -138,8 +138,8 @@ def test_int4_loads_float_modules_when_the_owned_step_decodes(tmp_path, compile_
     """With int4 and the owned decode step, transformers' modules stay float (only prefill runs them) and
     decoding still goes through 4-bit weights; with --compile (transformers' forward decodes) they are
     swapped for Int4Linear as before."""
-    from engine.quantize import Int4Linear
-    from engine.runner import serving_runner
+    from engine.model.quantize import Int4Linear
+    from engine.model.runner import serving_runner
 
     model, tokenizer = tiny_chat_engine_parts()
     model.save_pretrained(tmp_path / "tiny")
@@ -151,7 +151,7 @@ def test_int4_loads_float_modules_when_the_owned_step_decodes(tmp_path, compile_
     assert loaded.quantize == "int4"
     assert bool(swapped) == compile_decode
     if not compile_decode:
-        from engine.cache import SinkCache
+        from engine.cache.sink import SinkCache
 
         cache = SinkCache(loaded.shape, 1, config.cache_size, 4, 8, loaded.inv_freqs)
         runner = serving_runner(loaded.model, cache, loaded.quantize, max_rows=1)

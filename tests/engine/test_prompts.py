@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import EngineConfig
-from engine.loader import load_tokenizer
+from engine.model.loader import load_tokenizer
 from engine.prompts import PromptEncoder
 
 

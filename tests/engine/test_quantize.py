@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.loader import prepare
-from engine.quantize import (
+from engine.model.loader import prepare
+from engine.model.quantize import (
     Int4Linear,
     PackedLinear,
     float_weights,
@@ -19,7 +19,7 @@ from engine.quantize import (
     quantize,
     quantize_int4,
 )
-from engine.runner import Runner
+from engine.model.runner import Runner
 from tests.tiny_models import tiny_chat_engine_parts, tiny_model
 
 
@@ -119,7 +119,7 @@ def test_quantize_modes():
 
 
 def test_auto_picks_int4_for_q4_1_weights_on_cpu_only(tmp_path):
-    from engine.loader import embedded_gguf_path, gguf_weight_types, resolve_quantize
+    from engine.model.loader import embedded_gguf_path, gguf_weight_types, resolve_quantize
 
     assert gguf_weight_types(embedded_gguf_path(), tmp_path) == {"Q4_1"}  # the embedded model
     assert (tmp_path / "sinkserve-gguf.json").exists()  # remembered beside the converted weights
@@ -135,7 +135,7 @@ def test_auto_picks_int4_for_q4_1_weights_on_cpu_only(tmp_path):
 
 
 def test_settings_and_cli_values():
-    from engine.quantize import parse_quantize
+    from engine.model.quantize import parse_quantize
     from server.settings import Settings
 
     assert Settings().engine_config().quantize == "auto"

@@ -1,4 +1,4 @@
-"""Tests for engine/sampling.py: each sampling option against hand-computed expectations."""
+"""Tests for engine/scheduling/sampling.py: each sampling option against hand-computed expectations."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine import sampling
-from engine.sampling import (
+from engine.scheduling import sampling
+from engine.scheduling.sampling import (
     SamplingParams,
     make_generator,
     penalize_logits,
@@ -317,7 +317,7 @@ def test_nucleus_among_candidates_keeps_what_the_full_sort_keeps(monkeypatch, ca
     """The CPU's top-p looks for the nucleus among the most probable tokens before sorting the vocabulary:
     the same kept set as top_p_filter's stable sort (ties at the edge lowest index first), whether the
     nucleus lies among the candidates or the rows fall back to the sort."""
-    import engine.sampling as sampling
+    import engine.scheduling.sampling as sampling
 
     monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
     gen = torch.Generator().manual_seed(11)

@@ -159,8 +159,8 @@ def test_compaction_puts_sessions_in_consecutive_rows_in_the_order_given(tmp_pat
     a server that had served more conversations than it has rows). Each session's slots move with it."""
     import torch
 
-    from engine.cache import CacheShape, SinkCache
-    from engine.sessions import SessionStore
+    from engine.cache.sink import CacheShape, SinkCache
+    from engine.sessions.store import SessionStore
 
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
     cache = SinkCache(CacheShape(num_layers=1, kv_heads=1, head_dim=8), 6, 16, 2, 4, [inv_freq])

@@ -1,4 +1,4 @@
-"""Tests for engine/stops.py: stop-string matching and incremental detokenization."""
+"""Tests for engine/scheduling/stops.py: stop-string matching and incremental detokenization."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from engine.stops import IncrementalDetokenizer, StopMatcher
+from engine.scheduling.stops import IncrementalDetokenizer, StopMatcher
 
 
 def run(stops, chunks):

@@ -33,7 +33,7 @@ DEEP = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_la
 
 def device() -> torch.device:
     """The device under test: ``cuda:<current>`` (resolved as the engine resolves it), or the CPU rehearsal."""
-    from engine.device import resolve_device
+    from engine.model.device import resolve_device
 
     return resolve_device("cpu" if REHEARSAL else "cuda")
 
@@ -61,7 +61,7 @@ def chat_tokenizer():
     if folder:
         return AutoTokenizer.from_pretrained(folder)
     from engine.config import EngineConfig
-    from engine.loader import load_tokenizer
+    from engine.model.loader import load_tokenizer
 
     return load_tokenizer(None, EngineConfig().cache_dir)
 
@@ -82,7 +82,7 @@ def chat_engine(tmp_path, dev: torch.device, dtype: torch.dtype = torch.float32,
     """A started Engine around ``chat_model`` on ``dev``: the real scheduler, sessions and cache."""
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.loader import prepare
+    from engine.model.loader import prepare
 
     config = EngineConfig(sink_tokens=4, window=124, evict_block=8, prefill_chunk=32, device=str(dev),
                           dtype=str(dtype).removeprefix("torch."), data_dir=tmp_path / "sessions", **overrides)
@@ -93,11 +93,11 @@ def chat_engine(tmp_path, dev: torch.device, dtype: torch.dtype = torch.float32,
 def runner_on(model, dev: torch.device, dtype: torch.dtype, rows: int = 1, sink_tokens: int = SINKS,
               window: int = WINDOW, evict_block: int = BLOCK, compile_decode: bool = False, owned: bool = False):
     """``model`` moved to ``dev``/``dtype`` with a sink cache of ``rows`` rows (default: the served size);
-    ``owned``: decode with the owned step (engine/llama_decode.py) as the server does, else transformers'."""
-    from engine.cache import SinkCache
+    ``owned``: decode with the owned step (engine/model/families/llama.py) as the server does, else transformers'."""
+    from engine.cache.sink import SinkCache
     from engine.config import EngineConfig
-    from engine.loader import prepare
-    from engine.runner import Runner, serving_runner
+    from engine.model.loader import prepare
+    from engine.model.runner import Runner, serving_runner
 
     model = model.to(dev, dtype)
     config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=evict_block)

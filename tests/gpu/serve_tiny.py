@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 
 import server.app
-from engine.device import resolve_device, resolve_dtype
 from engine.engine import Engine
-from engine.loader import DTYPES, prepare
+from engine.model.device import resolve_device, resolve_dtype
+from engine.model.loader import DTYPES, prepare
 from server.cli import main
 from tests.gpu.conftest import chat_model, chat_tokenizer
 

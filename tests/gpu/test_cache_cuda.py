@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import EngineConfig
-from engine.loader import prepare
-from engine.runner import Runner
+from engine.model.loader import prepare
+from engine.model.runner import Runner
 from tests.engine.reference_cache import ReferenceCache
 from tests.gpu.conftest import BLOCK, SINKS, WINDOW, deep_model, needs_cuda, needs_gpu, runner_on
 
@@ -22,7 +22,7 @@ pytestmark = needs_gpu
 
 @needs_cuda
 def test_auto_cuda_and_cuda0_are_one_device():
-    from engine.device import describe, resolve_device, resolve_dtype
+    from engine.model.device import describe, resolve_device, resolve_dtype
 
     devices = [resolve_device(spec) for spec in ("auto", "cuda", "cuda:0" if torch.cuda.current_device() == 0
                                                  else f"cuda:{torch.cuda.current_device()}")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.runner import Runner
+from engine.model.runner import Runner
 from tests.engine.generation import greedy_decode
 from tests.gpu.conftest import deep_model, needs_gpu, runner_on
 

@@ -1,4 +1,4 @@
-"""The owned decode step (engine/llama_decode.py) on the GPU against transformers' forward: the same greedy
+"""The owned decode step (engine/model/families/llama.py) on the GPU against transformers' forward: the same greedy
 tokens and logits through a rolling window, in float32 and bf16, for rows of different lengths."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, make_generator, process_logits, sample, sample_batch
+from engine.scheduling.sampling import SamplingParams, make_generator, process_logits, sample, sample_batch
 from tests.gpu.conftest import needs_gpu
 
 pytestmark = needs_gpu

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from engine.sampling import SamplingParams, filter_logits, penalize_logits, sample, sample_batch
+from engine.scheduling.sampling import SamplingParams, filter_logits, penalize_logits, sample, sample_batch
 from tests.gpu.conftest import deep_model, needs_cuda, runner_on
 
 pytestmark = needs_cuda

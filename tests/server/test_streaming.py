@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from engine.events import Admission, FinishEvent, Generation, TokenEvent, TokenLogprob, Usage
-from engine.sampling import SamplingParams
+from engine.scheduling.sampling import SamplingParams
 from server.generation import Run, stream_events
 from server.limits import KeyLimiter
 from server.metrics import Metrics, TokenTimer

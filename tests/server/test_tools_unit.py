@@ -13,8 +13,8 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
 from engine.config import EngineConfig
-from engine.grammar import BatchMask, GrammarCompiler
-from engine.loader import load_tokenizer
+from engine.model.loader import load_tokenizer
+from engine.scheduling.grammar import BatchMask, GrammarCompiler
 from server.structured import MAX_SCHEMA_CHARS, FieldError, response_format_grammar, response_format_schema
 from server.tool_stream import ReplyStream
 from server.tools import (

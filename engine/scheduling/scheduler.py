@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.errors import EngineError, Overloaded, SessionBusy, ShuttingDown
 from engine.events import Admission, FinishEvent, TokenEvent, TokenLogprob, Usage
-from engine.grammar import BatchMask, Constraint
-from engine.runner import Runner
-from engine.sampling import (
+from engine.model.runner import Runner
+from engine.scheduling.grammar import BatchMask, Constraint
+from engine.scheduling.sampling import (
     SamplingParams,
     filter_logits,
     make_generator,
@@ -33,8 +33,8 @@ from engine.sampling import (
     sample_batch,
     token_logprobs,
 )
-from engine.sessions import Session, SessionStore
-from engine.stops import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer, StopMatcher
+from engine.scheduling.stops import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer, StopMatcher
+from engine.sessions.store import Session, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Request:
     session_id: str | None
     pinned: int  # slots the session must pin: the sinks, or the whole rendered system prompt
     branch: bool  # a named session the prompt diverges from is continued as a copy (never rolled back)
-    constraint: Constraint | None  # a grammar the reply must follow (engine/grammar.py), or None
+    constraint: Constraint | None  # a grammar the reply must follow (engine/scheduling/grammar.py), or None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     admitted: asyncio.Future

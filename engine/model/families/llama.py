@@ -5,14 +5,14 @@ attention interfaces and calls three projections where one would do, several hun
 step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-fast
 (pytorch-labs/gpt-fast, ``model.py``), a decode step here is one function of plain tensor operations:
 
-- per layer one fused QKV projection and one fused gate/up projection (:class:`~engine.decode_linear.DecodeLinear`,
+- per layer one fused QKV projection and one fused gate/up projection (:class:`~engine.model.linear.DecodeLinear`,
   each with the kernel measured fastest on this machine for the batch's row count);
 - RoPE as one batched matmul of all query and key heads by each row's (D, D) rotation, built once a step
   from cos/sin tables that the model's own rotary module fills at start (so scaled RoPE variants come out
   as the model computes them);
 - the new keys and values written into the cache row's next slot, then grouped-query attention over the
   row's slots read in place (no repeated key/value heads): on a CPU with a float32 cache both in one C call
-  per layer that reads the rows wherever they are (:mod:`engine.decode_attention`), else PyTorch's
+  per layer that reads the rows wherever they are (:mod:`engine.model.kernels.attention`), else PyTorch's
   scaled-dot-product attention over the rows (a view when they are contiguous, else a gathered copy);
 - the output projection of the last hidden state only.
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import decode_attention
-from engine.cache import CacheStep, SinkCache
-from engine.decode_linear import (
+from engine.cache.sink import CacheStep, SinkCache
+from engine.model.kernels import attention as decode_attention
+from engine.model.linear import (
     FOUR_BIT,
     PREFILL_KERNEL,
     DecodeLinear,
@@ -172,7 +172,7 @@ class LlamaDecoder:
 
     def tune(self, max_rows: int) -> dict[str, dict[int, str]]:
         """Choose the kernels of each projection shape for 1, 2, 4, ... rows up to ``max_rows``: each shape
-        measured alone (:func:`~engine.decode_linear.measure`), then checked in whole steps.
+        measured alone (:func:`~engine.model.linear.measure`), then checked in whole steps.
 
         A shape timed alone runs over its weights only, which a large last-level cache (300 MB on some
         hosts) may hold whole, so a kernel reading 4x the bytes can win there and lose in a real step, where

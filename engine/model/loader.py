@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.cache import CacheShape
+from engine.cache.rope import UnsupportedModelError, check_rope, layer_inv_freqs
+from engine.cache.sink import CacheShape
 from engine.config import SAMPLING_DEFAULT_FIELDS, EngineConfig
-from engine.device import log_device, on_own_thread, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
-from engine.llama_decode import unsupported_reason
-from engine.quantize import quantize
-from engine.rope import UnsupportedModelError, check_rope, layer_inv_freqs
+from engine.model.device import log_device, on_own_thread, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from engine.model.families.llama import unsupported_reason
+from engine.model.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class LoadedModel:
     shape: CacheShape
     inv_freqs: list[torch.Tensor]
     max_positions: int
-    quantize: str | None = None  # the weight quantization in effect (engine/quantize.py)
+    quantize: str | None = None  # the weight quantization in effect (engine/model/quantize.py)
     vocab_size: int = 0  # entries of the logits (the output projection's rows), read in ``prepare``
     # SamplingParams fields a request that omits them gets (see the module docstring)
     sampling_defaults: dict[str, float] = field(default_factory=dict)
@@ -188,7 +188,7 @@ def gguf_weight_types(gguf: Path, directory: Path) -> set[str]:
 
 def resolve_quantize(config: EngineConfig, device: torch.device, weight_types: set[str]) -> str | None:
     """``auto``: int4 on a CPU when the file stores the weights as Q4_1, whose blocks the int4 codes
-    reproduce (engine/quantize.py); otherwise the configured mode, or none."""
+    reproduce (engine/model/quantize.py); otherwise the configured mode, or none."""
     if config.quantize != "auto":
         return config.quantize
     if device.type == "cpu" and resolve_dtype(config.dtype, device) == "float32" and weight_types == {"Q4_1"}:
@@ -206,10 +206,10 @@ def in_process_memory(model: torch.nn.Module) -> None:
 
 
 def owns_int4_decode(model: torch.nn.Module, mode: str | None, config: EngineConfig) -> bool:
-    """Whether int4 decoding will run through the owned decode step (engine/llama_decode.py), which builds
+    """Whether int4 decoding will run through the owned decode step (engine/model/families/llama.py), which builds
     its own fused 4-bit weights: then transformers' Linear modules are left float, since they only run
-    prefill, which uses the float weights anyway (engine/runner.py). Swapping them for
-    :class:`~engine.quantize.Int4Linear` would only add a second 4-bit copy and a packed copy of the output
+    prefill, which uses the float weights anyway (engine/model/runner.py). Swapping them for
+    :class:`~engine.model.quantize.Int4Linear` would only add a second 4-bit copy and a packed copy of the output
     projection (160 MB for the embedded model) and the work of building them at start."""
     return mode == "int4" and not config.compile and unsupported_reason(model, mode) is None
 
@@ -258,7 +258,7 @@ def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase
 
 def load(config: EngineConfig) -> LoadedModel:
     """Load the configured model on the configured device and dtype, on a thread of its own that has ended
-    when this returns (:func:`~engine.device.on_own_thread`: the caller's thread starts no OpenMP team)."""
+    when this returns (:func:`~engine.model.device.on_own_thread`: the caller's thread starts no OpenMP team)."""
     return on_own_thread(_load, config)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.rope import rotate_float32, rotation
+from engine.cache.rope import rotate_float32, rotation
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):

@@ -1,9 +1,9 @@
-"""The project's C kernels (``engine/kernels/*.c``), compiled at start for the running CPU.
+"""The project's C kernels (``engine/model/kernels/*.c``), compiled at start for the running CPU.
 
 Machines differ (AVX-512 or AVX2 only; AMX on some), so each kernel is built with the system's C compiler
 for ``-march=native`` into a temporary file (about a second) and loaded with ctypes; where there is no
 compiler or the build fails it is simply not used, and the engine runs PyTorch's operations instead
-(:mod:`engine.int4_rows`, :mod:`engine.int8_rows`, :mod:`engine.decode_attention`).
+(:mod:`engine.model.kernels.int4_rows`, :mod:`engine.model.kernels.int8_rows`, :mod:`engine.model.kernels.attention`).
 
 The kernels use OpenMP and link to ``libgomp.so.1``, which resolves to PyTorch's own copy, already loaded
 under that name (torch is imported first, at the top of this module): their parallel loops then run on the
@@ -26,7 +26,7 @@ import torch  # first: its libgomp is the one the kernels' OpenMP resolves to (o
 
 log = logging.getLogger(__name__)
 
-KERNELS = Path(__file__).with_name("kernels")
+KERNELS = Path(__file__).parent
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 MATMUL_BLOCK = 32  # outputs per block of the matmul kernels' weight layouts
 

@@ -155,7 +155,7 @@ class GrammarCompiler:
 
     @classmethod
     def for_model(cls, loaded, cache_size: int = 64) -> GrammarCompiler:
-        """For an ``engine.loader.LoadedModel``: its logits width and its stop set."""
+        """For an ``engine.model.loader.LoadedModel``: its logits width and its stop set."""
         return cls(loaded.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids, cache_size)
 
     def tokenizer_info(self) -> llguidance.LLTokenizer:

@@ -17,14 +17,14 @@ while an AMD host without AMX gains nothing from bf16 or int4 at all (README). S
 file type: :class:`DecodeLinear` holds one copy of the weight per candidate kernel and :func:`measure` times
 them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at start-up;
 the decode step then checks the choice in whole steps against the kernels reading the fewest bytes
-(:meth:`engine.llama_decode.LlamaDecoder.tune`: a shape timed alone can sit in a large last-level cache),
+(:meth:`engine.model.families.llama.LlamaDecoder.tune`: a shape timed alone can sit in a large last-level cache),
 and the losers' copies are dropped (:meth:`DecodeLinear.keep`).
 
 Candidates (:func:`candidate_kernels`): on a CPU without quantization ``float32`` and ``packed`` (a
 oneDNN-packed float32 copy); with int4 quantization (the embedded model's Q4_1 weights) ``int4`` (the
-file's own 4-bit codes, :func:`engine.quantize.int4_codes`) and a bf16 copy for the decoder's layers, and
+file's own 4-bit codes, :func:`engine.model.quantize.int4_codes`) and a bf16 copy for the decoder's layers, and
 ``float32``, bf16 and ``int8`` (symmetric, a scale per row) for the output projection, whose GGUF type
-is Q8_0 (its kernel ``int8-rows``, :mod:`engine.int8_rows`, where that builds, else PyTorch's). The bf16
+is Q8_0 (its kernel ``int8-rows``, :mod:`engine.model.kernels.int8_rows`, where that builds, else PyTorch's). The bf16
 copy is ``bf16-packed`` (laid out once by oneDNN for its AMX / AVX-512 BF16 kernels, which a plain bf16
 ``F.linear`` re-lays out on every call: 1.2-2x faster at 8 and 16 rows, the same bytes) where oneDNN runs
 bf16 natively, plain ``bf16`` elsewhere. Token-by-token
@@ -45,13 +45,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine import int4_rows, int8_rows
-from engine.quantize import INT4_GROUP, int4_codes
+from engine.model.kernels import int4_rows, int8_rows
+from engine.model.quantize import INT4_GROUP, int4_codes
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("native", "float32", "packed", "bf16", "bf16-packed", "int8", "int8-rows", "int4", "int4-rows", "int4-amx")
-FOUR_BIT = ("int4", "int4-rows", "int4-amx")  # PyTorch's 4-bit kernel and ours (engine/int4_rows.py), same codes
+FOUR_BIT = ("int4", "int4-rows", "int4-amx")  # PyTorch's 4-bit kernel and ours (engine/model/kernels/int4_rows.py), same codes
 # prompt chunks (many rows) run on the oneDNN-packed bf16 copy where one exists (int4 decoding on a CPU
 # with native bf16): its matmuls are 3x faster than float32 at 45 rows (30 vs 90 ms over the embedded
 # model's layers), a 45-token prompt prefills in 71 instead of 115 ms; perplexity of chunked prefill
@@ -240,7 +240,7 @@ def _run_all(layers: list[DecodeLinear], kind: str, x: torch.Tensor) -> None:
 
 
 def _prepare(kind: str, weight: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor] | None):
-    """Kernel ``kind``'s copy of ``weight``; ``codes``: :func:`~engine.quantize.int4_codes` of it, computed once
+    """Kernel ``kind``'s copy of ``weight``; ``codes``: :func:`~engine.model.quantize.int4_codes` of it, computed once
     by the caller for all the 4-bit kinds (``FOUR_BIT``), None for the others."""
     weight = weight.detach()
     if kind in ("native", "float32"):

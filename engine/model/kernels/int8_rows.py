@@ -1,7 +1,7 @@
 """An 8-bit matmul for the output projection of decode steps, each weight converted once for all the rows.
 
 The output projection (49,152 x 576 in the embedded model) is the largest single read of a decode step. Its
-8-bit copy (symmetric codes, a scale per output: :func:`engine.decode_linear._prepare`'s ``int8``) halves
+8-bit copy (symmetric codes, a scale per output: :func:`engine.model.linear._prepare`'s ``int8``) halves
 the bytes of bf16, but PyTorch's CPU kernel for it (``_weight_int8pack_mm``) converts every weight again
 for each row: on a 2-core Xeon, 3.3 ms at 1 row and 7.2 ms at 8 against bf16-packed's 3.4 and 3.1. This
 kernel (``kernels/int8_rows.c``) keeps up to 8 rows' accumulators in registers (3 on AVX2), converts each
@@ -10,8 +10,8 @@ script; the decode step's tuning measures it against the others on the running m
 It takes the same codes and scales and float32 activations (PyTorch's rounds them to bf16), so it computes
 the product of the same weights, a little more exactly.
 
-Built at start for the running CPU (:mod:`engine.native`); where it cannot be, PyTorch's ``int8`` kernel
-stays the head's 8-bit candidate (:func:`engine.decode_linear.candidate_kernels`).
+Built at start for the running CPU (:mod:`engine.model.kernels.native`); where it cannot be, PyTorch's ``int8`` kernel
+stays the head's 8-bit candidate (:func:`engine.model.linear.candidate_kernels`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from functools import cache
 
 import torch
 
-from engine import native
+from engine.model.kernels import native
 
 BLOCK = native.MATMUL_BLOCK  # outputs per block of the layout
 
@@ -33,7 +33,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def build(march: str) -> ctypes.CDLL | None:
-    """The kernel compiled for ``-march=march`` (:func:`engine.native.build`); None where it cannot be built."""
+    """The kernel compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None where it cannot be built."""
     return native.build("int8_rows", march, {"int8_rows_matmul": native.MATMUL_SIGNATURE})
 
 

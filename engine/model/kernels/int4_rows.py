@@ -5,9 +5,9 @@ and dequantizes every weight again for each block: 8 rows cost it two full passe
 its time grows with the rows (on a 2-core Xeon, over the embedded model's layers in a profiled step:
 5.2 ms at 1 row, 14.6 ms at 8) although the bytes read stay the same. This kernel (``kernels/int4_rows.c``)
 keeps up to 8 rows' accumulators in registers (3 on AVX2), so each weight is unpacked and scaled once and
-then multiplied into every row. It takes the same codes, scales and zeros as the PyTorch kernel (:func:`engine.quantize.int4_codes`,
+then multiplied into every row. It takes the same codes, scales and zeros as the PyTorch kernel (:func:`engine.model.quantize.int4_codes`,
 relaid in blocks of 32 outputs by :func:`pack`) and float32 activations, so it computes the same product
-(:func:`engine.quantize.int4_dequantize` is the reference, tests/engine/test_int4_rows.py).
+(:func:`engine.model.quantize.int4_dequantize` is the reference, tests/engine/test_int4_rows.py).
 
 Where the CPU has AMX (Intel Sapphire Rapids and later), the same file builds a second kernel, ``int4-amx``
 (:func:`amx_available`, :func:`bind_amx`): the weights are dequantized with AVX-512 into bf16 tiles and the
@@ -18,8 +18,8 @@ script). Its activations are rounded to bf16, as PyTorch's 4-bit kernel rounds t
 weights too (a product within ~0.3% of the float one, tests/engine/test_int4_rows.py; perplexity:
 ``scripts/ppl_output_kernels.py``).
 
-It is C built at start for the running CPU (:mod:`engine.native`: machines here differ, AVX-512 or AVX2
-only). Where there is no compiler or the build fails, it is simply not a candidate: :mod:`engine.decode_linear` measures it against the others and it
+It is C built at start for the running CPU (:mod:`engine.model.kernels.native`: machines here differ, AVX-512 or AVX2
+only). Where there is no compiler or the build fails, it is simply not a candidate: :mod:`engine.model.linear` measures it against the others and it
 is used only where it is faster (:func:`available`).
 """
 
@@ -30,7 +30,7 @@ from functools import cache
 
 import torch
 
-from engine import native
+from engine.model.kernels import native
 
 BLOCK = native.MATMUL_BLOCK  # outputs per block of the layout
 
@@ -42,7 +42,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def build(march: str) -> ctypes.CDLL | None:
-    """The kernels compiled for ``-march=march`` (:func:`engine.native.build`); None (logged) where they cannot
+    """The kernels compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None (logged) where they cannot
     be built."""
     return native.build("int4_rows", march, {"int4_rows_matmul": native.MATMUL_SIGNATURE,
                                              "int4_amx_matmul": native.MATMUL_SIGNATURE,
@@ -66,7 +66,7 @@ def supports(out_features: int, in_features: int, group: int) -> bool:
 
 def pack(codes: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's layout of ``codes`` (N, K) int in 0..15 and ``scales_zeros`` (K / group, N, 2) bf16 (the
-    layout of :func:`engine.quantize.int4_codes`): codes (N / 32, K, 16) uint8, output ``32 b + j`` in the low
+    layout of :func:`engine.model.quantize.int4_codes`): codes (N / 32, K, 16) uint8, output ``32 b + j`` in the low
     nibble of byte j and ``32 b + 16 + j`` in the high one; scales (N / 32, K / group, 2, 32) bf16."""
     n, k = codes.shape
     blocks = codes.to(torch.uint8).reshape(n // BLOCK, BLOCK, k)

@@ -2,14 +2,14 @@
 
 A session is the stream of tokens the model has seen (prompts, generated tokens) plus its sink cache.
 Its cache lives in one of three places, moved by least-recent use within memory budgets:
-- ``device``: a row of the shared :class:`~engine.cache.SinkCache` pool (the pool's size is the budget);
+- ``device``: a row of the shared :class:`~engine.cache.sink.SinkCache` pool (the pool's size is the budget);
 - ``host``: an exported copy in host memory (``host_budget_bytes``);
 - ``disk``: ``data_dir/<id>.safetensors`` (keys, values, tokens, metadata), written atomically
   (temporary file + rename) after every completed turn, when it leaves memory, and on shutdown.
 
 Finding a session: an explicit id, else the idle session of the same owner from which the new prompt
 can *reuse* the most tokens (not merely share the most: a prefix that ends before a session's window
-cannot be kept, see :meth:`~engine.cache.RowState.reusable`), the most recently used on a tie; else a
+cannot be kept, see :meth:`~engine.cache.sink.RowState.reusable`), the most recently used on a tie; else a
 new session.
 
 Branches: a prompt that diverges from the session it continues (an edited or regenerated turn, a second
@@ -17,7 +17,7 @@ tab) continues a *copy* of it (:meth:`SessionStore.fork`), so no branch destroys
 branches age out through the memory budgets and the TTL. Only a request that names its session and does
 not ask for a fork rolls that session back in place.
 
-A cluster replica uses :class:`~engine.cluster_sessions.ClusterSessionStore`, this store kept consistent
+A cluster replica uses :class:`~engine.sessions.cluster.ClusterSessionStore`, this store kept consistent
 with the other replicas through Redis and a shared directory; the hooks it overrides are ``find``,
 ``source``, ``release``, ``end_turn`` and ``_store``.
 
@@ -42,7 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.cache import RowState, SinkCache
+from engine.cache.sink import RowState, SinkCache
 from engine.errors import InvalidRequest, SessionNotFound
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class SessionStore:
     """Owns the sessions and decides where each cache lives."""
 
     busy_wait_s = 0.0  # how long a request may wait for a busy session, beyond the engine's own setting
-    replica: str | None = None  # this server's name in a cluster (engine/cluster_sessions.py)
+    replica: str | None = None  # this server's name in a cluster (engine/sessions/cluster.py)
 
     def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
         self.cache = cache
@@ -183,7 +183,7 @@ class SessionStore:
 
     def find(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
         """The session a request continues (None while it is busy): the named one (created when new),
-        else the best match, else a new one. A cluster store (engine/cluster_sessions.py) also consults
+        else the best match, else a new one. A cluster store (engine/sessions/cluster.py) also consults
         the shared index and takes the session's write lease here."""
         if session_id:
             try:

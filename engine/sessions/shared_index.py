@@ -33,9 +33,9 @@ index answers ``IndexUnavailable`` at once for ``retry_after_s`` instead of wait
 again, so a replica whose Redis is down keeps serving its local sessions at full speed. ``ping()`` always
 tries. The caller logs, counts and carries on as a single server would.
 
-The version files themselves are named and collected by engine/session_versions.py.
+The version files themselves are named and collected by engine/sessions/versions.py.
 
-This module knows nothing of HTTP; it is driven by the session store (engine/sessions.py).
+This module knows nothing of HTTP; it is driven by the session store (engine/sessions/store.py).
 """
 
 from __future__ import annotations

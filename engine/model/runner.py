@@ -1,9 +1,9 @@
 """One forward pass of the model over a batch of cache rows.
 
-The model is an unmodified transformers causal LM. We hand it, per pass, a :class:`~engine.cache.CacheStep`
+The model is an unmodified transformers causal LM. We hand it, per pass, a :class:`~engine.cache.sink.CacheStep`
 as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, so transformers' own
 attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched. Decode steps of a
-Llama-family model run through our own step instead (``decoder``, :mod:`engine.llama_decode`), which
+Llama-family model run through our own step instead (``decoder``, :mod:`engine.model.families.llama`), which
 writes the same cache slots and is tested against transformers' forward.
 """
 
@@ -14,9 +14,9 @@ from contextlib import nullcontext
 
 import torch
 
-from engine.cache import SinkCache
-from engine.llama_decode import LlamaDecoder, owned_decoder
-from engine.quantize import float_weights
+from engine.cache.sink import SinkCache
+from engine.model.families.llama import LlamaDecoder, owned_decoder
+from engine.model.quantize import float_weights
 
 
 class Runner:
@@ -68,7 +68,7 @@ class Runner:
         near-tie there (the README's first question answered "L'Étoile…" instead of "Paris" about half the
         time when only its last token was fed). They run on the float weights through transformers'
         forward, or through the owned step's prefill on its bf16 copy of them where it has one (int4
-        decoding on a CPU with native bf16; engine/decode_linear.py PREFILL_KERNEL). ``decoding`` steps
+        decoding on a CPU with native bf16; engine/model/linear.py PREFILL_KERNEL). ``decoding`` steps
         use the decode weights."""
         step = self.cache.step(rows, tokens.shape[1])
         try:

@@ -1,6 +1,6 @@
 """Session files on a shared directory, written as immutable versions: ``<id>.v<version>.safetensors``.
 
-In a cluster (engine/shared_index.py) every save of a session writes a new file under a version number
+In a cluster (engine/sessions/shared_index.py) every save of a session writes a new file under a version number
 the index hands out, and the index then points at it; a file is never rewritten in place, so a replica
 reading version 7 is never disturbed by another writing version 8. This module names those files, lists
 them, and deletes the ones nobody needs any more (old versions, temporary files of crashed writers).

@@ -1,9 +1,9 @@
 """The session store of a cluster replica: sessions shared with the other replicas through Redis and one
 data directory (issue 15; the README's scale-out section).
 
-A :class:`ClusterSessionStore` is a :class:`~engine.sessions.SessionStore` whose saved copies live on a
+A :class:`ClusterSessionStore` is a :class:`~engine.sessions.store.SessionStore` whose saved copies live on a
 directory every replica mounts, as immutable versions ``<id>.v<version>.safetensors``
-(engine/session_versions.py), and whose index is a :class:`~engine.shared_index.SharedIndex` in Redis.
+(engine/sessions/versions.py), and whose index is a :class:`~engine.sessions.shared_index.SharedIndex` in Redis.
 What changes against a single server:
 
 - **Start**: nothing is loaded from the directory (it holds every replica's sessions, every version);
@@ -19,7 +19,7 @@ What changes against a single server:
   from the index (``INCR``), the file written atomically, the version published (with the prefix lengths
   of the turn's prompt and the whole stream), old versions collected, the lease released. The reply's
   final event is sent only after that, so the next turn finds it on any replica.
-- **Redis down** (:class:`~engine.shared_index.IndexUnavailable`): the replica serves its local sessions
+- **Redis down** (:class:`~engine.sessions.shared_index.IndexUnavailable`): the replica serves its local sessions
   as a single server would (no lease, versions numbered from the files present, publishing skipped) and
   says so through :meth:`ClusterSessionStore.store_up` (``/health``, metrics); a background ping notices
   when Redis is back.
@@ -43,11 +43,9 @@ from pathlib import Path
 import redis
 import torch
 
-from engine.cache import SinkCache
+from engine.cache.sink import SinkCache
 from engine.errors import SessionNotFound
-from engine.session_versions import collect_garbage, collect_temp_files, saved_versions, version_path
-from engine.sessions import Session, SessionStore, _atomic_save, check_session_id
-from engine.shared_index import (
+from engine.sessions.shared_index import (
     LEASE_TTL_MS,
     IndexUnavailable,
     Lease,
@@ -55,6 +53,8 @@ from engine.shared_index import (
     SessionRecord,
     SharedIndex,
 )
+from engine.sessions.store import Session, SessionStore, _atomic_save, check_session_id
+from engine.sessions.versions import collect_garbage, collect_temp_files, saved_versions, version_path
 
 log = logging.getLogger(__name__)
 

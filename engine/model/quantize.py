@@ -2,12 +2,12 @@
 
 A decode step multiplies one activation row per sequence by every weight of the model, so on a CPU its
 cost is reading the weights. Two ways to read fewer bytes (``quantize=auto``, the default, picks int4 on
-a CPU when the GGUF stores its decoder weights as Q4_1, see ``engine.loader.resolve_quantize``). The
+a CPU when the GGUF stores its decoder weights as Q4_1, see ``engine.model.loader.resolve_quantize``). The
 modules below serve transformers' forward when it decodes (``--compile``, and families the owned step does
-not cover); Llama-family models decode through the owned step (``engine.llama_decode``), which builds its
+not cover); Llama-family models decode through the owned step (``engine.model.families.llama``), which builds its
 kernels from the same float weights and the same 4-bit codes (:func:`int4_codes`) in
-``engine.decode_linear``, and then the loader leaves transformers' modules float
-(``engine.loader.owns_int4_decode``):
+``engine.model.linear``, and then the loader leaves transformers' modules float
+(``engine.model.loader.owns_int4_decode``):
 
 ``int4``
     Group-wise 4-bit weights (groups of 32 input features, a scale and a zero point per group, computed

@@ -11,8 +11,8 @@ softmax over blocks of 64 slots (as flash attention), parallel over rows and key
 of the slots where that leaves a thread idle (one row). It reads the rows in place wherever they are in the
 cache (by row index): no gathered copy of rows that are not contiguous, and no mask.
 
-Built at start for the running CPU (:mod:`engine.native`); where it cannot be, or the cache is not float32
-on the CPU, :class:`~engine.llama_decode.LlamaDecoder` keeps PyTorch's path, which stays the reference
+Built at start for the running CPU (:mod:`engine.model.kernels.native`); where it cannot be, or the cache is not float32
+on the CPU, :class:`~engine.model.families.llama.LlamaDecoder` keeps PyTorch's path, which stays the reference
 (tests/engine/test_decode_attention.py compares them on random rows, lengths and layouts).
 """
 
@@ -23,7 +23,7 @@ from functools import cache
 
 import torch
 
-from engine import native
+from engine.model.kernels import native
 
 MAX_GROUP = 16  # query heads per key/value head (kernels/decode_attention.c: MAX_G)
 SIGNATURE = (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
@@ -38,7 +38,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def build(march: str) -> ctypes.CDLL | None:
-    """The kernel compiled for ``-march=march`` (:func:`engine.native.build`); None where it cannot be built."""
+    """The kernel compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None where it cannot be built."""
     return native.build("decode_attention", march, {"decode_attention": SIGNATURE})
 
 
