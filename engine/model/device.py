@@ -9,7 +9,7 @@ Pure functions over ``torch.cuda``'s queries, so they are tested on a CPU by mon
 (tests/engine/test_device.py). Sources: ``torch.cuda.is_bf16_supported``, ``torch.cuda.mem_get_info``
 (cudaMemGetInfo: free and total bytes of the device), https://pytorch.org/docs/stable/notes/cuda.html.
 
-``python -m engine.device`` logs torch's CUDA build and the visible cards; with ``--require-cuda`` (or
+``python -m engine.model.device`` logs torch's CUDA build and the visible cards; with ``--require-cuda`` (or
 ``SINKSERVE_REQUIRE_CUDA=1``) it exits 1 when CUDA is not usable, which the CUDA container image's
 entry point runs first so that it never falls back to the CPU silently (docker/entrypoint.sh).
 """
@@ -164,7 +164,7 @@ def require_cuda(spec: str = "auto") -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     """Log torch's build and the devices; exit 1 when CUDA is required and not usable."""
-    parser = argparse.ArgumentParser(prog="python -m engine.device", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.model.device", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=os.environ.get("SINKSERVE_DEVICE", "auto"))
     parser.add_argument("--require-cuda", action="store_true",
                         default=os.environ.get("SINKSERVE_REQUIRE_CUDA", "0").strip().lower() in ("1", "true", "yes"))
