@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.model.quantize import QUANTIZE_MODES
-
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("int4", "int8")  # weight quantization of the CPU decode path (engine/model/quantize.py)
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZE_MODES)  # what the CLIs and settings accept
 # request fields whose default the model (generation_config.json) or the operator may set (engine/model/loader.py)
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -29,6 +29,16 @@ def check_sampling_defaults(defaults) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (name == "top_k" and value != int(value)):
             raise ValueError(f"sampling_defaults: {name} must be a number, got {value!r}")
     SamplingParams(**defaults)  # its own range checks
+
+
+def parse_quantize(value: str | None) -> str | None:
+    """A CLI or settings value as :class:`EngineConfig` takes it (``none`` -> ``None``)."""
+    if value is None or value.lower() in ("none", "off", "no", "false"):
+        return None
+    value = value.lower()
+    if value not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {value!r}")
+    return value
 
 
 def default_home() -> Path:

@@ -13,8 +13,8 @@ import signal
 import sys
 
 from bench.cli import add_bench_parser, run_bench
+from engine.config import QUANTIZE_CHOICES
 from engine.evaluate.cli import add_eval_parser, run_eval
-from engine.model.quantize import QUANTIZE_CHOICES
 
 log = logging.getLogger("sinkserve")
 

@@ -12,8 +12,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig, check_sampling_defaults
-from engine.model.quantize import parse_quantize
+from engine.config import EngineConfig, check_sampling_defaults, parse_quantize
 
 MiB = 1024 * 1024
 
