@@ -113,8 +113,9 @@ class EngineConfig:
                                   help="auto (default: int4 on CPU for Q4_1 GGUF weights), none, int4, int8")
     compile: bool = option(False, help="torch.compile the decode step (a faster decode after a slow first start)")
     threads: int | None = option(None, help="torch threads on CPU (default: torch's choice)")
-    # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's
-    sampling_defaults: dict[str, float] | None = option(
+    # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's;
+    # int | float, so that top_k stays an int through the settings' parsing
+    sampling_defaults: dict[str, int | float] | None = option(
         None, help="JSON object of defaults for sampling fields a request omits, over the model's, e.g. "
         "'{\"temperature\": 0.7}' (temperature, top_p, top_k, min_p, repetition_penalty)")
     # a cluster's shared session store (engine/sessions/cluster.py): a redis:// URL, or None for a single
