@@ -6,7 +6,7 @@
 #   docker run IMAGE eval ...            -> sinkserve eval ...
 #   docker run IMAGE --window 2044       -> options alone mean serve
 #
-# Before `serve`, `python -m engine.device` logs torch's build (torch.version.cuda) and the GPU. In the CUDA
+# Before `serve`, `python -m engine.model.device` logs torch's build (torch.version.cuda) and the GPU. In the CUDA
 # image (SINKSERVE_TORCH=cuda) SINKSERVE_REQUIRE_CUDA defaults to 1: without a usable GPU (no --gpus, a
 # driver too old for the build's CUDA) the container exits 1 with the reason instead of serving on the CPU.
 # SINKSERVE_REQUIRE_CUDA=0 allows the CPU; the CPU image (SINKSERVE_TORCH=cpu) defaults to 0.
@@ -26,7 +26,7 @@ fi
 if [[ "$1" == serve ]]; then
     shift
     # exits 1, with the reason in the log, when CUDA is required and not usable
-    python -m engine.device
+    python -m engine.model.device
     exec sinkserve serve --host "$SINKSERVE_HOST" --port "$SINKSERVE_PORT" "$@"
 fi
 exec sinkserve "$@"
