@@ -1,6 +1,10 @@
-"""Engine configuration: one dataclass, validated on construction.
+"""Engine configuration: one dataclass, validated on construction, and where its options are declared.
 
-The CLI and the server settings fill it in; nothing else in the engine reads the environment.
+A field declared with :func:`option` is an operator's option: the server's settings (``server/settings.py``)
+derive from it a ``serve`` flag and a ``SINKSERVE_`` environment variable, so a new option is written here
+once. The settings and the other command lines fill the dataclass in; apart from ``SINKSERVE_HOME``
+(:func:`default_home`) nothing in the engine reads the environment. This module imports nothing of the
+engine's rooms at import time (tests/test_layout.py).
 """
 
 from __future__ import annotations
