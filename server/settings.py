@@ -1,73 +1,76 @@
-"""Server settings: typed, read from ``SINKSERVE_*`` environment variables, filled in by the CLI.
+"""Server settings, declared once: the ``SINKSERVE_*`` environment variables, the ``serve`` flags and the
+engine config all come from the one ``Settings`` model.
 
-pydantic-settings (https://docs.pydantic.dev/latest/concepts/pydantic_settings/) does the parsing;
-``engine_config()`` turns the engine half into ``engine.config.EngineConfig``, which validates it.
+Two kinds of fields: the server's own, declared below with :func:`setting` (a default and the help), and
+the engine's, generated from the fields of ``EngineConfig`` that ``engine/config.py`` declares with
+``option(...)``, so an engine option is written once, there. pydantic-settings
+(https://docs.pydantic.dev/latest/concepts/pydantic_settings/) reads each field from ``SINKSERVE_<NAME>``;
+``server/cli.py`` makes a flag of each field (:func:`flag_of`, help from its description);
+``engine_config()`` hands the engine fields to ``EngineConfig``, which validates them.
 """
 
 from __future__ import annotations
 
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar, get_type_hints
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig, check_sampling_defaults
-from engine.model.quantize import parse_quantize
+from engine import EngineConfig, check_sampling_defaults, engine_options, parse_quantize
 
 MiB = 1024 * 1024
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-class Settings(BaseSettings):
+def setting(default: Any = None, *, help: str, default_factory=None, **cli) -> Any:
+    """A server setting: ``help`` is its flag's help; ``cli``: ``flag`` (when not ``--name``), ``choices``."""
+    extra = cli or None
+    if default_factory is not None:
+        return Field(default_factory=default_factory, description=help, json_schema_extra=extra)
+    return Field(default, description=help, json_schema_extra=extra)
+
+
+class ServerSettings(BaseSettings):
+    """The server's own settings; :data:`Settings` adds the engine's."""
+
     model_config = SettingsConfigDict(env_prefix="SINKSERVE_", env_ignore_empty=True, extra="ignore")
+    engine_class: ClassVar[type] = EngineConfig  # what engine_config() builds; settings_model() sets it
 
     # listening
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
-    timeout_graceful_shutdown: float = 10.0
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    host: str = setting("127.0.0.1", help="address to listen on (127.0.0.1)")
+    port: int = setting(8000, help="port to listen on (8000)")
+    log_level: str = setting("info", choices=LOG_LEVELS, help="log level (info)")
+    timeout_graceful_shutdown: float = setting(10.0, flag="--graceful-timeout", help="seconds to finish requests")
+    cors_origins: Annotated[list[str], NoDecode] = setting(
+        default_factory=list, flag="--cors-origin",
+        help="an origin browsers may call from (repeatable; the environment variable: a comma list)")
 
-    # model and cache
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    device: str = "auto"
-    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
-    sink_tokens: int = 4
-    window: int = 1020
-    memory_budget_mb: int | None = None  # resident session caches; None: the engine default
-    data_dir: Path | None = None
-    cache_dir: Path | None = None
-    pin_system_prompt: bool = False
-    quantize: str | None = "auto"  # auto (int4 on CPU for Q4_1 GGUF weights), none, int4, int8
-    compile: bool = False  # torch.compile the decode step (slower first start)
-    threads: int | None = None  # torch intra-op threads on CPU
-    max_batch: int | None = None  # sessions decoding together in one forward pass; None: 64 on a GPU, 8 on a CPU
-    prefill_chunk: int = EngineConfig.prefill_chunk  # prompt tokens fed per scheduler step (token budget)
-    # defaults for sampling fields a request omits, over the model's (a JSON object in the environment)
-    sampling_defaults: dict[str, float] | None = None
-    # a cluster (README: Scale-out): the shared session store's redis:// URL, and this replica's name
-    session_store: str | None = None
-    replica: str | None = None  # None: the host name
+    # the cache
+    pin_system_prompt: bool = setting(False, help="keep system prompts in the cache's pinned sink region")
 
     # access
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
-    api_key_file: Path | None = None  # one key a line; '#' starts a comment
+    api_keys: Annotated[list[str], NoDecode] = setting(
+        default_factory=list, flag="--api-key",
+        help="accepted bearer key (repeatable; the environment variable: a comma list); none: no authentication")
+    api_key_file: Path | None = setting(None, help="a file of accepted keys, one a line; '#' starts a comment")
 
     # limits on what one request may ask for
-    max_body_bytes: int = 4 * MiB
-    max_messages: int = 2048
-    max_prompt_tokens: int = 1_000_000
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 1024
-    max_concurrent_per_key: int = 16
-    max_queue: int = 256  # requests waiting for admission; beyond it 429 (engine Overloaded)
+    max_body_bytes: int = setting(4 * MiB, help="largest request body in bytes (4 MiB)")
+    max_messages: int = setting(2048, help="most messages in one request (2048)")
+    max_prompt_tokens: int = setting(1_000_000, help="most prompt tokens in one request (1000000)")
+    max_tokens_cap: int = setting(4096, help="largest max_tokens a request may ask for (4096)")
+    default_max_tokens: int = setting(1024, help="max_tokens of a request that sets none (1024)")
+    max_concurrent_per_key: int = setting(16, help="requests one API key may have in flight (16)")
 
-    @field_validator("quantize", mode="before")
+    @field_validator("quantize", mode="before", check_fields=False)
     @classmethod
     def _quantize(cls, value):
         return parse_quantize(value)
 
-    @field_validator("sampling_defaults", mode="before")
+    @field_validator("sampling_defaults", mode="before", check_fields=False)
     @classmethod
     def _sampling_defaults(cls, value):
         if value is not None:
@@ -92,19 +95,48 @@ class Settings(BaseSettings):
         return frozenset(keys)
 
     def engine_config(self) -> EngineConfig:
-        extra = {}
-        if self.data_dir is not None:
-            extra["data_dir"] = self.data_dir
-        if self.cache_dir is not None:
-            extra["cache_dir"] = self.cache_dir
-        if self.memory_budget_mb is not None:
-            extra["memory_budget_bytes"] = self.memory_budget_mb * MiB
+        """The engine fields as an ``EngineConfig``; a path left unset keeps the engine's default."""
+        values, declared_fields = {}, engine_options(self.engine_class)
+        for name, target in engine_settings(type(self)).items():
+            value, declared = getattr(self, name), declared_fields[target]
+            if value is None and declared.default_factory is not MISSING:
+                continue
+            scale = declared.metadata["option"].scale
+            values[target] = value if value is None or scale == 1 else value * scale
         # the default eviction block (64) cannot exceed a small window: evict in smaller blocks then
-        extra["evict_block"] = min(EngineConfig.evict_block, self.window) if self.window >= 1 else 1
-        return EngineConfig(
-            model=self.model, device=self.device, dtype=self.dtype,
-            sink_tokens=self.sink_tokens, window=self.window, max_queue=self.max_queue,
-            compile=self.compile, threads=self.threads, quantize=self.quantize, max_batch=self.max_batch,
-            prefill_chunk=self.prefill_chunk, sampling_defaults=self.sampling_defaults,
-            session_store=self.session_store, replica=self.replica, **extra,
-        )
+        values["evict_block"] = min(EngineConfig.evict_block, self.window) if self.window >= 1 else 1
+        return self.engine_class(**values)
+
+
+def _engine_fields(config: type) -> dict[str, tuple[Any, FieldInfo]]:
+    """One settings field per field ``config`` offers: its type, default, help and flag."""
+    hints = get_type_hints(config)
+    generated = {}
+    for name, declared in engine_options(config).items():
+        offered = declared.metadata["option"]
+        kind, default = hints[name], declared.default
+        if declared.default_factory is not MISSING:  # a path under SINKSERVE_HOME: None until given
+            kind, default = kind | None, None
+        elif default is not None and offered.scale != 1:
+            default //= offered.scale
+        cli = {"engine": name, "flag": offered.flag, "choices": offered.choices, "metavar": offered.metavar}
+        extra = {key: value for key, value in cli.items() if value is not None}
+        generated[offered.name or name] = (kind, Field(default, description=offered.help, json_schema_extra=extra))
+    return generated
+
+
+def settings_model(config: type = EngineConfig) -> type[ServerSettings]:
+    """ServerSettings plus a field for each option ``config`` (EngineConfig or a subclass) offers."""
+    model = create_model("Settings", __base__=ServerSettings, __module__=__name__, **_engine_fields(config))
+    model.__doc__ = "Every setting: the server's (ServerSettings) and the options EngineConfig offers."
+    model.engine_class = config
+    return model
+
+
+Settings = settings_model()
+
+
+def engine_settings(model: type[ServerSettings] = Settings) -> dict[str, str]:
+    """The settings of ``model`` that are engine options, mapped to their engine field."""
+    return {name: info.json_schema_extra["engine"] for name, info in model.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and "engine" in info.json_schema_extra}

@@ -16,8 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import InvalidRequest
-from engine.scheduling.grammar import Grammar
+from engine import Grammar, InvalidRequest
 
 MAX_SCHEMA_CHARS = 32_768  # one response_format schema or one tool's parameters, as compact JSON
 # An integer without bounds is held to 16 digits (JavaScript's safe integers are 2**53, ~9.007e15): the

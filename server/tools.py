@@ -35,8 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import InvalidRequest
-from engine.scheduling.grammar import MAX_GRAMMAR_CHARS, Constraint, Grammar
+from engine import MAX_GRAMMAR_CHARS, Constraint, Grammar, InvalidRequest
 from server.structured import NAME, FieldError, as_dict, check_schema, response_format_grammar
 from server.tool_stream import ReplyStream
 

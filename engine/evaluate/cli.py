@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
+from engine.config import parse_quantize
 from engine.evaluate.ppl import DEFAULT_TEXT, MODES
-from engine.model.quantize import parse_quantize
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-QUANTIZE_MODES = ("int4", "int8")
-QUANTIZE_CHOICES = ("auto", "none", *QUANTIZE_MODES)  # what the CLIs and settings accept
+from engine.config import QUANTIZE_MODES
+
 INT4_GROUP = 32
 INT4_MAX_ROWS = 32  # above this many rows per matmul (prefill chunks) the float weights are faster
 
@@ -150,16 +150,6 @@ def quantize_int4(model: torch.nn.Module, device: torch.device, group: int = INT
             elif child.in_features % group == 0:
                 setattr(parent, name, Int4Linear(child, group))
     return model
-
-
-def parse_quantize(value: str | None) -> str | None:
-    """A CLI or settings value as :class:`~engine.config.EngineConfig` takes it (``none`` -> ``None``)."""
-    if value is None or value.lower() in ("none", "off", "no", "false"):
-        return None
-    value = value.lower()
-    if value not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {value!r}")
-    return value
 
 
 @contextmanager

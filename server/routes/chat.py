@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter
 
-from engine.events import FinishEvent, TokenEvent
+from engine import FinishEvent, TokenEvent
 from server.errors import APIError
 from server.generation import (
     Collected,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter
 
-from engine.events import FinishEvent, TokenEvent
+from engine import FinishEvent, TokenEvent
 from server.generation import Collected, Formatter, Run, ServingDep, sinkserve_info, usage_info
 from server.protocol import (
     STREAM_RESPONSE,

@@ -30,7 +30,7 @@ def test_api_bench_interleaves_two_servers(tmp_path):
 
 
 def test_cli_parses_bench_api():
-    from server.cli import build_parser
+    from sinkserve.cli import build_parser
 
     args = build_parser().parse_args(["bench", "api", "--quick", "--other-url", "http://127.0.0.1:8080",
                                       "--rounds", "2", "--lengths", "1,8"])

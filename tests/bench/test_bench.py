@@ -162,7 +162,7 @@ def test_llamacpp_comparison_with_a_stand_in(loaded, tmp_path):
 
 
 def test_cli_parses_bench():
-    from server.cli import build_parser
+    from sinkserve.cli import build_parser
 
     args = build_parser().parse_args(["bench", "decode", "--quick", "--threads", "1", "--device", "cpu",
                                       "--lengths", "1000,4000"])

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGED = ("pyproject.toml", "README.md", "engine", "server", "bench")
+PACKAGED = ("pyproject.toml", "README.md", "sinkserve", "engine", "server", "bench")
 
 
 def test_bench_load_serve_quick_from_a_wheel(tmp_path):
@@ -40,7 +40,7 @@ def test_bench_load_serve_quick_from_a_wheel(tmp_path):
                             "engine.__file__, server.__file__)"], cwd=elsewhere, env=env, capture_output=True,
                            text=True, check=True)
     assert all(path.startswith(str(site)) for path in where.stdout.split()), where.stdout
-    run = subprocess.run([sys.executable, "-m", "server.cli", "bench", "load", "--serve", "--quick", "--tiny",
+    run = subprocess.run([sys.executable, "-m", "sinkserve", "bench", "load", "--serve", "--quick", "--tiny",
                           "--out", str(tmp_path / "out")], cwd=elsewhere, env=env, capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

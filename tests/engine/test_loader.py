@@ -7,11 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from engine.cache.rope import UnsupportedModelError
-from engine.config import EngineConfig
+from engine.config import QUANTIZE_CHOICES, EngineConfig, parse_quantize
 from engine.engine import Engine
 from engine.events import TokenEvent
 from engine.model.loader import load, logits_size, prepare
-from engine.model.quantize import QUANTIZE_CHOICES, parse_quantize
 from engine.scheduling.sampling import SamplingParams
 from tests.tiny_models import COMMON, tiny_chat_engine_parts
 

@@ -135,7 +135,7 @@ def test_auto_picks_int4_for_q4_1_weights_on_cpu_only(tmp_path):
 
 
 def test_settings_and_cli_values():
-    from engine.model.quantize import parse_quantize
+    from engine.config import parse_quantize
     from server.settings import Settings
 
     assert Settings().engine_config().quantize == "auto"

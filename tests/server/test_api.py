@@ -136,11 +136,6 @@ def test_cli_flags_override_env(monkeypatch):
     assert args.port is None  # not given: the environment decides
 
 
-def test_cli_bench_requires_a_suite():
-    with pytest.raises(SystemExit):
-        main(["bench"])
-
-
 def test_cli_requires_a_command():
     with pytest.raises(SystemExit):
         main([])
