@@ -12,7 +12,7 @@ aggregate tokens/s = all content chunks over the wall time from the first reques
 ``c = 1``.
 
 ``other_url`` (``--other-url``): the same requests against another server (e.g. ``python -m
-llama_cpp.server --model X.gguf --n_threads 2``, see the README), the targets interleaved within each
+llama_cpp.server --model X.gguf --n_threads 2``, see docs/performance.md), the targets interleaved within each
 round (their order alternating from round to round) so a slow spell of a shared machine does not land on
 one of them; medians over the rounds are reported, and the ratios sinkserve / other. Without ``url``,
 ``sinkserve serve`` is started on a free port of 127.0.0.1 (:class:`bench.serve_process.ServerProcess`,

@@ -13,7 +13,7 @@ bfloat16 (AMX)    2.3      4.2
 int4 (Q4_1 codes) 1.0      5.4
 ================  ======  ======
 
-while an AMD host without AMX gains nothing from bf16 or int4 at all (README). So nothing is decided by
+while an AMD host without AMX gains nothing from bf16 or int4 at all (docs/performance.md). So nothing is decided by
 file type: :class:`DecodeLinear` holds one copy of the weight per candidate kernel and :func:`measure` times
 them on this machine, once per layer shape and row bucket (1, 2, 4, ... up to the batch limit), at start-up;
 the decode step then checks the choice in whole steps against the kernels reading the fewest bytes

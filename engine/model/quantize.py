@@ -22,7 +22,7 @@ kernels from the same float weights and the same 4-bit codes (:func:`int4_codes`
     for the 8 rows of a batched decode step).
 ``int8``
     Dynamic int8 quantization of every Linear layer (per-channel int8 weights, activations quantized per
-    batch) via ``torch.ao``; it quantizes the activations too, which costs perplexity (see README).
+    batch) via ``torch.ao``; it quantizes the activations too, which costs perplexity (docs/perplexity.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The session store of a cluster replica: sessions shared with the other replicas through Redis and one
-data directory (issue 15; the README's scale-out section).
+data directory (issue 15; docs/scale-out.md).
 
 A :class:`ClusterSessionStore` is a :class:`~engine.sessions.store.SessionStore` whose saved copies live on a
 directory every replica mounts, as immutable versions ``<id>.v<version>.safetensors``

@@ -100,7 +100,7 @@ def test_int4_kernels_stay_close_to_the_float_reference():
     # 4-bit layers and an 8-bit or bf16 output projection on a random model whose weights are scaled up
     # (tests/tiny_models.py): errors of ~20% of the largest logit; a miswired kernel (wrong scales, codes or
     # layout) gives logits unrelated to the reference (errors of the logits' own size). The embedded model's
-    # quality under these kernels is measured by perplexity (scripts/ppl_output_kernels.py, README).
+    # quality under these kernels is measured by perplexity (scripts/ppl_output_kernels.py, docs/perplexity.md).
     assert (got - expected).abs().max() < 0.35 * expected.abs().max()
 
 
