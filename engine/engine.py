@@ -234,6 +234,11 @@ class Engine:
             )
         return pinned
 
+    def model_info(self) -> dict[str, str | None] | None:
+        """The model's ``model_type``, its family in the registry (engine/model/families; None when it has
+        none) and its decode path, ``owned`` or ``transformers``; None while loading."""
+        return self.scheduler.runner.model_info() if self.scheduler is not None else None
+
     def health(self) -> tuple[bool, str | None]:
         """(healthy, why not): unhealthy while loading, or after several engine steps in a row failed."""
         if self.scheduler is None:
