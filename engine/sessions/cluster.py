@@ -311,9 +311,8 @@ class ClusterSessionStore(SessionStore):
 
     def _forget(self, session: Session) -> None:
         """Drop the local copy only (the shared files and the index stay)."""
-        if session.row is not None:
-            self.row_owner[session.row] = None
-            session.row = None
+        if self.sessions.get(session.id) is session:
+            self.rows.release(session.id)
         session.host_state = None
         with self._lock:
             if self.sessions.get(session.id) is session:
