@@ -28,7 +28,7 @@ class Runner:
     def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False,
                  decoder: Decoder | None = None) -> None:
         self.model = model
-        self.cache = cache
+        self.cache = cache  # lent by its builder (the engine's pool, or a benchmark's or test's)
         self.decoder = decoder  # decode steps through the owned step (serving_runner decides)
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
         # rotary, activations); prefill stays eager (large matmuls dominate it anyway)

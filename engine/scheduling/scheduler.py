@@ -78,7 +78,6 @@ class Scheduler:
 
     def __init__(self, runner: Runner, store: SessionStore, tokenizer, eos_ids: set[int], config) -> None:
         self.runner = runner
-        self.cache: SinkCache = runner.cache
         self.store = store
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -101,6 +100,11 @@ class Scheduler:
         self._draining = False
         self._wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
+
+    @property
+    def cache(self) -> SinkCache:
+        """The cache pool, as lent to the runner (engine/engine.py builds and holds it)."""
+        return self.runner.cache
 
     # ----- called from the event loop ----------------------------------------------------------------
     def submit(self, request: Request) -> None:

@@ -1,6 +1,7 @@
 """The pool's row table (engine/sessions/rows.py): one record of which session holds each cache row, read
 both ways, changed only through assign / release / swap; and a store whose sessions move in and out of
-the pool (a single server, and a cluster replica whose Redis is down) keeps it consistent."""
+the pool (a single server, and a cluster replica whose Redis is down) keeps it consistent; the engine
+holds the one pool and lends it to the runner and the row table."""
 
 from __future__ import annotations
 
@@ -84,3 +85,18 @@ def test_a_cluster_replica_forgets_its_rows(tmp_path):
         assert other.row is None and store.rows.free_row() == 0
     finally:
         store.close()
+
+
+def test_the_engine_lends_its_one_pool(tmp_path):
+    from tests.tiny_models import tiny_engine
+
+    engine = tiny_engine(tmp_path)
+    try:
+        scheduler = engine.scheduler
+        assert isinstance(engine.cache, SinkCache)
+        assert scheduler.runner.cache is engine.cache and scheduler.store.rows.cache is engine.cache
+        assert scheduler.cache is engine.cache and scheduler.store.cache is engine.cache
+        session = scheduler.store.create("owner")
+        assert not hasattr(session, "cache") and session.rows is scheduler.store.rows
+    finally:
+        engine.stop()
