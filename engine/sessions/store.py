@@ -374,7 +374,7 @@ class SessionStore:
 
     def _store(self, session: Session, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Future:
         """Write a snapshot on the writer thread: ``data_dir/<id>.safetensors``, replaced atomically."""
-        return self._writer.submit(_atomic_save, tensors, meta, self.path(session.id))
+        return self._writer.submit(atomic_save, tensors, meta, self.path(session.id))
 
     def _read(self, session: Session) -> dict[str, torch.Tensor] | None:
         try:
@@ -451,7 +451,9 @@ def _state_bytes(state: dict[str, torch.Tensor] | None) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], target: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], target: Path) -> None:
+    """Write ``tensors`` and ``meta`` as safetensors to ``target``: a temporary file, synced, then renamed
+    (a crash never leaves half a file under the target's name)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     with open(tmp, "rb+") as handle:
