@@ -61,8 +61,10 @@ def test_a_family_that_declines_a_model_leaves_it_to_transformers(monkeypatch):
     model = tiny_model("qwen3")
     register(["qwen3"], Family("declining", CountingDecoder, lambda model, quantize: "not this one"))
     assert families.unsupported_reason(model, None) == "not this one"
-    model_type_only = Family("raising", _raising, lambda model, quantize: None)
-    register(["qwen3"], model_type_only)
+    runner = serving_runner(model, cache_for(model), None, max_rows=1)
+    assert runner.decoder is None
+    assert runner.model_info() == {"model_type": "qwen3", "family": "declining", "decode": "transformers"}
+    register(["qwen3"], Family("raising", _raising, lambda model, quantize: None))  # its class declines it
     runner = serving_runner(model, cache_for(model), None, max_rows=1)
     assert runner.decoder is None
     assert runner.model_info() == {"model_type": "qwen3", "family": "raising", "decode": "transformers"}

@@ -70,11 +70,11 @@ def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | No
 def owned_decoder(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int) -> Decoder | None:
     """The owned decode step for ``model``, its kernels tuned for up to ``max_rows`` rows; None (logged)
     when the model needs transformers' forward."""
-    family = family_of(model)
+    family, reason = family_of(model), unsupported_reason(model, quantize)
     try:
-        if family is None:
-            raise ValueError(unsupported_reason(model, quantize))
-        decoder = family.decoder(model, cache, quantize)  # checks the family's unsupported_reason first
+        if reason is not None:
+            raise ValueError(reason)
+        decoder = family.decoder(model, cache, quantize)  # may still decline the model (ValueError)
     except ValueError as exc:
         log.info("decoding %s with transformers' forward: %s", model.config.model_type, exc)
         return None
