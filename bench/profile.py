@@ -4,8 +4,8 @@ matching, the hand-off of token events, and scheduling/bookkeeping, at batch 1, 
 
 The engine carries no timing code. For the length of a run this suite wraps, in this process only:
 the scheduler instance's ``step`` (the whole step) and its runner's ``forward`` (split into decode and
-prefill passes by the number of tokens per row); the sampling functions the scheduler module calls
-(``penalize_logits``, ``filter_logits``, ``sample``, ``sample_batch``, ``token_logprobs``); the ``push`` /
+prefill passes by the number of tokens per row); the sampling functions the output processor calls
+(engine/scheduling/output.py: ``penalize_logits``, ``filter_logits``, ``sample``, ``sample_batch``, ``token_logprobs``); the ``push`` /
 ``flush`` methods of :class:`~engine.scheduling.stops.IncrementalDetokenizer` and :class:`~engine.scheduling.stops.StopMatcher`;
 and ``emit`` of the scheduler's request (the hand-off to the event loop). Everything else a step spends
 is "bookkeeping" (batching, cache rows, session sync, finishing); "between" is the time from one step's
@@ -34,6 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 
+import engine.scheduling.output as output_module
 import engine.scheduling.scheduler as scheduler_module
 from bench.common import environment, history_ids, markdown_table, write_report
 from engine.events import FinishEvent, TokenEvent
@@ -109,8 +110,8 @@ def instrument(scheduler) -> Iterator[StepClock]:
 
     patch(runner, "forward", clock.timed_forward(runner.forward))
     for name in SAMPLING_FUNCTIONS:
-        if hasattr(scheduler_module, name):
-            patch(scheduler_module, name, clock.timed(getattr(scheduler_module, name), "sampling"))
+        if hasattr(output_module, name):
+            patch(output_module, name, clock.timed(getattr(output_module, name), "sampling"))
     for cls in (IncrementalDetokenizer, StopMatcher):
         for name in ("push", "flush"):
             patch(cls, name, clock.timed(getattr(cls, name), "detokenize"))

@@ -2,6 +2,11 @@
 
 Callers (the HTTP server, benchmarks, tests) use only this class and the types in ``engine.events``,
 ``engine.scheduling.sampling`` and ``engine.errors``. It knows nothing of HTTP or OpenAI field names.
+
+The engine builds the cache pool (:class:`~engine.cache.sink.SinkCache`, one row per resident session) and
+holds it (``Engine.cache``); it lends it to the two pieces that work on it: the runner, whose passes
+write it, and the session store's row table, which decides what each row holds. Nothing else keeps one:
+the scheduler reads the runner's, a session reads its row through the table.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.loaded = loaded
+        self.cache: SinkCache | None = None  # the cache pool, built at start and lent (module docstring)
         self.scheduler: Scheduler | None = None
         self._encoder: PromptEncoder | None = None
         self._grammars: GrammarCompiler | None = None
@@ -75,7 +81,7 @@ class Engine:
             memory_budget_bytes=cache_budget_bytes(loaded.device, self.config.memory_budget_bytes),
         )
         rows = self.rows_for_budget(loaded)
-        cache = SinkCache(
+        self.cache = cache = SinkCache(
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
             loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
         )
@@ -234,6 +240,11 @@ class Engine:
             )
         return pinned
 
+    def model_info(self) -> dict[str, str | None] | None:
+        """The model's ``model_type``, its family in the registry (engine/model/families; None when it has
+        none) and its decode path, ``owned`` or ``transformers``; None while loading."""
+        return self.scheduler.runner.model_info() if self.scheduler is not None else None
+
     def health(self) -> tuple[bool, str | None]:
         """(healthy, why not): unhealthy while loading, or after several engine steps in a row failed."""
         if self.scheduler is None:
@@ -324,7 +335,7 @@ class Engine:
             "sessions": len(s.store.sessions),
             "resident_cache_bytes": s.store.resident_bytes(),
             "host_cache_bytes": s.store.host_bytes(),
-            "cache_budget_bytes": s.cache.rows * s.cache.bytes_per_row,
+            "cache_budget_bytes": self.cache.rows * self.cache.bytes_per_row,
             **self._store_stats(),
         }
 

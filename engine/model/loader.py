@@ -33,7 +33,7 @@ from engine.cache.rope import UnsupportedModelError, check_rope, layer_inv_freqs
 from engine.cache.sink import CacheShape
 from engine.config import SAMPLING_DEFAULT_FIELDS, EngineConfig
 from engine.model.device import log_device, on_own_thread, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
-from engine.model.families.llama import unsupported_reason
+from engine.model.families import unsupported_reason
 from engine.model.quantize import quantize
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def in_process_memory(model: torch.nn.Module) -> None:
 
 
 def owns_int4_decode(model: torch.nn.Module, mode: str | None, config: EngineConfig) -> bool:
-    """Whether int4 decoding will run through the owned decode step (engine/model/families/llama.py), which builds
+    """Whether int4 decoding will run through an owned decode step (engine/model/families), which builds
     its own fused 4-bit weights: then transformers' Linear modules are left float, since they only run
     prefill, which uses the float weights anyway (engine/model/runner.py). Swapping them for
     :class:`~engine.model.quantize.Int4Linear` would only add a second 4-bit copy and a packed copy of the output

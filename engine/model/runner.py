@@ -3,29 +3,32 @@
 The model is an unmodified transformers causal LM. We hand it, per pass, a :class:`~engine.cache.sink.CacheStep`
 as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, so transformers' own
 attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched. Decode steps of a
-Llama-family model run through our own step instead (``decoder``, :mod:`engine.model.families.llama`), which
-writes the same cache slots and is tested against transformers' forward.
+model whose family owns its step run through that step instead (``decoder``, from the family registry in
+:mod:`engine.model.families`), which writes the same cache slots and is tested against transformers' forward.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
 
 from engine.cache.sink import SinkCache
-from engine.model.families.llama import LlamaDecoder, owned_decoder
+from engine.model.families import Decoder, model_info, owned_decoder
 from engine.model.quantize import float_weights
+
+log = logging.getLogger(__name__)
 
 
 class Runner:
     """Runs prefill chunks and batched decode steps of a model against a :class:`SinkCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False,
-                 decoder: LlamaDecoder | None = None) -> None:
+                 decoder: Decoder | None = None) -> None:
         self.model = model
-        self.cache = cache
+        self.cache = cache  # lent by its builder (the engine's pool, or a benchmark's or test's)
         self.decoder = decoder  # decode steps through the owned step (serving_runner decides)
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
         # rotary, activations); prefill stays eager (large matmuls dominate it anyway)
@@ -84,6 +87,10 @@ class Runner:
             step.undo()  # a failed pass leaves every row as it was
             raise
         return logits if all_logits else logits[:, -1]
+
+    def model_info(self) -> dict[str, str | None]:
+        """The model's type, its family and the path its decode steps take (engine/model/families)."""
+        return model_info(self.model, self.decoder)
 
     @property
     def batch_prefill(self) -> bool:
@@ -158,5 +165,7 @@ def serving_runner(model: torch.nn.Module, cache: SinkCache, quantize: str | Non
                    compile_decode: bool = False) -> Runner:
     """The runner the server decodes with: the owned decode step where it covers the model (kernels tuned
     for up to ``max_rows`` rows), transformers' forward otherwise or when compiling."""
+    if compile_decode:
+        log.info("decoding %s with transformers' forward, compiled", model.config.model_type)
     decoder = None if compile_decode else owned_decoder(model, cache, quantize, max_rows)
     return Runner(model, cache, compile_decode=compile_decode, decoder=decoder)

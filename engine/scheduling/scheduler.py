@@ -1,8 +1,9 @@
 """The scheduler: one worker thread that turns queued requests into batched forward passes.
 
 Each step reads as a sentence (after nano-vllm): admit waiting requests, run one prefill chunk of the
-oldest prefilling request, run one batched decode step for every decoding request, hand out the tokens.
-A long prompt therefore never stalls the other conversations: it advances one chunk per step while
+oldest prefilling request, run one batched decode step for every decoding request, process the outputs
+(:class:`~engine.scheduling.output.OutputProcessor`: grammar masks, sampling, detokenization, stops,
+logprobs). A long prompt therefore never stalls the other conversations: it advances one chunk per step while
 they keep decoding. All cache and session mutation happens on this thread.
 """
 
@@ -20,25 +21,16 @@ import torch
 
 from engine.cache.sink import SinkCache
 from engine.errors import EngineError, Overloaded, SessionBusy, ShuttingDown
-from engine.events import Admission, FinishEvent, TokenEvent, TokenLogprob, Usage
+from engine.events import Admission, FinishEvent, Usage
 from engine.model.runner import Runner
-from engine.scheduling.grammar import BatchMask, Constraint
-from engine.scheduling.sampling import (
-    SamplingParams,
-    filter_logits,
-    make_generator,
-    penalize_logits,
-    plain,
-    sample,
-    sample_batch,
-    token_logprobs,
-)
+from engine.scheduling.grammar import Constraint
+from engine.scheduling.output import OutputProcessor
+from engine.scheduling.sampling import SamplingParams, make_generator
 from engine.scheduling.stops import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer, StopMatcher
 from engine.sessions.store import Session, SessionStore
 
 log = logging.getLogger(__name__)
 
-REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks at, besides every generated token
 MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
 
 
@@ -78,7 +70,6 @@ class Scheduler:
 
     def __init__(self, runner: Runner, store: SessionStore, tokenizer, eos_ids: set[int], config) -> None:
         self.runner = runner
-        self.cache: SinkCache = runner.cache
         self.store = store
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -95,12 +86,17 @@ class Scheduler:
                          # inter-token gap is made of, as the server sees it
                          "decode_steps": 0, "decode_rows": 0, "decode_forward_seconds": 0.0, "decode_seconds": 0.0}
         self.failed_in_a_row = 0
-        self.masks: BatchMask | None = None  # built at the first constrained request
+        self.output = OutputProcessor(tokenizer, eos_ids, config.max_batch, self.counters, self._finish)
         self.last_failure: str | None = None
         self._stop = threading.Event()
         self._draining = False
         self._wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
+
+    @property
+    def cache(self) -> SinkCache:
+        """The cache pool, as lent to the runner (engine/engine.py builds and holds it)."""
+        return self.runner.cache
 
     # ----- called from the event loop ----------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -323,8 +319,8 @@ class Scheduler:
         """``chunk`` is in the request's cache row; ``logits`` (1, V) of its last token."""
         request.session.extend(chunk)
         del request.pending[: len(chunk)]
-        if not request.pending and self._constrain([request], logits):
-            self._sample(request, logits[0])
+        if not request.pending:
+            self.output.after_prefill(request, logits)
 
     def _decode(self, requests: list[Request]) -> None:
         start = time.perf_counter()
@@ -344,67 +340,7 @@ class Scheduler:
         counters["decode_rows"] += len(rows)
         for request, token in zip(requests, tokens, strict=True):  # every row was fed: record it first
             request.session.extend([token])
-        live = self._constrain(requests, logits)
-        # rows with plain settings (no penalties, bias, seed or logprobs) are drawn together: one op sequence
-        plain_rows = [i for i, r in enumerate(requests) if r in live and plain(r.params)]
-        batch = logits if len(plain_rows) == len(requests) else logits[plain_rows]  # (B', V)
-        drawn = dict(zip(plain_rows, sample_batch(batch, [requests[i].params for i in plain_rows]), strict=True)) \
-            if plain_rows else {}
-        for i, (request, row_logits) in enumerate(zip(requests, logits, strict=True)):
-            if request in live:
-                self._sample(request, row_logits, drawn.get(i))  # the others: the per-row reference path
-
-    def _constrain(self, requests: list[Request], logits: torch.Tensor) -> list[Request]:
-        """Mask the constrained rows' ``logits`` (B, V) in place to their grammar's allowed tokens; the
-        requests whose grammar allows none end with an error. Returns the requests still live."""
-        constraints = [r.constraint for r in requests]
-        if all(c is None for c in constraints):
-            return requests
-        if self.masks is None:
-            self.masks = BatchMask(self.config.max_batch, logits.shape[-1])
-        with torch.inference_mode():  # the logits are inference tensors: masked in place
-            dead = set(self.masks.apply(logits, constraints))
-        for i in sorted(dead):
-            why = requests[i].constraint.error or "no token can continue the required format"
-            self._finish(requests[i], "error", error=f"constrained decoding stopped: {why}")
-        return [r for i, r in enumerate(requests) if i not in dead]
-
-    def _sample(self, request: Request, logits: torch.Tensor, token: int | None = None) -> None:
-        """Take the next token from ``logits`` (V,), or ``token`` when the batched sampler drew it already."""
-        params = request.params
-        penalized = None  # only rows with logprobs need it, and those are never drawn in the batch
-        if token is None:
-            context = request.prompt[-REPETITION_CONTEXT:] + request.generated
-            penalized = penalize_logits(logits, params, context, request.generated)
-            token = sample(filter_logits(penalized, params), params, request.generator)
-        request.generated.append(token)
-        self.counters["generated_tokens"] += 1
-        constraint = request.constraint
-        if constraint is not None and not constraint.accept(token):  # the mask allowed it: a grammar bug
-            self._finish(request, "error", error=f"constrained decoding stopped: {constraint.error}")
-            return
-        if token in self.eos_ids and (not params.ignore_eos or constraint is not None):
-            self._finish(request, "stop")  # under a grammar, a stop token comes only where it may end
-            return
-        logprob, top = self._logprobs(penalized, token, params)
-        text, stopped = request.stops.push(request.detok.push(token))
-        request.emit(TokenEvent(text=text, token_id=token, logprob=logprob, top_logprobs=top))
-        if stopped or (constraint is not None and constraint.is_finished()):
-            self._finish(request, "stop", flush=not stopped)
-        elif len(request.generated) >= params.max_tokens:
-            self._finish(request, "length")
-        else:
-            request.next_token = token
-
-    def _logprobs(self, penalized: torch.Tensor, token: int, params: SamplingParams):
-        if not params.logprobs:
-            return None, []
-        chosen, alternatives = token_logprobs(penalized, token, params.top_logprobs)
-        return self._token_logprob(token, chosen), [self._token_logprob(t, lp) for t, lp in alternatives]
-
-    def _token_logprob(self, token: int, logprob: float) -> TokenLogprob:
-        text = self.tokenizer.decode([token])
-        return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        self.output.after_decode(requests, logits)
 
     def _finish(self, request: Request, reason: str, error: str | None = None, flush: bool = True) -> None:
         if request.done:

@@ -53,7 +53,7 @@ from engine.sessions.shared_index import (
     SessionRecord,
     SharedIndex,
 )
-from engine.sessions.store import Session, SessionStore, _atomic_save, check_session_id
+from engine.sessions.store import Session, SessionStore, atomic_save, check_session_id
 from engine.sessions.versions import collect_garbage, collect_temp_files, saved_versions, version_path
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class ClusterSessionStore(SessionStore):
         try:
             version = self._new_version(session_id)
             path = version_path(self.data_dir, session_id, version)
-            _atomic_save(tensors, meta, path)
+            atomic_save(tensors, meta, path)
             self.published[session_id] = (version, path.name)
             try:
                 self.index.publish(session_id, owner, version, path.name, tensors["tokens"].tolist(), boundaries,
@@ -311,9 +311,8 @@ class ClusterSessionStore(SessionStore):
 
     def _forget(self, session: Session) -> None:
         """Drop the local copy only (the shared files and the index stay)."""
-        if session.row is not None:
-            self.row_owner[session.row] = None
-            session.row = None
+        if self.sessions.get(session.id) is session:
+            self.rows.release(session.id)
         session.host_state = None
         with self._lock:
             if self.sessions.get(session.id) is session:

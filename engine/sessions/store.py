@@ -2,7 +2,9 @@
 
 A session is the stream of tokens the model has seen (prompts, generated tokens) plus its sink cache.
 Its cache lives in one of three places, moved by least-recent use within memory budgets:
-- ``device``: a row of the shared :class:`~engine.cache.sink.SinkCache` pool (the pool's size is the budget);
+- ``device``: a row of the shared :class:`~engine.cache.sink.SinkCache` pool (the pool's size is the budget),
+  lent to the store by the engine; which session holds which row is recorded once, in its
+  :class:`~engine.sessions.rows.RowTable`;
 - ``host``: an exported copy in host memory (``host_budget_bytes``);
 - ``disk``: ``data_dir/<id>.safetensors`` (keys, values, tokens, metadata), written atomically
   (temporary file + rename) after every completed turn, when it leaves memory, and on shutdown.
@@ -44,6 +46,7 @@ from safetensors.torch import save_file
 
 from engine.cache.sink import RowState, SinkCache
 from engine.errors import InvalidRequest, SessionNotFound
+from engine.sessions.rows import RowTable
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,17 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     """A conversation's token stream and where its cache lives.
 
-    Its counters (slots in use, pinned, evicted) are read from its cache row when resident, else from
-    ``parked``, the counters of the copy in host memory or on disk: never kept in step by hand."""
+    Its row and counters (slots in use, pinned, evicted) are read from the pool's row table when it is
+    resident, else from ``parked``, the counters of the copy in host memory or on disk: never kept in step
+    by hand."""
 
     id: str
     owner: str
-    cache: SinkCache = field(repr=False)
+    rows: RowTable = field(repr=False)
     tokens: list[int] = field(default_factory=list)  # the stream the cache reflects
     parked: RowState = field(default_factory=lambda: RowState(0, 0))
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    row: int | None = None  # device row when resident
     host_state: dict[str, torch.Tensor] | None = None
     on_disk: bool = False
     busy: bool = False
@@ -94,8 +97,14 @@ class Session:
     saved_version: int = -1  # version of the last saved copy
 
     @property
+    def row(self) -> int | None:
+        """The pool row it holds (None: not resident)."""
+        return self.rows.row_of(self.id)
+
+    @property
     def state(self) -> RowState:
-        return self.cache.state(self.row) if self.row is not None else self.parked
+        state = self.rows.state(self.id)
+        return state if state is not None else self.parked
 
     @property
     def evicted(self) -> int:
@@ -153,16 +162,20 @@ class SessionStore:
     replica: str | None = None  # this server's name in a cluster (engine/sessions/cluster.py)
 
     def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
-        self.cache = cache
+        self.rows = RowTable(cache)  # the lent pool and which session holds each of its rows
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.host_budget = host_budget_bytes
         self.ttl_s = ttl_s
         self.sessions: dict[str, Session] = {}
-        self.row_owner: list[str | None] = [None] * cache.rows
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-writer")
         self._lock = threading.Lock()  # guards `sessions` for readers on other threads
         self._load_index()
+
+    @property
+    def cache(self) -> SinkCache:
+        """The cache pool, lent to the store through its row table."""
+        return self.rows.cache
 
     # ----- lookup ------------------------------------------------------------------------------------
     def get(self, owner: str, session_id: str) -> Session:
@@ -176,7 +189,7 @@ class SessionStore:
         if session_id in self.sessions:
             raise SessionNotFound(f"session {session_id!r} not found")  # someone else's: never reveal it
         pinned = self.cache.sink_tokens if pinned is None else pinned
-        session = Session(id=session_id, owner=owner, cache=self.cache, parked=RowState(0, pinned))
+        session = Session(id=session_id, owner=owner, rows=self.rows, parked=RowState(0, pinned))
         with self._lock:
             self.sessions[session_id] = session
         return session
@@ -237,7 +250,7 @@ class SessionStore:
         """A new session of the same owner whose cache is ``source``'s first ``keep`` stream tokens."""
         row = self._free_row(protect)  # may move the source itself out: then its host copy is copied
         child = self.create(source.owner, pinned=pinned)
-        self.row_owner[row], child.row = child.id, row
+        self.rows.assign(row, child.id)
         if source.row is not None:
             self.cache.copy_row(source.row, row)
         else:
@@ -263,8 +276,7 @@ class SessionStore:
         if session.row is not None:
             return session.row
         row = self._free_row(protect | {session.id})
-        self.row_owner[row] = session.id
-        session.row = row
+        self.rows.assign(row, session.id)
         state = session.host_state or (self._read(session) if session.on_disk else None)
         if state is None:
             self.cache.reset(row, session.parked.pinned)
@@ -274,10 +286,10 @@ class SessionStore:
         return row
 
     def _free_row(self, protect: set[str]) -> int:
-        for row, owner in enumerate(self.row_owner):
-            if owner is None:
-                return row
-        candidates = [self.sessions[o] for o in self.row_owner if o and o not in protect]
+        row = self.rows.free_row()
+        if row is not None:
+            return row
+        candidates = [self.sessions[o] for o in self.rows.holders() if o not in protect]
         candidates = [s for s in candidates if not s.busy]
         if not candidates:
             raise RuntimeError("no cache row free: every resident session is busy")
@@ -291,8 +303,7 @@ class SessionStore:
         assert session.row is not None
         session.parked = session.state
         session.host_state = self.cache.export_row(session.row)
-        self.row_owner[session.row] = None
-        session.row = None
+        self.rows.release(session.id)
         self._trim_host()
 
     def _trim_host(self) -> None:
@@ -314,16 +325,11 @@ class SessionStore:
         for target, session in enumerate(sessions):
             if session.row == target:
                 continue
-            other = self.row_owner[target]
-            self.cache.swap_rows(target, session.row)
-            self.row_owner[target], self.row_owner[session.row] = session.id, other
-            if other is not None:
-                self.sessions[other].row = session.row
-            session.row = target
+            self.rows.swap(target, session.row)
         return [s.row for s in sessions]
 
     def resident_bytes(self) -> int:
-        return sum(1 for o in self.row_owner if o is not None) * self.cache.bytes_per_row
+        return len(self.rows) * self.cache.bytes_per_row
 
     def host_bytes(self) -> int:
         return sum(_state_bytes(s.host_state) for s in self.sessions.values() if s.host_state is not None)
@@ -368,7 +374,7 @@ class SessionStore:
 
     def _store(self, session: Session, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Future:
         """Write a snapshot on the writer thread: ``data_dir/<id>.safetensors``, replaced atomically."""
-        return self._writer.submit(_atomic_save, tensors, meta, self.path(session.id))
+        return self._writer.submit(atomic_save, tensors, meta, self.path(session.id))
 
     def _read(self, session: Session) -> dict[str, torch.Tensor] | None:
         try:
@@ -405,7 +411,7 @@ class SessionStore:
             return Session(
                 id=check_session_id(meta["id"]),
                 owner=meta["owner"],
-                cache=self.cache,
+                rows=self.rows,
                 tokens=tokens,
                 parked=RowState(n, pinned, evicted),
                 created=float(meta["created"]),
@@ -419,9 +425,7 @@ class SessionStore:
 
     # ----- removal -----------------------------------------------------------------------------------
     def delete(self, session: Session) -> None:
-        if session.row is not None:
-            self.row_owner[session.row] = None
-            session.row = None
+        self.rows.release(session.id)
         with self._lock:
             self.sessions.pop(session.id, None)
         self._writer.submit(lambda: self.path(session.id).unlink(missing_ok=True)).result()
@@ -447,7 +451,9 @@ def _state_bytes(state: dict[str, torch.Tensor] | None) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], target: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], target: Path) -> None:
+    """Write ``tensors`` and ``meta`` as safetensors to ``target``: a temporary file, synced, then renamed
+    (a crash never leaves half a file under the target's name)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     with open(tmp, "rb+") as handle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import engine.scheduling.output as output_module
 import engine.scheduling.scheduler as scheduler_module
 from bench.profile import CATEGORIES, run_profile
 from engine.scheduling.stops import IncrementalDetokenizer
@@ -12,11 +13,11 @@ from tests.tiny_models import tiny_engine
 
 def test_profile_splits_decode_steps(tmp_path):
     engine = tiny_engine(tmp_path, window=60, max_positions=128, max_batch=4)
-    originals = (engine.scheduler.runner.forward, scheduler_module.sample, IncrementalDetokenizer.push,
+    originals = (engine.scheduler.runner.forward, output_module.sample, IncrementalDetokenizer.push,
                  scheduler_module.Request.emit)
     try:
         report = run_profile(engine, tmp_path / "out", batches=[1, 3, 8], prompt_tokens=12, max_tokens=6)
-        assert (engine.scheduler.runner.forward, scheduler_module.sample, IncrementalDetokenizer.push,
+        assert (engine.scheduler.runner.forward, output_module.sample, IncrementalDetokenizer.push,
                 scheduler_module.Request.emit) == originals
         assert "step" not in vars(engine.scheduler)
     finally:

@@ -79,7 +79,7 @@ def check_pinned_region(engine, session_id: str, prompt: list[int], pin_prefix: 
     pinned = engine.pinned_slots(pin_prefix)
     row = session.row
     assert cache.pinned[row] == pinned
-    spare = next(r for r, owner in enumerate(store.row_owner) if owner is None)
+    spare = store.rows.free_row()
     cache.reset(spare, pinned)
     runner.prefill(spare, prompt[:pinned], engine.config.chunk_size)
     for layer in range(cache.shape.num_layers):

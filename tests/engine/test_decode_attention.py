@@ -122,7 +122,7 @@ def test_the_owned_step_with_and_without_it():
     checks against transformers' forward)."""
     from engine.cache.sink import SinkCache
     from engine.config import EngineConfig
-    from engine.model.families.llama import owned_decoder
+    from engine.model.families import owned_decoder
     from engine.model.loader import prepare
     from engine.model.runner import Runner
     from tests.tiny_models import tiny_model

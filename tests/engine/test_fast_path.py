@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-import engine.scheduling.scheduler as scheduler_module
+import engine.scheduling.output as output_module
 from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
 from engine.events import TokenEvent
@@ -70,12 +70,12 @@ async def _generate_mixed(tmp_path) -> list[list[int]]:
 
 async def test_batched_sampling_leaves_the_tokens_unchanged(tmp_path, monkeypatch):
     calls = []
-    batched_sampler = scheduler_module.sample_batch
-    monkeypatch.setattr(scheduler_module, "sample_batch", lambda logits, params: calls.append(len(params))
+    batched_sampler = output_module.sample_batch
+    monkeypatch.setattr(output_module, "sample_batch", lambda logits, params: calls.append(len(params))
                         or batched_sampler(logits, params))
     batched = await _generate_mixed(tmp_path / "batched")
     assert calls and max(calls) == 4  # the plain rows: greedy, unseeded, top-k and min-p greedy
-    monkeypatch.setattr(scheduler_module, "plain", lambda params: False)  # every row through the per-row path
+    monkeypatch.setattr(output_module, "plain", lambda params: False)  # every row through the per-row path
     calls.clear()
     per_row = await _generate_mixed(tmp_path / "per-row")
     assert not calls

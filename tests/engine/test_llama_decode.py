@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
-from engine.model.families import llama
-from engine.model.families.llama import LlamaDecoder, owned_decoder, unsupported_reason
+from engine.model.families import llama, owned_decoder, unsupported_reason
+from engine.model.families.llama import LlamaDecoder
 from engine.model.kernels import int4_rows, int8_rows
 from engine.model.linear import (
     PREFILL_KERNEL,

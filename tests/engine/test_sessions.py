@@ -177,6 +177,6 @@ def test_compaction_puts_sessions_in_consecutive_rows_in_the_order_given(tmp_pat
     assert [s.row for s in batch] == [0, 1, 2]
     for session in sessions:  # every session's slots moved with it, the others' included
         marker = sessions.index(session) + 1
-        assert store.row_owner[session.row] == session.id
+        assert store.rows.owner_of(session.row) == session.id
         assert cache.k[0][session.row, :, :3].eq(marker).all()
 

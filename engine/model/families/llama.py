@@ -19,7 +19,8 @@ step that cost more than the arithmetic of a 135M model on a CPU. Following gpt-
 transformers' forward stays the reference: prefill chunks run through it, and tests/engine/test_llama_decode.py
 checks this step's logits and cache contents against it. Models it does not cover (biases aside, anything
 but RMSNorm + SiLU-gated MLP + RoPE attention, e.g. per-head q/k norms, learned sinks, sliding windows) keep
-transformers' forward for decoding too (:func:`unsupported_reason`).
+transformers' forward for decoding too (:func:`unsupported_reason`). The family is registered for
+``MODEL_TYPES`` in engine/model/families/__init__.py.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from engine.model.linear import (
     fewest_bytes,
     measure,
     pick,
-    release_freed_memory,
     row_bucket,
     row_buckets,
 )
@@ -80,19 +80,6 @@ def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | No
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp"
     return None
-
-
-def owned_decoder(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int) -> LlamaDecoder | None:
-    """The owned decode step for ``model``, its kernels tuned for up to ``max_rows`` rows; None (logged)
-    when the model needs transformers' forward."""
-    try:
-        decoder = LlamaDecoder(model, cache, quantize)  # checks unsupported_reason first
-    except ValueError as exc:
-        log.info("decoding with transformers' forward: %s", exc)
-        return None
-    decoder.tune(max_rows)
-    release_freed_memory()
-    return decoder
 
 
 @dataclass

@@ -19,7 +19,6 @@ on the CPU, :class:`~engine.model.families.llama.LlamaDecoder` keeps PyTorch's p
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
@@ -31,15 +30,8 @@ SIGNATURE = (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_voi
 MAX_HEAD_DIM = 256
 
 
-@cache
-def library() -> ctypes.CDLL | None:
-    """The kernel compiled for this CPU, built once per process; None (logged) where it cannot be built."""
-    return build("native")
-
-
-def build(march: str) -> ctypes.CDLL | None:
-    """The kernel compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None where it cannot be built."""
-    return native.build("decode_attention", march, {"decode_attention": SIGNATURE})
+# library(): the kernel built for this CPU, once; build(march): for another (native.loader)
+library, build = native.loader("decode_attention", {"decode_attention": SIGNATURE})
 
 
 def supports(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:

@@ -35,16 +35,8 @@ from engine.model.kernels import native
 BLOCK = native.MATMUL_BLOCK  # outputs per block of the layout
 
 
-@cache
-def library() -> ctypes.CDLL | None:
-    """The kernels compiled for this CPU, built once per process; None (logged) where they cannot be built."""
-    return build("native")
-
-
-def build(march: str) -> ctypes.CDLL | None:
-    """The kernels compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None (logged) where they cannot
-    be built."""
-    return native.build("int4_rows", march, {"int4_rows_matmul": native.MATMUL_SIGNATURE,
+# library(): the kernels built for this CPU, once; build(march): for another (native.loader)
+library, build = native.loader("int4_rows", {"int4_rows_matmul": native.MATMUL_SIGNATURE,
                                              "int4_amx_matmul": native.MATMUL_SIGNATURE,
                                              "int4_amx_init": (ctypes.c_int, [])})
 

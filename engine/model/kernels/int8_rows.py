@@ -17,7 +17,6 @@ stays the head's 8-bit candidate (:func:`engine.model.linear.candidate_kernels`)
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
@@ -26,15 +25,8 @@ from engine.model.kernels import native
 BLOCK = native.MATMUL_BLOCK  # outputs per block of the layout
 
 
-@cache
-def library() -> ctypes.CDLL | None:
-    """The kernel compiled for this CPU, built once per process; None (logged) where it cannot be built."""
-    return build("native")
-
-
-def build(march: str) -> ctypes.CDLL | None:
-    """The kernel compiled for ``-march=march`` (:func:`engine.model.kernels.native.build`); None where it cannot be built."""
-    return native.build("int8_rows", march, {"int8_rows_matmul": native.MATMUL_SIGNATURE})
+# library(): the kernel built for this CPU, once; build(march): for another (native.loader)
+library, build = native.loader("int8_rows", {"int8_rows_matmul": native.MATMUL_SIGNATURE})
 
 
 def available() -> bool:

@@ -20,6 +20,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import torch  # first: its libgomp is the one the kernels' OpenMP resolves to (openmp_runtimes)
@@ -62,6 +64,22 @@ def build(name: str, march: str = "native", functions: dict[str, tuple] | None =
         getattr(lib, function).restype = restype
         getattr(lib, function).argtypes = argtypes
     return lib
+
+
+def loader(name: str, functions: dict[str, tuple]) -> tuple[Callable[[], ctypes.CDLL | None],
+                                                             Callable[[str], ctypes.CDLL | None]]:
+    """``(library, build)`` of the kernel ``kernels/<name>.c`` with ``functions`` declared: ``build(march)``
+    compiles and loads it for ``-march=march`` (:func:`build`; None, logged, where it cannot be built), and
+    ``library()`` is the build for this CPU, made once per process (``library.__wrapped__()`` builds anew)."""
+
+    def build_for(march: str) -> ctypes.CDLL | None:
+        return build(name, march, functions)
+
+    @cache
+    def library() -> ctypes.CDLL | None:
+        return build_for("native")
+
+    return library, build_for
 
 
 def openmp_runtimes() -> set[str]:
