@@ -49,10 +49,14 @@ def padded_inputs(rows: list[int], slots: list[int], tokens: list[int], bucket: 
     return [list(tokens) + [0] * pad, list(slots) + [0] * pad, list(rows) + [scratch_row] * pad]
 
 
-def to_device(values: list | list[list[int]], device: torch.device) -> torch.Tensor:
-    """Small integer inputs (int64) on ``device``: on a GPU copied from pinned memory without blocking the host
-    (the pinned block is not reused before the copy has run: PyTorch's host allocator records it)."""
+def host_inputs(values: list | list[list[int]], device: torch.device) -> torch.Tensor:
+    """Small integer inputs (int64) on the host, ready to cross to ``device``: in pinned memory for a GPU, so
+    that a ``non_blocking`` copy does not block the host (the pinned block is not reused before the copy has
+    run: PyTorch's host allocator records the copy's stream)."""
     host = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+def to_device(values: list | list[list[int]], device: torch.device) -> torch.Tensor:
+    """Small integer inputs (int64) on ``device``, through pinned memory without blocking on a GPU."""
+    return host_inputs(values, device).to(device, non_blocking=True)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache.sink import SinkCache
-from engine.model.buckets import padded_inputs, to_device
+from engine.model.buckets import host_inputs, padded_inputs, to_device
 
 if TYPE_CHECKING:
     from engine.model.families.llama import LlamaDecoder
@@ -78,7 +78,7 @@ class StaticStep:
     def load(self, rows: list[int], slots: list[int], tokens: list[int]) -> None:
         """Copy a step's inputs, padded to the bucket, into the static buffer (one transfer, not blocking on a GPU)."""
         values = padded_inputs(rows, slots, tokens, self.bucket, self.cache.scratch_row)
-        self.inputs.copy_(to_device(values, self.device), non_blocking=True)
+        self.inputs.copy_(host_inputs(values, self.device), non_blocking=True)
 
     def compute(self) -> torch.Tensor:
         """The step over the static buffer, eagerly: logits (bucket, V) in float32."""
@@ -110,7 +110,7 @@ class StaticStep:
         """Record the step in a CUDA graph over the idle buffer (every row the scratch row's slot 0, so the
         warm-up runs write nothing a session owns): warmed on a side stream first, as PyTorch's CUDA graph
         notes ask. ``pool``: a memory pool shared by the buckets' graphs."""
-        self.inputs.copy_(to_device(padded_inputs([], [], [], self.bucket, self.cache.scratch_row), self.device))
+        self.load([], [], [])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
