@@ -4,7 +4,10 @@ The model is an unmodified transformers causal LM. We hand it, per pass, a :clas
 as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, so transformers' own
 attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched. Decode steps of a
 Llama-family model run through our own step instead (``decoder``, :mod:`engine.model.families.llama`), which
-writes the same cache slots and is tested against transformers' forward.
+writes the same cache slots and is tested against transformers' forward. With ``buckets`` (on by default
+where the cache has a scratch row, which the engine gives it on CUDA), decode batches are padded to bucket
+sizes and run over static buffers, replayed from a CUDA graph per bucket captured at :meth:`Runner.warm_up`
+(:mod:`engine.model.buckets`, :mod:`engine.model.graphs`).
 """
 
 from __future__ import annotations
