@@ -245,3 +245,31 @@ def test_an_engine_padding_its_batches_never_lends_the_scratch_row(tmp_path, mon
     finally:
         for engine in engines.values():
             engine.stop()
+
+
+def test_on_a_gpu_only_captured_graphs_serve_and_a_failed_capture_falls_back_to_eager(monkeypatch, caplog):
+    """The capture itself needs CUDA (tests/gpu/test_graphs_cuda.py); its bookkeeping is checked here with the
+    capture faked: a bucket whose capture fails is logged and decodes eagerly, unpadded."""
+    from engine.model import graphs
+
+    eager, padded = pair(attention_kernel=False)
+    steps = padded.static_steps
+    steps.cuda = True  # as on a GPU: a static step serves only once its graph is captured
+    assert steps.step_for([0, 1, 2]) is None
+
+    def fake_capture(self, pool=None):
+        if self.bucket == 4:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.graph = "captured"
+
+    monkeypatch.setattr(graphs.StaticStep, "capture", fake_capture)
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(graphs.torch.cuda, "synchronize", lambda device=None: None)
+    with caplog.at_level("WARNING", logger="engine.model.graphs"):
+        steps.capture()
+    assert steps.captures == 3 and list(steps.failures) == [4]
+    assert "4-row decode step not captured" in caplog.text
+    assert steps.step_for([0, 1, 2]) is None  # its bucket's capture failed: eager, unpadded
+    assert steps.step_for([0, 1, 2, 3, 4]) is steps.steps[8]
+    assert steps.step_for([0]) is steps.steps[1]
+    torch.testing.assert_close(padded.decode([0, 1, 2], [1, 2, 3]), eager.decode([0, 1, 2], [1, 2, 3]))
