@@ -75,8 +75,9 @@ class Engine:
             self.config, max_batch=max_batch,
             memory_budget_bytes=cache_budget_bytes(loaded.device, self.config.memory_budget_bytes),
         )
-        # decode batches padded to buckets (CUDA graphs on a GPU) write their padding rows to a scratch row
-        padded = pad_decode_batches(loaded.device, getattr(self.config, "decode_buckets", None))
+        # decode batches padded to buckets (CUDA graphs on a GPU) write their padding rows to a scratch row;
+        # torch.compile's forward (transformers') decodes unpadded
+        padded = not self.config.compile and pad_decode_batches(loaded.device, getattr(self.config, "decode_buckets", None))
         rows = self.rows_for_budget(loaded, reserved=int(padded))
         cache = SinkCache(
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
