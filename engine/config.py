@@ -117,6 +117,11 @@ class EngineConfig:
                                   help="auto (default: int4 on CPU for Q4_1 GGUF weights), none, int4, int8")
     compile: bool = option(False, help="torch.compile the decode step (a faster decode after a slow first start)")
     threads: int | None = option(None, help="torch threads on CPU (default: torch's choice)")
+    # decode batches padded to buckets of 1, 2, 4, ... rows over static buffers, replayed from CUDA graphs on
+    # a GPU (engine/model/buckets.py, engine/model/graphs.py); "auto": on for CUDA, off for a CPU
+    decode_buckets: str = option("auto", choices=("auto", "on", "off"),
+                                 help="pad decode batches to buckets (CUDA graphs on a GPU): auto (default: on "
+                                      "for CUDA, off for a CPU), on, off")
     # the operator's defaults for omitted request fields (names in SAMPLING_DEFAULT_FIELDS), over the model's;
     # int | float, so that top_k stays an int through the settings' parsing
     sampling_defaults: dict[str, int | float] | None = option(
@@ -130,6 +135,8 @@ class EngineConfig:
                                  help="this replica's name in the cluster (default: the host name)")
 
     def __post_init__(self) -> None:
+        if self.decode_buckets not in ("auto", "on", "off"):
+            raise ValueError(f"decode_buckets must be auto, on or off, got {self.decode_buckets!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, got {self.dtype!r}")
         if self.sink_tokens < 0:

@@ -23,6 +23,7 @@ from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest, NotReady, SessionBusy
 from engine.events import Generation
+from engine.model.buckets import pad_decode_batches
 from engine.model.device import cache_budget_bytes, default_max_batch, on_own_thread, pool_rows
 from engine.model.linear import release_freed_memory
 from engine.model.loader import LoadedModel, load
@@ -80,16 +81,21 @@ class Engine:
             self.config, max_batch=max_batch,
             memory_budget_bytes=cache_budget_bytes(loaded.device, self.config.memory_budget_bytes),
         )
-        rows = self.rows_for_budget(loaded)
+        # decode batches padded to buckets (CUDA graphs on a GPU) write their padding rows to a scratch row;
+        # torch.compile's forward (transformers') decodes unpadded
+        padded = not self.config.compile and pad_decode_batches(loaded.device, {"auto": None, "on": True, "off": False}[self.config.decode_buckets])
+        rows = self.rows_for_budget(loaded, reserved=int(padded))
         self.cache = cache = SinkCache(
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,
-            loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device,
+            loaded.inv_freqs, dtype=loaded.dtype, device=loaded.device, scratch_row=padded,
         )
         store = self._session_store(cache, loaded.name)
         runner = serving_runner(loaded.model, cache, loaded.quantize, max_batch, compile_decode=self.config.compile)
         if self.config.compile:
             log.info("compiling the decode step (a minute or two on a small CPU)")
             runner.warm_up()
+        elif runner.buckets:  # every bucket's step (and CUDA graph) before the first request
+            runner.warm_up(max_batch=max_batch)
         # the owned step runs every pass: its weight copies suffice
         released = runner.release_transformers_layers() if owns_model else 0
         if released:
@@ -128,10 +134,11 @@ class Engine:
             return None
         return "up" if check() else "down"
 
-    def rows_for_budget(self, loaded: LoadedModel) -> int:
+    def rows_for_budget(self, loaded: LoadedModel, reserved: int = 0) -> int:
+        """Session rows of the cache pool, beside ``reserved`` rows of the budget that no session owns."""
         per_row = self.config.cache_size * loaded.shape.bytes_per_token(loaded.dtype)
         budget = cache_budget_bytes(loaded.device, self.config.memory_budget_bytes)
-        return pool_rows(budget, per_row, self.config.max_resident_sessions)
+        return pool_rows(budget, per_row, self.config.max_resident_sessions, reserved)
 
     @property
     def ready(self) -> bool:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA check in one run: the tests/gpu suite, then scripts/bench_gpu.sh, within 10 minutes; exits non-zero
-# on any failure. Prints nvidia-smi and torch.version.cuda first.
+# The CUDA check in one run, within 10 minutes: the tests/gpu suite (CUDA graphs of the decode buckets against
+# eager decoding included), a 20k-token streaming perplexity in bfloat16 against float32 (within 1%), then
+# scripts/bench_gpu.sh (bench api through a real `serve` at 1, 8 and 64 streaming clients among them); prints
+# one summary and exits non-zero on any failure. Prints nvidia-smi and torch.version.cuda first.
 #
 #   scripts/gpu_check.sh --download-wheels [DIR]   here, with a package index: the packages the GPU machine
 #                                                  lacks, as CPython 3.12 x86-64 wheels, plus SmolLM2's
@@ -27,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --dry-run) mode=dry ;;
         --download-wheels) mode=download; if [[ $# -gt 1 && "$2" != -* ]]; then wheels="$2"; shift; fi ;;
         --wheels) wheels="${2:?--wheels needs a folder}"; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "[gpu_check] error: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -73,6 +75,7 @@ EOF
 fi
 
 failed=()
+summary=()
 if [[ "$mode" == dry ]]; then
     say "dry run on $(uname -m), $("$python" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available:", torch.cuda.is_available())')"
     if [[ -d "$wheels" ]]; then
@@ -83,6 +86,7 @@ if [[ "$mode" == dry ]]; then
     fi
     bash -n scripts/bench_gpu.sh || failed+=(bench_gpu.sh-syntax)
     "$python" scripts/bench_gpu.py --help >/dev/null || failed+=(bench_gpu.py)
+    "$python" -m engine.evaluate.cli ppl --help >/dev/null || failed+=(eval-ppl)
     # every test is collected and skipped with its reason (-rs); a failure to import fails the dry run
     timeout 300 "$python" -m pytest -q -rs -p no:cacheprovider tests/gpu || failed+=(tests/gpu)
 else
@@ -110,24 +114,45 @@ print(f"[gpu_check] {describe(resolve_device('cuda'))}")
 EOF
     export PYTHONUNBUFFERED=1
     left=$((budget - (SECONDS - started)))
-    timeout --signal=INT --kill-after=15 "$((left > 330 ? left - 310 : 30))" \
+    timeout --signal=INT --kill-after=15 "$((left > 400 ? left - 370 : 30))" \
         "$python" -m pytest -v -rs -p no:cacheprovider --durations=10 tests/gpu || failed+=(tests/gpu)
+    bench_flags=()
+    if [[ -d "$wheels/smollm2" ]]; then
+        model="${TMPDIR:-/tmp}/sinkserve-smollm2-random"
+        "$python" scripts/bench_gpu.py --make-random-model "$wheels/smollm2" "$model"
+        bench_flags=(--model "$model")
+    fi
+    # bf16 against float32 over the same stream, the sink cache rolling (on a model of random weights where
+    # the 538 MB one cannot be carried: the bf16 path's arithmetic, not the model's quality)
+    ppl_out="${SINKSERVE_BENCH_OUT:-docs/results/gpu}/ppl"
+    for dtype in bfloat16 float32; do
+        timeout --signal=INT --kill-after=10 60 "$python" -m engine.evaluate.cli ppl --tokens 20000 --mode sink \
+            --dtype "$dtype" --quantize none --out "$ppl_out/$dtype" "${bench_flags[@]}" || failed+=("ppl-$dtype")
+    done
+    if [[ -f "$ppl_out/bfloat16/ppl.json" && -f "$ppl_out/float32/ppl.json" ]]; then
+        if line="$("$python" scripts/gpu_check_ppl.py "$ppl_out/bfloat16/ppl.json" "$ppl_out/float32/ppl.json")"; then
+            summary+=("$line")
+        else
+            summary+=("$line")
+            failed+=(ppl-bf16-vs-float32)
+        fi
+    fi
     left=$((budget - (SECONDS - started)))
     if ((left < 60)); then
         say "error: only ${left}s left for the benchmarks"
         failed+=(bench_gpu-no-time)
     else
-        bench_flags=()
-        if [[ -d "$wheels/smollm2" ]]; then
-            model="${TMPDIR:-/tmp}/sinkserve-smollm2-random"
-            "$python" scripts/bench_gpu.py --make-random-model "$wheels/smollm2" "$model"
-            bench_flags=(--model "$model")
-        fi
         SINKSERVE_BENCH_TIMEOUT=$((left - 10 < 300 ? left - 10 : 300)) PYTHON="$python" \
             scripts/bench_gpu.sh "${bench_flags[@]}" || failed+=(bench_gpu.sh)
     fi
 fi
 
+for line in "${summary[@]}"; do
+    say "$line"
+done
+if [[ "$mode" == run ]]; then
+    say "benchmark results (bench api: 1, 8 and 64 streaming clients): ${SINKSERVE_BENCH_OUT:-docs/results/gpu}/"
+fi
 if ((${#failed[@]})); then
     say "FAILED: ${failed[*]} ($((SECONDS - started)) s)"
     exit 1

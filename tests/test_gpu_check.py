@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_skips_with_reasons(tmp_path):
     assert proc.returncode == 0, out
     assert "[wheels] " in out and "requirements and imports: OK" in out
     assert "SKIPPED" in out and "needs a CUDA GPU: torch.cuda.is_available() is False" in out
-    assert "buckets" in out  # a feature not built yet is named in its skip reason
+    assert "tests/gpu/test_graphs_cuda.py" in out  # the CUDA graphs of the decode buckets are collected
     assert " passed" not in out.split("[gpu_check] all passed")[0]  # nothing ran on the CPU
     assert "all passed" in out
 
@@ -34,3 +34,26 @@ def test_gpu_check_rejects_unknown_options():
     proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--bogus"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2 and "unknown option" in proc.stderr
+
+
+def _report(ppl: float, tokens: int = 20000, model: str = "smollm2-random") -> dict:
+    return {"tokens": tokens, "model": model, "device": "cuda:0", "modes": {"sink": {"ppl": ppl}}}
+
+
+def test_the_perplexity_check_allows_one_percent(tmp_path):
+    import json
+
+    script = ROOT / "scripts/gpu_check_ppl.py"
+
+    def check(bf16: dict, f32: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "a.json").write_text(json.dumps(bf16))
+        (tmp_path / "b.json").write_text(json.dumps(f32))
+        return subprocess.run([sys.executable, str(script), str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                              capture_output=True, text=True, timeout=60)
+
+    close = check(_report(10.09), _report(10.0))
+    assert close.returncode == 0 and "0.90% apart (within 1%)" in close.stdout
+    far = check(_report(10.2), _report(10.0))
+    assert far.returncode == 1 and "2.00% apart (FAILED: over 1%)" in far.stdout
+    other = check(_report(10.0, tokens=1000), _report(10.0))
+    assert other.returncode == 1 and "different streams" in other.stdout

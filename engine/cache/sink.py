@@ -129,6 +129,7 @@ class SinkCache:
         inv_freqs: list[torch.Tensor],
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        scratch_row: bool = False,
     ) -> None:
         if sink_tokens >= capacity:
             raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than the cache ({capacity})")
@@ -140,7 +141,11 @@ class SinkCache:
         self.inv_freqs = inv_freqs
         self.dtype = dtype
         self.device = torch.device(device)
-        buf = (rows, shape.kv_heads, capacity, shape.head_dim)
+        # ``scratch_row``: one more row in the buffers, after the ``rows`` that sessions own, for the padding
+        # rows of a decode batch padded to a bucket (engine/model/buckets.py); it has no counters and is never
+        # lent, stepped, moved or evicted
+        self.scratch_row: int | None = rows if scratch_row else None
+        buf = (rows + int(scratch_row), shape.kv_heads, capacity, shape.head_dim)
         # Masked slots of a shorter row in a batch must hold zeros, never garbage that could turn into NaN.
         # On a CPU the buffers are anonymous memory maps: they read as zeros and the OS backs a page only
         # once it is written, so a session costs memory for the slots it uses (a 200-token conversation a
@@ -159,6 +164,9 @@ class SinkCache:
         zeros = self.device.type == "cpu"
         self.dirty: list[int | None] = [0 if zeros else None] * rows
         self._rotations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, shift) -> cos, sin
+        if scratch_row and not zeros:  # untouched device memory: no garbage (NaN) for the padding rows to read
+            for buffer in (*self.k, *self.v):
+                buffer[rows].zero_()
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     @property

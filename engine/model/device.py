@@ -135,11 +135,13 @@ def cache_budget_bytes(device: torch.device, configured: int | None = None,
     return budget
 
 
-def pool_rows(budget_bytes: int, bytes_per_row: int, max_rows: int) -> int:
-    """Session-cache rows that fit ``budget_bytes`` (at most ``max_rows``); at least one, or an error."""
-    rows = min(budget_bytes // bytes_per_row, max_rows)
+def pool_rows(budget_bytes: int, bytes_per_row: int, max_rows: int, reserved: int = 0) -> int:
+    """Session-cache rows that fit ``budget_bytes`` (at most ``max_rows``) beside ``reserved`` rows no session
+    owns (the scratch row of padded decode batches); at least one, or an error."""
+    rows = min(budget_bytes // bytes_per_row - reserved, max_rows)
     if rows < 1:
-        raise ValueError(f"memory budget {budget_bytes} B is below one session ({bytes_per_row} B)")
+        raise ValueError(f"memory budget {budget_bytes} B is below one session ({bytes_per_row} B)"
+                         + (f" beside {reserved} reserved rows" if reserved else ""))
     return int(rows)
 
 

@@ -5,6 +5,9 @@ as its cache, explicit in-cache ``position_ids`` and a ready 4D attention mask, 
 attention code (SDPA, eager, or a model's learned sinks as in gpt-oss) runs untouched. Decode steps of a
 model whose family owns its step run through that step instead (``decoder``, from the family registry in
 :mod:`engine.model.families`), which writes the same cache slots and is tested against transformers' forward.
+With ``buckets`` (on by default where the cache has a scratch row, which the engine gives it on CUDA), decode
+batches are padded to bucket sizes and run over static buffers, replayed from a CUDA graph per bucket captured
+at :meth:`Runner.warm_up` (:mod:`engine.model.buckets`, :mod:`engine.model.graphs`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from contextlib import nullcontext
 import torch
 
 from engine.cache.sink import SinkCache
+from engine.model.buckets import bucket_sizes, to_device
 from engine.model.families import Decoder, model_info, owned_decoder
+from engine.model.graphs import StaticStep, StaticSteps
 from engine.model.quantize import float_weights
 
 log = logging.getLogger(__name__)
@@ -26,10 +31,18 @@ class Runner:
     """Runs prefill chunks and batched decode steps of a model against a :class:`SinkCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: SinkCache, compile_decode: bool = False,
-                 decoder: Decoder | None = None) -> None:
+                 decoder: Decoder | None = None, buckets: bool | None = None) -> None:
         self.model = model
         self.cache = cache  # lent by its builder (the engine's pool, or a benchmark's or test's)
         self.decoder = decoder  # decode steps through the owned step (serving_runner decides)
+        # decode batches padded to buckets over static buffers (CUDA graphs on a GPU, engine/model/graphs.py):
+        # by default wherever the owned step decodes and the cache has a scratch row for the padding rows
+        if buckets is None:
+            buckets = decoder is not None and cache.scratch_row is not None
+        if buckets and (decoder is None or cache.scratch_row is None):
+            raise ValueError("padded decode batches need the owned decode step and a cache with a scratch row")
+        self.buckets = buckets
+        self.static_steps: StaticSteps | None = None  # built on the first padded step or at warm_up
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,
         # rotary, activations); prefill stays eager (large matmuls dominate it anyway)
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
@@ -126,13 +139,20 @@ class Runner:
             )
         return out.logits.float()
 
-    def warm_up(self, token: int = 0) -> None:
-        """Compile the decode path before serving, for one and for several rows (uses rows 0 and 1).
+    def warm_up(self, token: int = 0, max_batch: int | None = None) -> None:
+        """Prepare the decode path before serving: the static step of every bucket up to ``max_batch`` rows
+        (default: the cache's rows) and on CUDA its graph (:meth:`StaticSteps.capture`), when decode batches
+        are padded; with ``torch.compile``, the compiled forward for one and for several rows (uses rows 0
+        and 1).
 
         Shapes of size 0 or 1 and a cache exactly full are specialized by ``torch.compile``, so each batch
         size is compiled at a partly filled cache and at a full one; otherwise the first full window would
         recompile (a minute on a small CPU) in the middle of a conversation.
         """
+        if self.buckets:
+            self.static_steps = StaticSteps(self.decoder, self.cache, bucket_sizes(self._top_bucket(max_batch)))
+            self.static_steps.capture()
+            return  # padded batches decode through the owned step: nothing compiled to warm
         rows = list(range(min(2, self.cache.rows)))
         for batch in sorted({1, len(rows)}):
             for length in (min(8, self.cache.capacity - 1), self.cache.capacity - 1):
@@ -157,8 +177,31 @@ class Runner:
         return logits[0]
 
     def decode(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
-        """One token for each row: logits (B, V)."""
-        return self.forward(rows, torch.tensor(tokens)[:, None], decoding=True)
+        """One token for each row: logits (B, V). With padded batches (``buckets``) through the static step of
+        the batch's bucket where there is one (:meth:`_decode_padded`), else eagerly; the token ids reach a
+        GPU from pinned memory without a blocking copy either way."""
+        if self.buckets:
+            if self.static_steps is None:  # not warmed: on a CPU eager static steps; a GPU, graphs only, runs unpadded
+                self.static_steps = StaticSteps(self.decoder, self.cache, bucket_sizes(self._top_bucket(None)))
+            static = self.static_steps.step_for(rows)
+            if static is not None:
+                return self._decode_padded(static, rows, tokens)
+        return self.forward(rows, to_device(tokens, self.device)[:, None], decoding=True)
+
+    @torch.inference_mode()
+    def _decode_padded(self, static: StaticStep, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """One token for each row through ``static``: the room made (evicting) first, outside the step; a
+        failed step leaves every row as it was."""
+        step = self.cache.step(rows, 1)
+        try:
+            return static(step.rows, step.offsets, tokens)
+        except BaseException:
+            step.undo()
+            raise
+
+    def _top_bucket(self, max_batch: int | None) -> int:
+        """The largest bucket: ``max_batch``, at most the rows sessions own (a batch never holds more)."""
+        return min(max_batch or self.cache.rows, self.cache.rows)
 
 
 def serving_runner(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int,

@@ -91,9 +91,12 @@ def chat_engine(tmp_path, dev: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def runner_on(model, dev: torch.device, dtype: torch.dtype, rows: int = 1, sink_tokens: int = SINKS,
-              window: int = WINDOW, evict_block: int = BLOCK, compile_decode: bool = False, owned: bool = False):
+              window: int = WINDOW, evict_block: int = BLOCK, compile_decode: bool = False, owned: bool = False,
+              buckets: bool = False):
     """``model`` moved to ``dev``/``dtype`` with a sink cache of ``rows`` rows (default: the served size);
-    ``owned``: decode with the owned step (engine/model/families/llama.py) as the server does, else transformers'."""
+    ``owned``: decode with the owned step (engine/model/families/llama.py) as the server does, else transformers';
+    ``buckets`` (with ``owned``): decode batches padded to buckets over a scratch row of the cache, through
+    CUDA graphs once ``warm_up`` ran (engine/model/graphs.py), as the server does on a GPU."""
     from engine.cache.sink import SinkCache
     from engine.config import EngineConfig
     from engine.model.loader import prepare
@@ -103,9 +106,11 @@ def runner_on(model, dev: torch.device, dtype: torch.dtype, rows: int = 1, sink_
     config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=evict_block)
     loaded = prepare(model, None, "deep", config)
     cache = SinkCache(loaded.shape, rows, config.cache_size, sink_tokens, evict_block, loaded.inv_freqs,
-                      dtype=dtype, device=dev)
+                      dtype=dtype, device=dev, scratch_row=buckets)
     if owned:
-        return serving_runner(model, cache, None, rows, compile_decode=compile_decode)
+        runner = serving_runner(model, cache, None, rows, compile_decode=compile_decode)
+        assert runner.buckets == buckets
+        return runner
     return Runner(model, cache, compile_decode=compile_decode)
 
 

@@ -1,13 +1,13 @@
 """The compiled decode step on CUDA against eager: the same greedy tokens through a rolling window, and the
 number of graphs compiled while serving after the warm-up (``torch._dynamo``'s counters, what
-``TORCH_LOGS=recompiles`` logs)."""
+``TORCH_LOGS=recompiles`` logs). Batch buckets and their CUDA graphs, the server's GPU decode path, are
+tested in tests/gpu/test_graphs_cuda.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.model.runner import Runner
 from tests.engine.generation import greedy_decode
 from tests.gpu.conftest import deep_model, needs_gpu, runner_on
 
@@ -39,16 +39,3 @@ def test_compiled_decode_matches_eager(dev, dtype):
     else:  # bf16 kernels fuse differently: the same tokens until a near tie, then logits of the same scale
         assert compiled[0][:4] == eager[0][:4] and compiled[1][:4] == eager[1][:4]
     assert _graphs() == warmed, "serving compiled again after the warm-up (batch sizes 1 and 2 are warmed)"
-
-
-@pytest.mark.skipif(not hasattr(Runner, "buckets"), reason=(
-    "batch-size buckets (1, 2, 4, ... max_batch, each warmed at start) and CUDA graphs over them are not "
-    "implemented yet (issue 17, Build): decode batch sizes the warm-up did not cover may recompile"))
-def test_every_bucket_is_warmed_and_never_recompiles(dev):
-    model = deep_model(num_hidden_layers=2)
-    runner = runner_on(model, dev, torch.bfloat16, rows=16, window=60, evict_block=4, compile_decode=True)
-    runner.warm_up()
-    warmed = _graphs()
-    for batch in range(1, 17):
-        runner.decode(list(range(batch)), [1] * batch)
-    assert _graphs() == warmed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from engine.scheduling.sampling import SamplingParams, filter_logits, penalize_logits, sample, sample_batch
@@ -72,3 +73,37 @@ def test_sampling_syncs_per_row_and_per_batch(dev):
     print(f"sync audit, sampling: per row {report}; sample_batch over 8 rows: {batched}")
     assert batched <= 1, "sample_batch promises one host transfer for the whole batch"
     assert all(count >= 1 for count in report.values())  # a token id reaches the host: at least one
+
+
+@pytest.mark.parametrize("buckets", [True, False], ids=["graphs", "eager"])
+def test_an_owned_decode_step_synchronizes_once_at_most(dev, buckets):
+    """The server's decode path (the owned step; with ``buckets`` padded to a bucket and replayed from its CUDA
+    graph): no sync in the step itself, an evicting one included (the token ids and the step's slots cross
+    from pinned memory without blocking), and one at most with the batch's sampling (the sampled ids)."""
+    rows, steps = list(range(5)), 4
+    runner = runner_on(deep_model(num_hidden_layers=2), dev, torch.float32, rows=8, window=124, evict_block=8,
+                       owned=True, buckets=buckets)
+    if buckets:
+        runner.warm_up(max_batch=8)
+        assert runner.static_steps.step_for(rows).graph is not None  # 5 rows replay the 8-row graph
+    for row in rows:
+        runner.prefill(row, list(range(1, 60 + row)), 32)
+    tokens, plain = [1] * len(rows), [SamplingParams(temperature=0.8, top_k=40)] * len(rows)
+
+    def sampled() -> None:
+        sample_batch(runner.decode(rows, tokens), plain)
+
+    def evicting() -> None:
+        for row in rows:
+            runner.cache.lengths[row] = runner.cache.capacity  # full: the step evicts a block in each row
+        runner.decode(rows, tokens)
+
+    sampled()
+    evicting()  # first calls: lazy initialisations (the re-rotation's angles) out of the count
+    decode = [count_syncs(lambda: runner.decode(rows, tokens)) for _ in range(steps)]
+    with_sampling = [count_syncs(sampled) for _ in range(steps)]
+    evict = count_syncs(evicting)
+    print(f"sync audit, owned decode of 5 rows ({'graphs' if buckets else 'eager'}): {decode} syncs a step, "
+          f"{with_sampling} with sampling, {evict} evicting")
+    assert max(decode) == 0 and evict == 0, "the decode step synchronizes with the host"
+    assert max(with_sampling) <= 1, "a decode step and its sampling synchronize more than once"
