@@ -14,8 +14,8 @@ Costly work comes after the cheap checks and inside the key's slot: a route rend
 prompt with :meth:`Serving.tokenize`, which takes the key's concurrency slot first and runs in the
 tokenizer's own thread pool (``server.limits.TOKENIZER_POOL``); the slot is then handed to the
 generation, or released when the request fails before one starts (:func:`get_serving`'s cleanup). A
-generation that fails in the engine on a session it created itself (a stateless request that reused
-nothing) deletes that session, so no failure leaves an empty session behind.
+generation that fails in the engine on a session it created itself (a stateless request's new session or
+branch) deletes that session, so no failure leaves an unwritten session behind.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -294,15 +295,18 @@ class Serving:
             self._slot.release()
             self._slot = None
 
-    def _forget_on_failure(self, gen: Generation, named: bool) -> Callable[[], Awaitable[None]] | None:
-        """For a session this request created (no session named, nothing reused): deleting it on failure."""
-        if named or gen.admission.cached_tokens:
+    def _forget_on_failure(self, gen: Generation, named: bool, started: float) -> Callable[[], Awaitable[None]] | None:
+        """For a stateless request: deleting its session on failure when this request created it (a new
+        session, or a branch of one, made since ``started``); a session the client names is left alone."""
+        if named:
             return None
 
         async def forget() -> None:
             try:
-                await self.engine.delete_session(self.api_key, gen.session_id)
-                log.info("deleted session %s, which its failed first request left empty", gen.session_id)
+                info = await self.engine.get_session(self.api_key, gen.session_id)
+                if info["created"] >= int(started):
+                    await self.engine.delete_session(self.api_key, gen.session_id)
+                    log.info("deleted session %s, which its failed first request left empty", gen.session_id)
             except EngineError as exc:
                 log.info("could not delete the failed session %s: %s", gen.session_id, exc)
         return forget
@@ -357,8 +361,9 @@ class Serving:
         self.check_prompt_length(prompt, prompt_param)
         session_id = session_id or getattr(body, "session_id", None) or self.header_session_id
         options = {name: value for name, value in options.items() if value is not None}
+        started = time.time()
         gen, slot = await self.start(prompt, params, session_id, pin_prefix, prompt_param, **options)
-        on_failure = self._forget_on_failure(gen, named=session_id is not None)
+        on_failure = self._forget_on_failure(gen, session_id is not None, started)
         run = Run(model, fingerprint(self.engine), params, gen, include_usage=getattr(body, "include_usage", False),
                   on_failure=on_failure)
         timer = TokenTimer(self.metrics, endpoint)

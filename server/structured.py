@@ -97,14 +97,15 @@ def string_load(node: Any) -> tuple[int, int]:
         return max((string_load(item) for item in node), default=(0, 0))
     if not isinstance(node, Mapping):
         return 0, 0
-    strings, chars = (1 if _unbounded_string(node) else 0), 0
+    strings = 1 if _unbounded_string(node) else 0
+    chars = 2 * strings  # the string's quotes
     for key, value in node.items():
         if key in NOT_SCHEMAS or key in ("$defs", "definitions"):
             continue
         if key == "properties" and isinstance(value, Mapping):
             for name, sub in value.items():
                 n, c = string_load(sub)
-                strings, chars = strings + n, chars + c + len(name) + 4  # "name": , and a separator
+                strings, chars = strings + n, chars + c + len(name) + 6  # '"name": ' and ', '
         elif key in ("anyOf", "oneOf"):  # one branch is written
             n, c = string_load(value)
             strings, chars = strings + n, chars + c

@@ -217,10 +217,19 @@ def plan_chat(
 async def plan_constraint(engine: Any, plan: ChatPlan) -> Constraint | None:
     """The compiled constraint of ``plan`` for one generation (``engine.constraint``: off the event loop,
     cached by grammar), or None for free text. A grammar the engine refuses (a schema keyword llguidance
-    does not implement, a malformed schema) is a FieldError naming ``plan.grammar_param``: call this before
+    does not implement, a malformed schema, one that cannot start) is a FieldError naming
+    ``plan.grammar_param``, or ``tools[i].function.parameters`` for the tool whose schema alone is refused
+    (each is compiled on its own first: the wrapper's first tokens may never reach it): call this before
     queueing anything. For every route that uses ``plan_chat`` (chat completions, the Responses API)."""
     if plan.grammar is None:
         return None
+    if plan.wrapped:
+        for i, tool in enumerate(plan.tools):
+            param = f"tools[{i}].function.parameters"
+            try:
+                await engine.constraint(Grammar.json_schema(tool.parameters))
+            except InvalidRequest as exc:
+                raise FieldError(f"{param} cannot be enforced: {exc}", param) from exc
     try:
         return await engine.constraint(plan.grammar)
     except FieldError:

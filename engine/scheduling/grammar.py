@@ -49,7 +49,7 @@ JSON_OPTIONS = {
     "lenient": False,
 }
 KINDS = ("json_schema", "json_object", "lark", "regex")
-PROBE_STEPS = 2  # tokens a new grammar must accept before it is cached (see ``probe``)
+PROBE_STEPS = 8  # tokens a new grammar must accept before it is cached (see ``probe``)
 
 
 @dataclass(frozen=True)
