@@ -158,7 +158,7 @@ def test_a_500_keeps_the_connection(live, monkeypatch):
 @pytest.fixture
 def one_slot(tmp_path):
     engine = tiny_engine(tmp_path)
-    server = LiveServer(create_app(Settings(api_keys=[KEY_A], max_concurrent_per_key=1), engine=engine)).start()
+    server = LiveServer(create_app(Settings(api_keys=[KEY_A], max_concurrent_per_key=1, max_prompt_tokens=100), engine=engine)).start()
     yield server, engine
     server.stop()
     engine.stop()
@@ -192,6 +192,10 @@ def test_tokenizing_holds_the_keys_slot_in_its_own_pool(one_slot, monkeypatch):
             first.join(60)
     assert results and results[0].status_code == 200, results
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:  # the slot came back
+        assert client.post(CHAT, json=chat()).status_code == 200
+        for _ in range(3):  # refused after tokenizing: the slot is given back each time
+            long = chat(messages=[{"role": "user", "content": "word " * 300}])
+            assert_error(client.post(CHAT, json=long), 400, "messages")
         assert client.post(CHAT, json=chat()).status_code == 200
 
 
