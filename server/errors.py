@@ -172,10 +172,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _bad_json(request: Request, exc: json.JSONDecodeError):
         return respond(request, APIError(400, "the request body is not valid JSON", code="invalid_json"))
 
-    @app.exception_handler(RecursionError)
-    async def _too_deep(request: Request, exc: RecursionError):  # JSON nested deeper than Python can decode
-        return respond(request, APIError(400, "the request body is nested too deeply", code="invalid_json"))
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:

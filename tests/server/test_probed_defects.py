@@ -279,3 +279,10 @@ def test_strings_leave_room_to_close_the_object(http, eos_bias):
         assert choice["finish_reason"] == "stop", choice
         reply = json.loads(choice["message"]["content"])
         assert set(reply) == {"a", "b"} and set(reply["b"]) == {"c"}
+
+
+# ----- JSON deeper than Python decodes (FastAPI reports it as invalid JSON: kept as a guard) -------------
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"])
+def test_deeply_nested_json_is_a_400(http, body):
+    assert_error(http.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400, None)
