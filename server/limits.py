@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 # "\ud800"-"\udfff" as a JSON escape, or a surrogate's 3 bytes as CESU-8 (json.loads passes them through)
 SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-TOKENIZER_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
+TOKENIZER_POOL = ThreadPoolExecutor(max_workers=max(2, min(4, (os.cpu_count() or 2) // 2)),
                                     thread_name_prefix="tokenize")
 
 

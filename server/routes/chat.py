@@ -128,6 +128,7 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ServingDe
     plan = plan_chat([m.to_chat() for m in body.messages], tools=body.tools, tool_choice=body.tool_choice,
                      parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
                      chat_template=engine.tokenizer.chat_template, max_tokens=params.max_tokens)
+    serving.hold_slot()  # compiling a grammar and tokenizing are the costly steps: inside the key's slot
     constraint = await plan_constraint(engine, plan)  # a schema that cannot start: 400 before any tokenizing
     pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
     prompt, system_len = await serving.tokenize(engine.render_chat, plan.messages, pin, plan.template_kwargs)
