@@ -135,7 +135,8 @@ def _with_max_length(node: Any, limit: int) -> Any:
         return node
     out = {key: value if key in NOT_SCHEMAS else _with_max_length(value, limit) for key, value in node.items()}
     if _unbounded_string(out):
-        out["maxLength"] = limit
+        minimum = out.get("minLength")
+        out["maxLength"] = max(limit, minimum) if isinstance(minimum, int) and not isinstance(minimum, bool) else limit
     return out
 
 

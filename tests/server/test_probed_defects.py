@@ -264,6 +264,8 @@ def test_bound_strings_shares_the_budget():
     assert bound_strings(NESTED, None) is NESTED
     own = {"type": "object", "properties": {"x": {"type": "string", "maxLength": 500}, "y": {"enum": ["q"]}}}
     assert bound_strings(own, 60) == own  # a schema's own bounds win
+    assert bound_strings({"type": "string", "minLength": 200}, 60)["maxLength"] == 200  # never below minLength
+    assert bound_strings({"type": ["string", "null"]}, 60)["maxLength"] >= MIN_STRING_BOUND
     choice = bound_strings({"anyOf": [{"type": "string"}, NESTED]}, 100)  # one branch is written: its load counts
     assert choice["anyOf"][0]["maxLength"] == choice["anyOf"][1]["properties"]["a"]["maxLength"] > 30
 
