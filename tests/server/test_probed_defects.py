@@ -126,6 +126,10 @@ def test_a_failed_first_generation_leaves_no_session(http, engine, monkeypatch):
                                          response_format={"type": "json_object"}))
     assert response.status_code == 500, response.text
     assert session_ids(http) == before
+    streamed = http.post(CHAT, json=chat(messages=[{"role": "user", "content": "another one 2291"}], stream=True,
+                                         response_format={"type": "json_object"}))
+    assert streamed.status_code == 200 and '"error"' in streamed.text, streamed.text
+    assert session_ids(http) == before
 
 
 # ----- a 500 keeps the connection -----------------------------------------------------------------------
