@@ -306,7 +306,7 @@ class Serving:
                 info = await self.engine.get_session(self.api_key, gen.session_id)
                 if info["created"] >= int(started):
                     await self.engine.delete_session(self.api_key, gen.session_id)
-                    log.info("deleted session %s, which its failed first request left empty", gen.session_id)
+                    log.info("deleted session %s: the request that created it failed", gen.session_id)
             except EngineError as exc:
                 log.info("could not delete the failed session %s: %s", gen.session_id, exc)
         return forget
