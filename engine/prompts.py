@@ -8,6 +8,10 @@ right after a special token tokenizes the same in two pieces as in one. We remem
 at start-up checks the property for the tokenizer at hand; where it fails, nothing is cached. The server
 renders prompts in a thread pool, so the table of prefixes is read and changed under a lock (tokenizing
 happens outside it).
+
+What is remembered is bounded in tokens as well as in entries: a prefix longer than ``max_prefix_tokens``
+is never kept (a huge prompt, likely refused by the server's length limit, would otherwise stay in memory,
+tens of MB each), and the oldest entries go once all together pass ``max_total_tokens``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from collections import OrderedDict
 class PromptEncoder:
     """``encode(text)`` equals ``tokenizer.encode(text, add_special_tokens=False)``, faster on repeats."""
 
-    def __init__(self, tokenizer, capacity: int = 256) -> None:
+    def __init__(self, tokenizer, capacity: int = 256, max_prefix_tokens: int = 1 << 17,
+                 max_total_tokens: int = 1 << 21) -> None:
         self.tokenizer = tokenizer
         self.capacity = capacity
+        self.max_prefix_tokens, self.max_total_tokens = max_prefix_tokens, max_total_tokens
         self.prefixes: OrderedDict[str, list[int]] = OrderedDict()
+        self.total_tokens = 0  # of all remembered prefixes
         self._lock = threading.Lock()  # guards ``prefixes``
         specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
         self.special = re.compile("|".join(map(re.escape, specials))) if specials else None
@@ -49,9 +56,14 @@ class PromptEncoder:
                 self.prefixes.move_to_end(known)
         cut = max((m.end() for m in self.special.finditer(text, len(known))), default=len(known))
         ids += self._encode(text[len(known) : cut])
-        if cut > len(known):
+        if cut > len(known) and len(ids) <= self.max_prefix_tokens:
             with self._lock:
-                self.prefixes[text[:cut]] = list(ids)
-                while len(self.prefixes) > self.capacity:
-                    self.prefixes.popitem(last=False)
+                key = text[:cut]
+                if key in self.prefixes:
+                    self.prefixes.move_to_end(key)
+                else:
+                    self.prefixes[key] = list(ids)
+                    self.total_tokens += len(ids)
+                while self.prefixes and (len(self.prefixes) > self.capacity or self.total_tokens > self.max_total_tokens):
+                    self.total_tokens -= len(self.prefixes.popitem(last=False)[1])
         return ids + self._encode(text[cut:])

@@ -3,6 +3,11 @@
 Shape and types follow the OpenAI API reference (https://platform.openai.com/docs/guides/error-codes)
 so the official SDKs raise their matching exception classes (BadRequestError, NotFoundError, ...).
 Client input never produces a 500: validation errors become 400 naming the offending field.
+
+Every client error (4xx) is logged at INFO with its route, message, ``param`` and the client's user agent,
+so an operator sees why a client failed. An unexpected exception becomes a JSON 500 inside the app
+(:class:`UnexpectedErrors`), before Starlette's ``ServerErrorMiddleware``, which sends its handler's
+response and then re-raises, so uvicorn would log the error again and close the kept-alive connection.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import (
     EngineError,
@@ -101,22 +107,70 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def log_client_error(method: str, path: str, user_agent: str | None, error: APIError) -> None:
+    """One INFO line per client error: what was refused, why, which field, and who asked."""
+    if 400 <= error.status < 500:
+        log.info("%s %s -> %d %s: %s (param=%s, user-agent=%r)", method, path, error.status,
+                 error.code or error.type, error.message, error.param, user_agent or "")
+
+
+def respond(request: Request, error: APIError) -> JSONResponse:
+    log_client_error(request.method, request.url.path, request.headers.get("user-agent"), error)
+    return error.response()
+
+
+def internal_error() -> APIError:
+    return APIError(500, "internal server error", type="server_error")
+
+
+class UnexpectedErrors:
+    """ASGI middleware just outside the routes: an exception that escapes them becomes a JSON 500 and goes
+    no further, so the connection stays usable. A response already started (a stream) cannot be replaced:
+    the exception then goes on, and the server closes that connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await internal_error().response()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The handlers of every error kind, and :class:`UnexpectedErrors` (added first, so innermost)."""
+    app.add_middleware(UnexpectedErrors)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return respond(request, exc)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):
-        return from_engine_error(exc).response()
+        return respond(request, from_engine_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return respond(request, validation_error(exc))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _bad_json(request: Request, exc: json.JSONDecodeError):
-        return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        return respond(request, APIError(400, "the request body is not valid JSON", code="invalid_json"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -126,9 +180,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        return respond(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):  # errors of the middleware outside the routes
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal server error", type="server_error").response()
+        return internal_error().response()

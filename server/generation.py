@@ -9,6 +9,13 @@ events (the formatter's chunks, with any ``event:`` names it chooses) or collect
 formatter's JSON body. The shared path owns what every route needs: the session headers, token timing,
 the disconnect watch, graceful shutdown (:class:`StreamShutdown`), error events and releasing the slot
 and the generation whatever happens. Protocol models serialize themselves (``server.protocol``).
+
+Costly work comes after the cheap checks and inside the key's slot: a route renders and tokenizes its
+prompt with :meth:`Serving.tokenize`, which takes the key's concurrency slot first and runs in the
+tokenizer's own thread pool (``server.limits.TOKENIZER_POOL``); the slot is then handed to the
+generation, or released when the request fails before one starts (:func:`get_serving`'s cleanup). A
+generation that fails in the engine on a session it created itself (a stateless request's new session or
+branch) deletes that session, so no failure leaves an unwritten session behind.
 """
 
 from __future__ import annotations
@@ -16,22 +23,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from engine.engine import Engine
-from engine.errors import InvalidRequest
-from engine.events import FinishEvent, Generation, TokenEvent, TokenLogprob
-from engine.scheduling.sampling import SamplingParams
+from engine import (
+    Engine,
+    EngineError,
+    FinishEvent,
+    Generation,
+    InvalidRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from server.deps import ApiKeyDep, EngineDep, LimiterDep, MetricsDep, SettingsDep
 from server.errors import APIError, from_engine_error
-from server.limits import KeyLimiter, Slot
+from server.limits import KeyLimiter, Slot, in_tokenizer_pool
 from server.metrics import Metrics, TokenTimer
 from server.protocol import (
     ErrorResponse,
@@ -45,6 +59,7 @@ from server.protocol import _SamplingRequest as SamplingRequest
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PING_SECONDS = 5  # SSE comment lines keep proxies from closing the connection during a long prefill
 SHUTDOWN_MARGIN_S = 1.5  # streams still running this long before uvicorn's deadline are ended cleanly
@@ -81,6 +96,7 @@ class Run:
     params: SamplingParams
     gen: Generation
     include_usage: bool = False
+    on_failure: Callable[[], Awaitable[None]] | None = None  # called once when the engine ends it with an error
 
     @property
     def session_id(self) -> str:
@@ -178,6 +194,8 @@ async def stream_events(run: Run, slot: Slot, formatter: Formatter, timer: Token
                     yield out
                 continue
             reason = shutdown.finish_reason(event)
+            if reason == "error" and run.on_failure is not None:
+                await run.on_failure()
             chunks = formatter.error(run, finish_error(event)) if reason in ("cancelled", "error") \
                 else formatter.finish(run, event, reason)
             for out in chunks:
@@ -211,8 +229,10 @@ async def cancel_on_disconnect(request: Request, gen: Generation) -> None:
     gen.cancel()
 
 
-async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Request) -> Collected:
-    """Run a generation to its end (non-streaming); cancelled and failed ones become HTTP errors.
+async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Request,
+                  on_failure: Callable[[], Awaitable[None]] | None = None) -> Collected:
+    """Run a generation to its end (non-streaming); cancelled and failed ones become HTTP errors
+    (``on_failure`` is awaited first for a failed one).
 
     The request's concurrency slot and the generation are released whatever happens.
     """
@@ -233,6 +253,8 @@ async def collect(gen: Generation, slot: Slot, timer: TokenTimer, request: Reque
         slot.release()
         gen.cancel()
     assert finish is not None
+    if finish.finish_reason == "error" and on_failure is not None:
+        await on_failure()
     if finish.finish_reason in ("cancelled", "error"):
         raise finish_error(finish)
     parts.append(finish.text)
@@ -259,6 +281,41 @@ class Serving:
         self.request, self.engine, self.settings = request, engine, settings
         self.limiter, self.metrics, self.api_key = limiter, metrics, api_key
         self.header_session_id = header_session_id
+        self._slot: Slot | None = None  # taken by tokenize(), handed to the generation by start()
+
+    # ----- the key's slot and the costly work done in it ---------------------------------------------
+    def hold_slot(self) -> Slot:
+        """The key's concurrency slot for this request, taken now unless already held (429 when full)."""
+        if self._slot is None or self._slot.released:
+            self._slot = self.limiter.acquire(self.api_key)
+        return self._slot
+
+    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (rendering or tokenizing a prompt) in the tokenizer's pool, inside the key's slot."""
+        self.hold_slot()
+        return await in_tokenizer_pool(fn, *args)
+
+    def release_unused(self) -> None:
+        """Give back a slot no generation took (the request failed before one started)."""
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+
+    def _forget_on_failure(self, gen: Generation, named: bool, started: float) -> Callable[[], Awaitable[None]] | None:
+        """For a stateless request: deleting its session on failure when this request created it (a new
+        session, or a branch of one, made since ``started``); a session the client names is left alone."""
+        if named:
+            return None
+
+        async def forget() -> None:
+            try:
+                info = await self.engine.get_session(self.api_key, gen.session_id)
+                if info["created"] >= int(started):
+                    await self.engine.delete_session(self.api_key, gen.session_id)
+                    log.info("deleted session %s: the request that created it failed", gen.session_id)
+            except EngineError as exc:
+                log.info("could not delete the failed session %s: %s", gen.session_id, exc)
+        return forget
 
     # ----- check and parameters -----------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -277,8 +334,10 @@ class Serving:
                     prompt_param: str = "messages", **options) -> tuple[Generation, Slot]:
         """Take a concurrency slot for the key, then wait for the engine to admit the request.
         ``options``: further ``Engine.generate`` keywords (``fork``, ``constraint``), passed when given.
-        The engine range-checks the prompt; its refusal names ``prompt_param``."""
-        slot = self.limiter.acquire(self.api_key)
+        The engine range-checks the prompt; its refusal names ``prompt_param``. A slot taken by
+        :meth:`tokenize` is the one used."""
+        slot = self.hold_slot()
+        self._slot = None  # the generation's from here: released by whoever ends it
         try:
             gen = await self.engine.generate(prompt, params, api_key=self.api_key, session_id=session_id,
                                              pin_prefix=pin_prefix, **options)
@@ -308,21 +367,29 @@ class Serving:
         self.check_prompt_length(prompt, prompt_param)
         session_id = session_id or getattr(body, "session_id", None) or self.header_session_id
         options = {name: value for name, value in options.items() if value is not None}
+        started = time.time()
         gen, slot = await self.start(prompt, params, session_id, pin_prefix, prompt_param, **options)
-        run = Run(model, fingerprint(self.engine), params, gen, include_usage=getattr(body, "include_usage", False))
+        on_failure = self._forget_on_failure(gen, session_id is not None, started)
+        run = Run(model, fingerprint(self.engine), params, gen, include_usage=getattr(body, "include_usage", False),
+                  on_failure=on_failure)
         timer = TokenTimer(self.metrics, endpoint)
         if body.stream:
             shutdown = StreamShutdown(self.settings.timeout_graceful_shutdown)
             return sse_response(stream_events(run, slot, formatter, timer, shutdown), gen, shutdown)
-        collected = await collect(gen, slot, timer, self.request)
+        collected = await collect(gen, slot, timer, self.request, on_failure)
         return Response(formatter.response(run, collected).model_dump_json(), media_type="application/json",
                         headers=session_headers(gen, collected.finish))
 
 
-def get_serving(request: Request, engine: EngineDep, settings: SettingsDep, limiter: LimiterDep,
-                metrics: MetricsDep, api_key: ApiKeyDep,
-                x_session_id: Annotated[str | None, Header()] = None) -> Serving:
-    return Serving(request, engine, settings, limiter, metrics, api_key, x_session_id)
+async def get_serving(request: Request, engine: EngineDep, settings: SettingsDep, limiter: LimiterDep,
+                      metrics: MetricsDep, api_key: ApiKeyDep,
+                      x_session_id: Annotated[str | None, Header()] = None) -> AsyncIterator[Serving]:
+    """The request's :class:`Serving`; afterwards a slot no generation took is given back."""
+    serving = Serving(request, engine, settings, limiter, metrics, api_key, x_session_id)
+    try:
+        yield serving
+    finally:
+        serving.release_unused()
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

@@ -27,9 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
-from engine.config import SAMPLING_DEFAULT_FIELDS
-from engine.scheduling.sampling import SamplingParams
-from engine.sessions.store import check_session_id
+from engine import SAMPLING_DEFAULT_FIELDS, SamplingParams, check_session_id
 from server.errors import APIError
 
 
@@ -133,7 +131,7 @@ class _SamplingRequest(_Request):
     max_tokens: StrictInt | None = Field(None, ge=1)
     n: StrictInt = 1
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range: a 64-bit signed integer
     stop: str | list[str] | None = Field(None, max_length=4)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -276,6 +274,9 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.logprobs, self.top_logprobs or 0
 
 
+LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions when max_tokens is omitted
+
+
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[StrictInt]
     best_of: StrictInt | None = Field(None, ge=1, le=1)
@@ -306,6 +307,9 @@ class CompletionRequest(_SamplingRequest):
 
     def requested_logprobs(self) -> tuple[bool, int]:
         return self.logprobs is not None, self.logprobs or 0
+
+    def requested_max_tokens(self) -> int:
+        return LEGACY_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
 
 # ----- responses -----------------------------------------------------------------------------------

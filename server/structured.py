@@ -7,6 +7,14 @@ and the tools (server/tools.py) raise.
 always enforced by the grammar, ``strict`` or not (``strict: false`` cannot loosen decoding; it only
 tells OpenAI to skip its own subset checks); a schema the grammar engine cannot implement is refused,
 never ignored. A ``json_schema`` without ``schema`` means any JSON object, as with ``json_object``.
+
+Room to finish: a reply cut by ``max_tokens`` inside a string is invalid JSON, so when the route knows the
+request's ``max_tokens``, :func:`bound_strings` gives every string schema without its own bound
+(``maxLength``, ``enum``, ``const``, ``pattern``, ``format``) a ``maxLength`` that leaves room to close the
+object: the tokens left after the property names, shared among the strings one reply can contain (the
+largest ``anyOf``/``oneOf`` branch counts), at about one token per character at worst, and never below
+``MIN_STRING_BOUND``. Arrays without ``maxItems``, values of any type (``{}``) and ``json_object`` are not
+bounded: a reply can still run out of tokens there.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ MAX_SCHEMA_CHARS = 32_768  # one response_format schema or one tool's parameters
 # minimum / maximum (exclusive or not) always wins.
 INTEGER_BOUND = 10**16 - 1
 NOT_SCHEMAS = ("enum", "const", "default", "examples", "description", "title")  # values, not subschemas
+MIN_STRING_BOUND = 16  # the shortest maxLength bound_strings gives; below it strings are too short to use
+STRING_BOUNDS = ("maxLength", "enum", "const", "pattern", "format")  # a string schema with one is left alone
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for schema and function names
 
 
@@ -74,8 +84,64 @@ def bound_integers(node: Any) -> Any:
     return out
 
 
-def response_format_grammar(response_format: Any) -> Grammar | None:
-    """The grammar ``response_format`` asks for; None for plain text (or no response_format)."""
+def _unbounded_string(node: Mapping) -> bool:
+    kinds = node.get("type")
+    is_string = kinds == "string" or isinstance(kinds, list) and "string" in kinds
+    return is_string and not any(key in node for key in STRING_BOUNDS)
+
+
+def string_load(node: Any) -> tuple[int, int]:
+    """(unbounded strings one value of ``node`` may hold, characters of its property names and punctuation)."""
+    if isinstance(node, list):
+        return max((string_load(item) for item in node), default=(0, 0))
+    if not isinstance(node, Mapping):
+        return 0, 0
+    strings = 1 if _unbounded_string(node) else 0
+    chars = 2 * strings  # the string's quotes
+    for key, value in node.items():
+        if key in NOT_SCHEMAS or key in ("$defs", "definitions"):
+            continue
+        if key == "properties" and isinstance(value, Mapping):
+            for name, sub in value.items():
+                n, c = string_load(sub)
+                strings, chars = strings + n, chars + c + len(name) + 6  # '"name": ' and ', '
+        elif key in ("anyOf", "oneOf"):  # one branch is written
+            n, c = string_load(value)
+            strings, chars = strings + n, chars + c
+        elif isinstance(value, Mapping | list):
+            for sub in (value if isinstance(value, list) else [value]):
+                n, c = string_load(sub)
+                strings, chars = strings + n, chars + c
+    return strings, chars + 2
+
+
+def bound_strings(schema: Any, max_tokens: int | None) -> Any:
+    """A copy of ``schema`` whose unbounded strings get a ``maxLength`` leaving room to close the reply
+    within ``max_tokens`` (the module docstring); ``schema`` itself when there is nothing to bound."""
+    if not max_tokens:
+        return schema
+    strings, chars = string_load(schema)
+    if not strings:
+        return schema
+    limit = max(MIN_STRING_BOUND, (max_tokens - min(max_tokens // 2, chars)) // strings)
+    return _with_max_length(schema, limit)
+
+
+def _with_max_length(node: Any, limit: int) -> Any:
+    if isinstance(node, list):
+        return [_with_max_length(item, limit) for item in node]
+    if not isinstance(node, Mapping):
+        return node
+    out = {key: value if key in NOT_SCHEMAS else _with_max_length(value, limit) for key, value in node.items()}
+    if _unbounded_string(out):
+        minimum = out.get("minLength")
+        out["maxLength"] = max(limit, minimum) if isinstance(minimum, int) and not isinstance(minimum, bool) else limit
+    return out
+
+
+def response_format_grammar(response_format: Any, max_tokens: int | None = None) -> Grammar | None:
+    """The grammar ``response_format`` asks for; None for plain text (or no response_format).
+    ``max_tokens``: the reply's budget, which bounds its strings (:func:`bound_strings`)."""
     response_format = as_dict(response_format)
     if response_format is None:
         return None
@@ -102,7 +168,8 @@ def response_format_grammar(response_format: Any) -> Grammar | None:
         raise FieldError("response_format.json_schema.strict must be a boolean", "response_format.json_schema.strict")
     if spec.get("schema") is None:
         return Grammar.json_object()
-    return Grammar.json_schema(check_schema(spec["schema"], "response_format.json_schema.schema"))
+    schema = check_schema(spec["schema"], "response_format.json_schema.schema")
+    return Grammar.json_schema(bound_strings(schema, max_tokens))
 
 
 def response_format_schema(response_format: Any) -> dict | None:

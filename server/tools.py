@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import MAX_GRAMMAR_CHARS, Constraint, Grammar, InvalidRequest
-from server.structured import NAME, FieldError, as_dict, check_schema, response_format_grammar
+from server.structured import NAME, FieldError, as_dict, bound_strings, check_schema, response_format_grammar
 from server.tool_stream import ReplyStream
 
 MAX_TOOLS = 128  # OpenAI's own limit
@@ -180,14 +180,17 @@ def plan_chat(
     parallel_tool_calls: bool | None = None,
     response_format: Any = None,
     chat_template: str | None = None,
+    max_tokens: int | None = None,
 ) -> ChatPlan:
-    """Validate the tool and format fields of a chat request and turn them into prompt and grammar."""
+    """Validate the tool and format fields of a chat request and turn them into prompt and grammar.
+    ``max_tokens``: the reply's budget; given, the grammar's unbounded strings get a ``maxLength`` that
+    leaves room to close the JSON (``server.structured.bound_strings``)."""
     parsed = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, parsed)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise FieldError("parallel_tool_calls must be a boolean", "parallel_tool_calls")
     parallel = parallel_tool_calls is not False
-    fmt = response_format_grammar(response_format)
+    fmt = response_format_grammar(response_format, max_tokens)
     native = template_knows_tools(chat_template)
     active = choice.mode != "none"
     rendered = render_history(messages, native=native, wrap_text=active and not native)
@@ -197,7 +200,7 @@ def plan_chat(
     response = None
     if fmt is not None:
         response = {"type": "object"} if fmt.kind == "json_object" else json.loads(fmt.source)
-    schema = reply_schema(parsed, choice, parallel, response)
+    schema = bound_strings(reply_schema(parsed, choice, parallel, response), max_tokens)
     grammar = Grammar.json_schema(schema) if len(json.dumps(schema)) <= MAX_GRAMMAR_CHARS else None
     if grammar is None:
         raise FieldError(f"the tools' schemas together exceed {MAX_GRAMMAR_CHARS} characters", "tools")
@@ -213,10 +216,19 @@ def plan_chat(
 async def plan_constraint(engine: Any, plan: ChatPlan) -> Constraint | None:
     """The compiled constraint of ``plan`` for one generation (``engine.constraint``: off the event loop,
     cached by grammar), or None for free text. A grammar the engine refuses (a schema keyword llguidance
-    does not implement, a malformed schema) is a FieldError naming ``plan.grammar_param``: call this before
+    does not implement, a malformed schema, one that cannot start) is a FieldError naming
+    ``plan.grammar_param``, or ``tools[i].function.parameters`` for the tool whose schema alone is refused
+    (each is compiled on its own first: the wrapper's first tokens may never reach it): call this before
     queueing anything. For every route that uses ``plan_chat`` (chat completions, the Responses API)."""
     if plan.grammar is None:
         return None
+    if plan.wrapped:
+        for i, tool in enumerate(plan.tools):
+            param = f"tools[{i}].function.parameters"
+            try:
+                await engine.constraint(Grammar.json_schema(tool.parameters))
+            except InvalidRequest as exc:
+                raise FieldError(f"{param} cannot be enforced: {exc}", param) from exc
     try:
         return await engine.constraint(plan.grammar)
     except FieldError:
@@ -245,8 +257,10 @@ def content_text(content: Any, param: str) -> str:
     raise FieldError(f"{param} must be a string or text parts", param)
 
 
-def history_calls(message: Mapping, index: int) -> list[tuple[str, str, dict]]:
-    """(id, name, arguments) of an assistant message's ``tool_calls``, checked."""
+def history_calls(message: Mapping, index: int) -> list[tuple[str, str, dict | str]]:
+    """(id, name, arguments) of an assistant message's ``tool_calls``, checked. Arguments that are not
+    valid JSON (a call this server cut at ``max_tokens``) stay the text they were: history the server
+    produced is always accepted back, and rendered as it was written."""
     calls = []
     for j, call in enumerate(message.get("tool_calls") or []):
         where = f"messages[{index}].tool_calls[{j}]"
@@ -256,15 +270,24 @@ def history_calls(message: Mapping, index: int) -> list[tuple[str, str, dict]]:
         if not isinstance(function.get("name"), str):
             raise FieldError(f"{where}.function.name must be a string", f"{where}.function.name")
         arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError as exc:
-            param = f"{where}.function.arguments"
-            raise FieldError(f"{param} is not valid JSON: {exc}", param) from exc
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                calls.append((call["id"], function["name"], function["arguments"]))
+                continue
         if not isinstance(arguments, Mapping):
             raise FieldError(f"{where}.function.arguments must be a JSON object", f"{where}.function.arguments")
         calls.append((call["id"], function["name"], dict(arguments)))
     return calls
+
+
+def calls_json(made: Sequence[tuple[str, str, dict | str]]) -> str:
+    """The wrapped reply that made ``made``, as the model writes it; arguments kept as text go in verbatim."""
+    def one(name: str, arguments: dict | str) -> str:
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {text}}}'
+    return '{"tool_calls": [' + ", ".join(one(n, a) for _, n, a in made) + "]}"
 
 
 def render_history(messages: Sequence[Any], *, native: bool, wrap_text: bool) -> list[dict]:
@@ -285,7 +308,7 @@ def render_history(messages: Sequence[Any], *, native: bool, wrap_text: bool) ->
                 shaped = [{"id": c, "type": "function", "function": {"name": n, "arguments": a}} for c, n, a in made]
                 rendered.append({"role": "assistant", "content": content, "tool_calls": shaped})
             else:
-                reply = json.dumps({"tool_calls": [{"name": n, "arguments": a} for _, n, a in made]}, ensure_ascii=False)
+                reply = calls_json(made)
                 rendered.append({"role": "assistant", "content": f"{content}\n{reply}" if content else reply})
         elif role == "tool":
             call_id = message.get("tool_call_id")

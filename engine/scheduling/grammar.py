@@ -11,6 +11,9 @@ token-trie lexer behind Guidance; chosen over xgrammar by ``scripts/grammar_choi
   where the grammar may end. ``compile`` is blocking (milliseconds, more for huge schemas): call it in a
   thread (``asyncio.to_thread``), never on the event loop. Compiled grammars are kept in a bounded LRU
   cache keyed by the ``Grammar``; a bad grammar raises ``InvalidRequest`` with llguidance's reason.
+  Some grammars compile and fail only at their first token (a schema that refers to itself with nothing
+  else, a regex too large for the lexer, thousands of optional properties, a required recursive object):
+  ``compile`` tries a first token on a copy (``probe``), so those are refused before any request starts.
 - ``Constraint``: one request's matcher (fill its mask row, accept the sampled token, ask whether it may
   or must end), and ``BatchMask``: one preallocated bitmask for the whole batch, filled only for the
   constrained rows and applied to their logits before sampling.
@@ -46,6 +49,7 @@ JSON_OPTIONS = {
     "lenient": False,
 }
 KINDS = ("json_schema", "json_object", "lark", "regex")
+PROBE_STEPS = 8  # tokens a new grammar must accept before it is cached (see ``probe``)
 
 
 @dataclass(frozen=True)
@@ -195,13 +199,38 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer_info(), text, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"invalid or unsupported {grammar.kind.replace('_', ' ')}: {matcher.get_error()}")
+        why = probe(matcher.deep_copy(), self.vocab_size)
+        if why is not None:
+            why = why.strip().splitlines()[0][:200] if why.strip() else "no token can start it"
+            why = "it matches no text" if why.startswith("NoExtensionBias") else why
+            raise InvalidRequest(f"unsupported {grammar.kind.replace('_', ' ')}: it cannot start ({why})")
         return matcher
+
 
     def constraint(self, grammar: Grammar) -> Constraint:
         """A fresh matcher for one request (compiles on a cache miss: blocking, run in a thread)."""
         compiled = self.compile(grammar)
         with self._lock:  # deep_copy only reads the pristine matcher; the lock keeps copies one at a time
             return Constraint(compiled.deep_copy())
+
+
+def probe(matcher: llguidance.LLMatcher, vocab_size: int, steps: int = PROBE_STEPS) -> str | None:
+    """Why ``matcher`` (a copy: it is consumed) cannot produce its first tokens, or None when it can.
+
+    Walks ``steps`` tokens, each the lowest id the mask allows; a grammar that may end before then passes."""
+    row = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+    for _ in range(steps):
+        if matcher.is_stopped():
+            return None
+        if not Constraint(matcher).fill_mask(row):
+            return matcher.get_error() or "no token can start it"
+        words = row.nonzero()
+        first = int(words[0, 0])
+        word = int(row[first]) & 0xFFFFFFFF
+        token = first * 32 + ((word & -word).bit_length() - 1)
+        if not matcher.consume_token(token) or matcher.is_error():
+            return matcher.get_error() or "its first token is rejected"
+    return None
 
 
 class BatchMask:

@@ -8,14 +8,14 @@ serving path (``server/generation.py``); this module keeps only the chunk and re
 
 ``response_format``, ``tools``, ``tool_choice`` and ``parallel_tool_calls`` become a prompt and a grammar
 (``server/tools.py``: ``plan_chat``), compiled before anything is queued (a bad schema is a 400 naming
-its field). A tool reply is parsed as it streams (``server/tool_stream.py``) into OpenAI's
+its field; the grammar's strings are bounded to leave room to close the JSON within ``max_tokens``). A
+tool reply is parsed as it streams (``server/tool_stream.py``) into OpenAI's
 ``tool_calls`` deltas (https://platform.openai.com/docs/guides/function-calling#streaming) and ends with
 ``finish_reason: "tool_calls"``; ``message.content`` is then null.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 from fastapi import APIRouter
@@ -127,10 +127,12 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ServingDe
     # tools and response_format: checked here (a FieldError is a 400 naming the field), before anything is queued
     plan = plan_chat([m.to_chat() for m in body.messages], tools=body.tools, tool_choice=body.tool_choice,
                      parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
-                     chat_template=engine.tokenizer.chat_template)
+                     chat_template=engine.tokenizer.chat_template, max_tokens=params.max_tokens)
+    serving.hold_slot()  # compiling a grammar and tokenizing are the costly steps: inside the key's slot
+    constraint = await plan_constraint(engine, plan)  # a schema that cannot start: 400 before any tokenizing
     pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
-    prompt, system_len = await asyncio.to_thread(engine.render_chat, plan.messages, pin, plan.template_kwargs)
-    constraint = await plan_constraint(engine, plan)
+    prompt, system_len = await serving.tokenize(engine.render_chat, plan.messages, pin, plan.template_kwargs)
+    serving.check_prompt_length(prompt, "messages")
     formatter = ChatFormatter(plan.reply_stream() if plan.wrapped else None)
     return await serving.generate(body, prompt, formatter, endpoint=ENDPOINT, params=params,
                                   pin_prefix=system_len, constraint=constraint)

@@ -3,13 +3,12 @@
 Wire format: https://platform.openai.com/docs/api-reference/completions (``text_completion`` objects,
 legacy logprobs with ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``). One prompt per
 request (a string, a list of one string, or a list of token ids, which the engine range-checks);
-``echo``, ``suffix`` and ``best_of > 1`` are refused. The serving path is ``server/generation.py``'s;
+``echo``, ``suffix`` and ``best_of > 1`` are refused; ``max_tokens`` defaults to 16, as OpenAI's does. The serving path is ``server/generation.py``'s;
 this module keeps only the shapes.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 from fastapi import APIRouter
@@ -90,6 +89,7 @@ async def create_completion(body: CompletionRequest, serving: ServingDep):
     if isinstance(body.prompt, list):  # token ids: the engine range-checks them
         prompt = body.prompt
     else:
-        prompt = await asyncio.to_thread(serving.engine.encode, body.prompt)
+        prompt = await serving.tokenize(serving.engine.encode, body.prompt)
+    serving.check_prompt_length(prompt, "prompt")
     return await serving.generate(body, prompt, CompletionFormatter(), endpoint=ENDPOINT, params=params,
                                   prompt_param="prompt")

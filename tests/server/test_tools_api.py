@@ -154,7 +154,7 @@ HUGE = {"type": "object", "properties": {f"p{i}": {"type": "string", "descriptio
     ({"messages": [*USER, {"role": "tool", "tool_call_id": "call_x", "content": "42"}]}, "messages[1].tool_call_id"),
     ({"messages": [*USER, {"role": "tool", "content": "42"}]}, "messages.1.tool_call_id"),
     ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}]}]},
      "messages[1].tool_calls[0].function.arguments"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # without tools it would ask for nothing

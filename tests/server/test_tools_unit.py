@@ -185,9 +185,17 @@ def test_history_generic_format():
     assert native[2] == {"role": "tool", "content": "18C", "tool_call_id": "call_1", "name": "get_weather"}
     raises_field("messages[1].tool_call_id", render_history,
                  [MESSAGES[0], {"role": "tool", "tool_call_id": "call_9", "content": "x"}], native=False, wrap_text=True)
-    bad_args = [{**history[1], "tool_calls": [{**history[1]["tool_calls"][0],
-                                               "function": {"name": "f", "arguments": "{oops"}}]}]
-    raises_field("messages[0].tool_calls[0].function.arguments", render_history, bad_args, native=False, wrap_text=True)
+    # arguments cut short (a reply that ran out of max_tokens) come back as the server wrote them
+    cut = [{**history[1], "tool_calls": [{**history[1]["tool_calls"][0],
+                                          "function": {"name": "f", "arguments": '{"city": "Par'}}]}]
+    assert render_history(cut, native=False, wrap_text=True)[0]["content"] == \
+        '{"tool_calls": [{"name": "f", "arguments": {"city": "Par}]}'
+    assert render_history(cut, native=True, wrap_text=False)[0]["tool_calls"][0]["function"]["arguments"] == \
+        '{"city": "Par'
+    not_object = [{**history[1], "tool_calls": [{**history[1]["tool_calls"][0],
+                                                 "function": {"name": "f", "arguments": "[1]"}}]}]
+    raises_field("messages[0].tool_calls[0].function.arguments", render_history, not_object, native=False,
+                 wrap_text=True)
 
 
 def test_native_template_gets_tools():
