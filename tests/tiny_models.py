@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GptOssConfig,
     LlamaConfig,
@@ -32,6 +34,19 @@ FAMILIES = {
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # hybrid attention: sliding layers of 32 interleaved with full ones; soft-capped attention and logits
+    # (Gemma 2), per-head q/k norms and a local RoPE base for the sliding layers (Gemma 3)
+    "gemma2": lambda: Gemma2Config(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=32, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        attn_logit_softcapping=8.0, final_logit_softcapping=12.0,
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=32, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=12.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+    ),
     # learned per-head attention sinks (gpt-oss): transformers' own eager attention keeps them
     "gpt_oss": lambda: GptOssConfig(
         **{**COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
@@ -39,7 +54,7 @@ FAMILIES = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
 }
-EAGER_ONLY = {"gpt_oss"}
+EAGER_ONLY = {"gpt_oss", "gemma2"}  # soft-capping and learned sinks: eager attention only
 
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
