@@ -61,8 +61,15 @@ FAMILIES = {
         sliding_window=128, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # gpt-oss with sliding layers of 32 interleaved with a full one
+    "gpt_oss_sliding": lambda: GptOssConfig(
+        **{**COMMON, "intermediate_size": 64, "num_hidden_layers": 3}, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
-EAGER_ONLY = {"gpt_oss", "gemma2"}  # soft-capping and learned sinks: eager attention only
+EAGER_ONLY = {"gpt_oss", "gpt_oss_sliding", "gemma2"}  # soft-capping and learned sinks: eager attention only
 
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):

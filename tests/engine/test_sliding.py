@@ -135,7 +135,7 @@ def assert_sliding_layers_see_only_their_window(runner: Runner, stream: torch.Te
     assert not torch.allclose(corrupted_step(runner, full, torch.arange(4)), clean)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt_oss_sliding"])
 def test_transformers_forward_sliding_layers_never_see_past_their_window(family):
     """Through transformers' forward with the runner's per-layer-type masks."""
     model = tiny_model(family)

@@ -102,3 +102,7 @@ register(llama.MODEL_TYPES, Family("llama", llama.LlamaDecoder, llama.unsupporte
 from engine.model.families import gemma  # noqa: E402
 
 register(gemma.MODEL_TYPES, Family("gemma", gemma.GemmaDecoder, gemma.unsupported_reason))
+
+from engine.model.families import gpt_oss  # noqa: E402
+
+register(gpt_oss.MODEL_TYPES, Family("gpt_oss", gpt_oss.GptOssDecoder, gpt_oss.unsupported_reason))
