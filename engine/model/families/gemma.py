@@ -234,7 +234,9 @@ class GemmaDecoder:
         B, H, D = q.shape
         Hkv = keys.shape[1]
         grouped = q.view(B, Hkv, H // Hkv, D)  # query heads grouped per kv head
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale  # (B, Hkv, G, S)
+        # keys times the queries (not the queries times the transposed keys): the slots are read in their
+        # own layout, several times faster on a CPU for a few query heads
+        scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2) * self.scale  # (B, Hkv, G, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         weights = torch.softmax((scores + mask).float(), dim=-1).to(values.dtype)

@@ -191,7 +191,8 @@ class GptOssDecoder:
         B, H, D = q.shape
         Hkv = keys.shape[1]
         G = H // Hkv
-        scores = torch.matmul(q.view(B, Hkv, G, D), keys.transpose(-1, -2)) * self.scale + mask  # (B, Hkv, G, S)
+        # keys times the queries: the slots read in their own layout (see gemma.py)
+        scores = torch.matmul(keys, q.view(B, Hkv, G, D).transpose(-1, -2)).transpose(-1, -2) * self.scale + mask
         sink = sinks.to(scores.dtype).view(1, Hkv, G, 1).expand(B, Hkv, G, 1)
         combined = torch.cat((scores, sink), dim=-1)
         combined = combined - combined.amax(dim=-1, keepdim=True)
