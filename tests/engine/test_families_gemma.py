@@ -269,3 +269,29 @@ async def test_twelve_turns_past_the_window_on_the_owned_step(tmp_path, family):
         assert evicted > 0 and previous > 60  # past the window
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss_sliding"])
+def test_bf16_models_stay_close_to_transformers(family):
+    """A bf16 model and cache: the owned step's logits within bf16 rounding of transformers' forward at
+    each of 100 steps of two rows past evictions (a few % of the logits' scale, as for Llama; a wrong
+    cast or norm gives errors of their own size)."""
+    model = tiny_model(family, dtype=torch.bfloat16)
+    config = EngineConfig(sink_tokens=4, window=60, evict_block=8, dtype="bfloat16")
+    loaded = prepare(model, None, "tiny", config)
+
+    def cache():
+        return SinkCache(loaded.shape, 2, config.cache_size, 4, 8, loaded.inv_freqs, dtype=torch.bfloat16)
+
+    reference, owned_cache = Runner(model, cache()), cache()
+    owned = Runner(model, owned_cache, decoder=owned_decoder(model, owned_cache, None, max_rows=2))
+    assert owned.decoder is not None
+    for runner in (reference, owned):
+        runner.prefill(0, [1, 5, 9, 4, 4, 4], 16)
+        runner.prefill(1, [3, 3], 16)
+    worst = 0.0
+    for tokens in torch.randint(0, 96, (100, 2), generator=torch.Generator().manual_seed(8)).tolist():
+        want, got = reference.decode([0, 1], tokens), owned.decode([0, 1], tokens)
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    assert min(reference.cache.evicted[:2]) > 0
+    assert worst < 0.05, worst
