@@ -295,3 +295,38 @@ def test_bf16_models_stay_close_to_transformers(family):
         worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
     assert min(reference.cache.evicted[:2]) > 0
     assert worst < 0.05, worst
+
+
+def sdk_conversation(tmp_path, family: str, turns: int = 12) -> list[tuple[int, int]]:
+    """``turns`` turns of a conversation with a tiny ``family`` model through the real ``openai`` SDK and a
+    live server, the history resent each turn: per turn (cached tokens, the previous turn's prompt tokens).
+    The server's /health must report the owned decode step."""
+    from openai import OpenAI
+
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.server.conftest import LiveServer
+
+    engine = tiny_family_engine(tmp_path, family, window=60)
+    server = LiveServer(create_app(Settings(), engine=engine)).start()
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert client.get(f"{server.url}/health", cast_to=dict)["model"]["decode"] == "owned"
+        messages, seen, previous, evicted = [], [], 0, 0
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"turn {turn}: the fox jumps over the dog"})
+            answer = client.chat.completions.create(model=f"tiny-{family}", messages=messages, max_tokens=6, temperature=0)
+            messages.append({"role": "assistant", "content": answer.choices[0].message.content})
+            seen.append((answer.usage.prompt_tokens_details.cached_tokens, previous))
+            previous, evicted = answer.usage.prompt_tokens, answer.model_extra["sinkserve"]["evicted_tokens"]
+        assert previous > 60 and evicted > 0  # past the window
+        return seen
+    finally:
+        server.stop()
+        engine.stop()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twelve_turns_through_the_openai_sdk(tmp_path, family):
+    for cached, previous in sdk_conversation(tmp_path, family)[1:]:
+        assert cached >= 0.9 * previous, (cached, previous)

@@ -19,7 +19,7 @@ from engine.model.families.gpt_oss import GptOssDecoder
 from engine.model.loader import prepare
 from engine.model.runner import Runner
 from tests.engine.generation import greedy_decode, reply
-from tests.engine.test_families_gemma import HybridReferenceCache
+from tests.engine.test_families_gemma import HybridReferenceCache, sdk_conversation
 from tests.engine.test_sliding import WINDOW, assert_sliding_layers_see_only_their_window
 from tests.tiny_models import tiny_family_engine, tiny_model
 
@@ -190,3 +190,8 @@ async def test_twelve_turns_past_the_window_on_the_owned_step(tmp_path):
         assert evicted > 0 and previous > 60
     finally:
         engine.stop()
+
+
+def test_twelve_turns_through_the_openai_sdk(tmp_path):
+    for cached, previous in sdk_conversation(tmp_path, "gpt_oss_sliding")[1:]:
+        assert cached >= 0.9 * previous, (cached, previous)
