@@ -405,7 +405,7 @@ class CacheStep:
         index plus the tokens evicted before it."""
         device = self._slot_index.device
         slots = torch.arange(self.kv_length, device=device)[None]  # (1, S)
-        pinned, evicted = (torch.tensor(values, device=device)[:, None] for values in (self.pinned, self.evicted))
+        pinned, evicted = (_to_device(values, device)[:, None] for values in (self.pinned, self.evicted))
         return slots + evicted * (slots >= pinned)
 
     def attention_mask(self, window: int | None = None) -> torch.Tensor:

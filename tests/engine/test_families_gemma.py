@@ -231,13 +231,14 @@ def test_sliding_layers_streamed_equal_the_models_own_forward_over_the_whole_tex
         torch.testing.assert_close(torch.cat(got), dense, atol=1e-4, rtol=0)
 
 
-def test_streaming_perplexity_matches_the_recompute_oracle():
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss_sliding"])
+def test_streaming_perplexity_matches_the_recompute_oracle(family):
     """``eval ppl`` on a hybrid model: without eviction the sink cache, dense attention and the recompute
     oracle (the model's own forward, its own sliding masks) score every token alike; with evictions, on
     sliding layers only, the sink cache equals dense attention (both see each token's last 32)."""
     config = EngineConfig(sink_tokens=4, window=124, evict_block=16)
     ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(5)).tolist()
-    loaded = prepare(gemma("gemma3"), None, "tiny", config)
+    loaded = prepare(gemma(family) if family in FAMILIES else tiny_model(family), None, "tiny", config)
     results = ppl_of_ids(loaded, ids, ["sink", "dense", "recompute"], 4, 124, evict_block=16, chunk=1)
     assert results["sink"]["evicted"] == 0
     for mode in ("dense", "recompute"):
