@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GptOssConfig,
     LlamaConfig,
@@ -25,6 +27,9 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
@@ -32,14 +37,39 @@ FAMILIES = {
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # hybrid attention: sliding layers of 32 interleaved with full ones; soft-capped attention and logits
+    # (Gemma 2), per-head q/k norms and a local RoPE base for the sliding layers (Gemma 3)
+    "gemma2": lambda: Gemma2Config(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=32, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        attn_logit_softcapping=8.0, final_logit_softcapping=12.0,
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=32, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=12.0,
+        rope_parameters=GEMMA3_ROPE,
+    ),
+    # sliding layers only: streamed through the sink cache it must equal the model's own forward over the
+    # whole text (each layer sees the last 32 tokens, which the cache's window holds)
+    "gemma3_sliding": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=32, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention"] * 2, rope_parameters=GEMMA3_ROPE,
+    ),
     # learned per-head attention sinks (gpt-oss): transformers' own eager attention keeps them
     "gpt_oss": lambda: GptOssConfig(
         **{**COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=128, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # gpt-oss with sliding layers of 32 interleaved with a full one
+    "gpt_oss_sliding": lambda: GptOssConfig(
+        **{**COMMON, "intermediate_size": 64, "num_hidden_layers": 3}, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
-EAGER_ONLY = {"gpt_oss"}
+EAGER_ONLY = {"gpt_oss", "gpt_oss_sliding", "gemma2"}  # soft-capping and learned sinks: eager attention only
 
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
@@ -71,6 +101,26 @@ def tiny_chat_engine_parts(max_positions: int = 128, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
+
+
+def tiny_family_engine(tmp_path, family: str, sink_tokens: int = 4, window: int = 60, seed: int = 0,
+                       **overrides):
+    """A started Engine around a tiny random model of ``family`` (tests/tiny_models.py ``FAMILIES``) with the
+    embedded model's real tokenizer and chat template."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.model.loader import load_tokenizer, prepare
+
+    engine_config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=8, prefill_chunk=32,
+                                 data_dir=tmp_path / "sessions", **overrides)
+    tokenizer = load_tokenizer(None, engine_config.cache_dir)
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config.vocab_size = len(tokenizer)
+    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return Engine(engine_config, prepare(model, tokenizer, f"tiny-{family}", engine_config)).start()
 
 
 def tiny_engine(tmp_path, sink_tokens: int = 4, window: int = 60, max_positions: int = 128, **overrides):

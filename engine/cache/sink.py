@@ -358,6 +358,10 @@ class CacheStep:
         self._undo = list(undo)  # (row, state before the step, snapshot if it evicted)
         self.rows = rows
         self.offsets = offsets  # first new slot of each row = the new tokens' first position
+        # each row's pinned slots and the tokens evicted from between them and its window (after this step's
+        # eviction): what tells a slot's place in the text (:meth:`text_positions`)
+        self.pinned = [cache.pinned[r] for r in rows]
+        self.evicted = [cache.evicted[r] for r in rows]
         self.new_tokens = new_tokens
         self.kv_length = max(offsets) + new_tokens
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
@@ -404,11 +408,32 @@ class CacheStep:
         base = self._slot_index[:, None]  # (B, 1)
         return base + torch.arange(self.new_tokens, device=base.device)[None, :]
 
-    def attention_mask(self) -> torch.Tensor:
-        """Boolean (B, 1, T, S): query t of row b sees every slot up to its own (sinks included)."""
+    def text_positions(self) -> torch.Tensor:
+        """Each slot's place in its row's stream, (B, S): a pinned slot's is its index, a window slot's its
+        index plus the tokens evicted before it."""
+        device = self._slot_index.device
+        slots = torch.arange(self.kv_length, device=device)[None]  # (1, S)
+        pinned, evicted = (_to_device(values, device)[:, None] for values in (self.pinned, self.evicted))
+        return slots + evicted * (slots >= pinned)
+
+    def attention_mask(self, window: int | None = None) -> torch.Tensor:
+        """Boolean (B, 1, T, S): query t of row b sees every slot up to its own (sinks included).
+
+        ``window``: the rule of a sliding-window layer, which sees only the last ``window`` tokens of the
+        text (itself included), as the model was trained: a slot is visible when it is at most ``window - 1``
+        tokens back *in the text*, so once the row has evicted, the sinks (far back in the text) are hidden
+        and the layer never sees further back than its window, whatever the cache holds. Within the window
+        the slots are contiguous in the text, so their in-cache distances are the text distances and such a
+        layer attends exactly as over the uncut text while the cache's window holds its last ``window``
+        tokens."""
         slots = torch.arange(self.kv_length, device=self._slot_index.device)  # (S,)
         last_visible = self.position_ids()[:, :, None]  # (B, T, 1)
-        return (slots[None, None, :] <= last_visible)[:, None]
+        visible = slots[None, None, :] <= last_visible  # (B, T, S)
+        if window is not None:
+            text = self.text_positions()  # (B, S)
+            query_text = text.gather(1, last_visible[:, :, 0])  # (B, T): the new tokens' places in the text
+            visible &= query_text[:, :, None] - text[:, None, :] < window
+        return visible[:, None]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new keys/values (B, H, T, D); return the rows' slots (B, H, S, D) to attend over."""

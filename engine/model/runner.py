@@ -48,6 +48,7 @@ class Runner:
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile_decode else model.forward
         self.device = cache.device
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        self._sliding_window = sliding_window(model.config)  # hybrid models: one mask per layer type
         self.released = False  # transformers' decoder-layer weights dropped (release_transformers_layers)
 
     def release_transformers_layers(self) -> int:
@@ -67,8 +68,16 @@ class Runner:
         self.released = True
         return released
 
-    def _mask(self, step) -> torch.Tensor:
-        mask = step.attention_mask()  # (B, 1, T, S) bool
+    def _mask(self, step) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The pass's 4D attention mask; for a model with sliding-window layers one per layer type (which
+        transformers' hybrid models take as a dict), the sliding layers' seeing only their window."""
+        if self._sliding_window is None:
+            return self._mask_tensor(step.attention_mask())
+        return {"full_attention": self._mask_tensor(step.attention_mask()),
+                "sliding_attention": self._mask_tensor(step.attention_mask(self._sliding_window))}
+
+    def _mask_tensor(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, T, S) mask as the model's attention takes it (additive unless SDPA)."""
         if self._bool_mask:
             return mask
         dtype = self.cache.dtype
@@ -202,6 +211,14 @@ class Runner:
     def _top_bucket(self, max_batch: int | None) -> int:
         """The largest bucket: ``max_batch``, at most the rows sessions own (a batch never holds more)."""
         return min(max_batch or self.cache.rows, self.cache.rows)
+
+
+def sliding_window(config) -> int | None:
+    """The window of a model whose ``layer_types`` interleave sliding-window layers with full ones
+    (Gemma 2/3, gpt-oss): those layers then get a mask of their own (None: one mask for every layer)."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return getattr(config, "sliding_window", None)
+    return None
 
 
 def serving_runner(model: torch.nn.Module, cache: SinkCache, quantize: str | None, max_rows: int,

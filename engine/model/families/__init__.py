@@ -98,3 +98,11 @@ def model_info(model: torch.nn.Module, decoder: Decoder | None) -> dict[str, str
 from engine.model.families import llama  # noqa: E402 (the families register below, after the registry)
 
 register(llama.MODEL_TYPES, Family("llama", llama.LlamaDecoder, llama.unsupported_reason))
+
+from engine.model.families import gemma  # noqa: E402
+
+register(gemma.MODEL_TYPES, Family("gemma", gemma.GemmaDecoder, gemma.unsupported_reason))
+
+from engine.model.families import gpt_oss  # noqa: E402
+
+register(gpt_oss.MODEL_TYPES, Family("gpt_oss", gpt_oss.GptOssDecoder, gpt_oss.unsupported_reason))
