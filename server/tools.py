@@ -37,6 +37,14 @@ from typing import Any
 
 from engine import MAX_GRAMMAR_CHARS, Constraint, Grammar, InvalidRequest
 from server.structured import NAME, FieldError, as_dict, bound_strings, check_schema, response_format_grammar
+from server.tool_formats import (
+    NativeReplyStream,
+    ToolFormat,
+    call_schema,
+    detect_format,
+    native_grammar,
+    with_short_ids,
+)
 from server.tool_stream import ReplyStream
 
 MAX_TOOLS = 128  # OpenAI's own limit
@@ -67,9 +75,13 @@ class ChatPlan:
     tools: tuple[Tool, ...] = ()
     wrapped: bool = False  # True: the reply is the tools JSON object; parse it with reply_stream()
     response_is_text: bool = True  # in the wrapper: "response" is a string (else response_format JSON)
+    tool_format: ToolFormat | None = None  # the family's own call syntax (server/tool_formats.py); None: generic
+    marker_shown: bool = True  # the native format's marker is in the decoded text
 
-    def reply_stream(self) -> ReplyStream:
+    def reply_stream(self) -> ReplyStream | NativeReplyStream:
         """An incremental parser of this request's reply (only when ``wrapped``)."""
+        if self.tool_format is not None:
+            return NativeReplyStream(self.tool_format, self.marker_shown)
         return ReplyStream(response_is_text=self.response_is_text)
 
 
@@ -181,10 +193,12 @@ def plan_chat(
     response_format: Any = None,
     chat_template: str | None = None,
     max_tokens: int | None = None,
+    tokenizer: Any = None,
 ) -> ChatPlan:
     """Validate the tool and format fields of a chat request and turn them into prompt and grammar.
     ``max_tokens``: the reply's budget; given, the grammar's unbounded strings get a ``maxLength`` that
-    leaves room to close the JSON (``server.structured.bound_strings``)."""
+    leaves room to close the JSON (``server.structured.bound_strings``). ``tokenizer``: the model's, which
+    tells whether a native format's marker is a special token (without it: text)."""
     parsed = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, parsed)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
@@ -197,6 +211,11 @@ def plan_chat(
     if not active:  # no tools in play: a plain chat, maybe with a response_format grammar
         param = None if fmt is None else "response_format" if fmt.kind == "json_object" else "response_format.json_schema.schema"
         return ChatPlan(rendered, grammar=fmt, grammar_param=param, tools=parsed)
+    kwargs = {"tools": [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                            "parameters": t.parameters}} for t in parsed]}
+    family = detect_format(chat_template) if native else None
+    if family is not None and not (choice.mode == "auto" and fmt is not None):
+        return native_plan(rendered, family, parsed, choice, parallel, kwargs, max_tokens, tokenizer)
     response = None
     if fmt is not None:
         response = {"type": "object"} if fmt.kind == "json_object" else json.loads(fmt.source)
@@ -205,12 +224,24 @@ def plan_chat(
     if grammar is None:
         raise FieldError(f"the tools' schemas together exceed {MAX_GRAMMAR_CHARS} characters", "tools")
     instructions = reply_instructions(parsed, choice, parallel, list_tools=not native)
-    kwargs = {"tools": [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                            "parameters": t.parameters}} for t in parsed]}
     return ChatPlan(
         with_system(rendered, instructions), template_kwargs=kwargs if native else {}, grammar=grammar,
         grammar_param="tools", tools=parsed, wrapped=True, response_is_text=response is None,
     )
+
+
+def native_plan(rendered: list[dict], family: ToolFormat, tools: Sequence[Tool], choice: ToolChoice, parallel: bool,
+                kwargs: dict, max_tokens: int | None, tokenizer: Any) -> ChatPlan:
+    """A plan in the family's own call syntax: the template gets the tools and says how to call them (no
+    instructions are added), the grammar writes that syntax (server/tool_formats.py)."""
+    callable_tools = [t for t in tools if choice.mode != "function" or t.name == choice.name]
+    schema = bound_strings(call_schema(family, callable_tools), max_tokens)
+    text, shown = native_grammar(family, schema, auto=choice.mode == "auto", parallel=parallel, tokenizer=tokenizer)
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise FieldError(f"the tools' schemas together exceed {MAX_GRAMMAR_CHARS} characters", "tools")
+    messages = with_short_ids(rendered) if family.short_ids else rendered
+    return ChatPlan(messages, template_kwargs=kwargs, grammar=Grammar.lark(text), grammar_param="tools",
+                    tools=tuple(tools), wrapped=True, tool_format=family, marker_shown=shown)
 
 
 async def plan_constraint(engine: Any, plan: ChatPlan) -> Constraint | None:
