@@ -85,6 +85,10 @@ class ReplyStream:
         self.out = []
         return deltas
 
+    def flush(self) -> list[dict]:
+        """At the end of the reply: nothing is held back in this format."""
+        return []
+
     def finish(self) -> Reply:
         calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                  for c in self.calls]

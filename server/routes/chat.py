@@ -82,7 +82,7 @@ class ChatFormatter(Formatter):
         """Chunks for newly decoded text (``last``: the reply's end, where a parser gives up what it
         held back); held-back logprobs ride on the first."""
         deltas = self.reply.feed(text) if self.reply is not None else [{"content": text}] if text else []
-        if last and self.reply is not None and hasattr(self.reply, "flush"):
+        if last and self.reply is not None:
             deltas += self.reply.flush()
         for delta in deltas:
             yield self._chunk(run, [ChunkChoice(delta=delta, logprobs=self._logprobs(run))])
