@@ -1,21 +1,28 @@
 """Tool calling: OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` as a prompt, a grammar
 and a parser of the constrained reply back into ``tool_calls``.
 
-One reply format for every model, after llama.cpp's server's generic tool-call fallback
+Two reply formats. The family's own, where the chat template teaches one (server/tool_formats.py:
+Hermes-style ``<tool_call>`` for Qwen2.5/Qwen3, Llama 3.1's JSON, Mistral's ``[TOOL_CALLS]``): the
+template gets the tools as ``apply_chat_template(..., tools=...)`` (``ChatPlan.template_kwargs``) and the
+history in Hugging Face's shape (assistant ``tool_calls`` with ``arguments`` as objects, ``role: "tool"``
+messages), nothing is added to the prompt, and a Lark grammar writes the family's syntax around each
+call's JSON. ``tool_choice: "auto"`` together with a ``response_format`` keeps the generic format (a
+JSON answer could not be told from a call in the bare formats).
+
+Otherwise the generic format, after llama.cpp's server's generic tool-call fallback
 (https://github.com/ggml-org/llama.cpp/blob/master/docs/function-calling.md): the model writes one JSON
 object, either ``{"tool_calls": [{"name": "<tool>", "arguments": {...}}, ...]}`` or, where it may answer
 (``tool_choice: "auto"``), ``{"response": "<text>"}`` (the ``response_format`` schema's value instead of
-text when one is given). The grammar enforces it: ``name`` is one of the tools and ``arguments``
-validates against that tool's ``parameters`` (an ``anyOf`` over the tools); ``"required"`` or a named
-function leave out the ``response`` branch; ``parallel_tool_calls: false`` allows one call.
+text when one is given). A template that mentions ``tools`` without a known format still gets them as
+``tools=...`` and the history in Hugging Face's shape; any other (the embedded SmolLM2's) gets the tool
+list and the reply format in the system message (after the client's own, if any), an assistant turn
+that called tools as the JSON the model wrote, and a tool result as a user message ``{"tool_result":
+{...}}``. Both add the reply-format instruction, since the grammar, not the template, decides what the
+model writes.
 
-How the tools reach the prompt: a chat template that knows tools (it mentions ``tools``) gets them as
-``apply_chat_template(..., tools=...)`` (``ChatPlan.template_kwargs``), with history in Hugging Face's
-shape (assistant ``tool_calls`` with ``arguments`` as objects, ``role: "tool"`` messages). Otherwise
-(the embedded SmolLM2's template) the generic format: the tool list and the reply format go in the
-system message (after the client's own, if any), an assistant turn that called tools is rendered as the
-JSON the model wrote, and a tool result becomes a user message ``{"tool_result": {...}}``. Both add the
-reply-format instruction, since the grammar, not the template, decides what the model writes.
+In both, the grammar holds ``name`` to one of the tools (the named one for a named ``tool_choice``) and
+``arguments`` to that tool's ``parameters`` (an ``anyOf`` over the tools); ``"required"`` or a named
+function leave out the free answer; ``parallel_tool_calls: false`` allows one call.
 
 For a route: ``plan = plan_chat(...)``, then ``engine.render_chat(plan.messages, pin, plan.template_kwargs)``,
 ``constraint = await plan_constraint(engine, plan)`` (before anything is queued), ``engine.generate(...,
