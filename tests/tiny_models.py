@@ -470,3 +470,23 @@ def tiny_template_engine(tmp_path, template: str, special_tokens: tuple[str, ...
     engine_config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=8, prefill_chunk=64,
                                  data_dir=tmp_path / "sessions")
     return Engine(engine_config, prepare(model, tokenizer, "tiny-family", engine_config)).start()
+
+
+def tiny_family_dir(path, template: str, special_tokens: tuple[str, ...] = (), end_tokens: tuple[str, ...] = (),
+                    **generation) -> str:
+    """A Hugging Face model directory: a tiny random Llama, the embedded tokenizer with ``template`` and
+    ``special_tokens``, and a generation config whose end-of-turn ids are the eos and ``end_tokens`` and
+    whose sampling defaults are ``generation`` (``temperature=0.7`` ...)."""
+    tokenizer = tokenizer_with_template(template, special_tokens)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ends = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(end_tokens))]
+    model.generation_config.eos_token_id = ends if end_tokens else ends[0]
+    for name, value in generation.items():
+        setattr(model.generation_config, name, value)
+    if generation:
+        model.generation_config.do_sample = True
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

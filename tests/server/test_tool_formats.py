@@ -19,6 +19,7 @@ from server.tool_formats import HERMES, LLAMA3_JSON, MISTRAL, NativeReplyStream,
 from server.tools import plan_chat
 from tests.tiny_models import (
     FAMILY_TEMPLATES,
+    LLAMA31_TEMPLATE,
     QWEN25_TEMPLATE,
     tokenizer_with_template,
 )
@@ -90,7 +91,9 @@ def test_tools_and_call_history_reach_the_template(tokenizers, family):
     elif family == "llama":
         assert f'{{"name": "get_weather", "parameters": {arguments}}}<|eot_id|>' in text
         assert '<|start_header_id|>ipython<|end_header_id|>\n\n"5 degrees"' in text
-    else:  # Mistral: 9-character ids, the same for the call and its result
+    else:  # Mistral: the marker is its special token; 9-character ids, the same for the call and its result
+        assert f"<[{tokenizer.convert_tokens_to_ids('[TOOL_CALLS]')}]>" in plan.grammar.source
+        assert not plan.marker_shown
         mapped = short_id("call_abc")
         assert len(mapped) == 9 and mapped.isalnum()
         assert f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {arguments}, "id": "{mapped}"}}]' in text
@@ -264,3 +267,24 @@ def test_a_call_cut_short_keeps_its_arguments_so_far():
     reply = stream.finish()
     assert not stream.complete
     assert reply.tool_calls[0]["function"]["arguments"] == '{"city": "Os'
+
+
+# ----- a model directory: its own template, end-of-turn tokens and sampling defaults ------------------
+def test_a_model_directory_brings_its_template_end_tokens_and_defaults(tmp_path):
+    from engine.model.loader import load
+    from engine.scheduling.grammar import GrammarCompiler as Compiler
+    from tests.tiny_models import tiny_family_dir
+
+    ends = ("<|eot_id|>", "<|eom_id|>")  # Llama 3.1's ends of turn, beside its end of text
+    directory = tiny_family_dir(tmp_path / "model", LLAMA31_TEMPLATE, (*ends, "<|python_tag|>"), end_tokens=ends,
+                                temperature=0.7, top_p=0.8)
+    loaded = load(EngineConfig(model=directory, sink_tokens=4, window=60, evict_block=8, data_dir=tmp_path / "sessions"))
+    tokenizer = loaded.tokenizer
+    assert tokenizer.chat_template == LLAMA31_TEMPLATE
+    end_ids = set(tokenizer.convert_tokens_to_ids(list(ends)))
+    assert loaded.eos_token_ids == {tokenizer.eos_token_id, *end_ids}
+    assert loaded.sampling_defaults == {"temperature": 0.7, "top_p": 0.8}
+    assert end_ids <= Compiler.for_model(loaded).stop_token_ids  # a grammar may end on every end-of-turn token
+    plan = plan_chat(USER, tools=[WEATHER], tool_choice="required", chat_template=tokenizer.chat_template,
+                     tokenizer=tokenizer)
+    assert plan.tool_format is LLAMA3_JSON
