@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from tests.server.conftest import LiveServer
-from tests.tiny_models import MISTRAL_TEMPLATE, QWEN25_TEMPLATE, tiny_template_engine
+from tests.tiny_models import LLAMA31_TEMPLATE, MISTRAL_TEMPLATE, QWEN25_TEMPLATE, tiny_template_engine
 
 PARAMETERS = {
     "type": "object",
@@ -67,6 +67,13 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
     served = Served(tmp_path_factory.mktemp("mistral"), MISTRAL_TEMPLATE, ("[TOOL_CALLS]",))
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    served = Served(tmp_path_factory.mktemp("llama"), LLAMA31_TEMPLATE)
     yield served
     served.stop()
 
@@ -150,3 +157,17 @@ def test_mistral_calls_behind_a_special_token(mistral):
                                                 tool_choice="required", parallel_tool_calls=False, max_tokens=150, temperature=1.0, seed=2)
     assert f'"call_id": "{message.tool_calls[0].id}"' in mistral.prompts[-1]
     check_calls(again.choices[0].message.tool_calls)
+
+
+def test_llama_json_call_with_a_pinned_system_prompt(llama):
+    """Llama 3.1's template puts the tools in the first user message and cannot render a system message
+    alone: the system prompt is then not pinned, and the request still succeeds."""
+    messages = [{"role": "system", "content": "You are terse."}, *USER]
+    r = llama.sdk.chat.completions.create(model=llama.engine.model_name, messages=messages, tools=[WEATHER],
+                                          tool_choice="required", max_tokens=150, temperature=1.0, seed=4,
+                                          extra_body={"pin_system_prompt": True})
+    prompt = llama.prompts[-1]
+    assert "Given the following functions" in prompt and '"name": "get_weather"' in prompt
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1
+    check_calls(message.tool_calls)
