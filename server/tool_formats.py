@@ -81,19 +81,23 @@ def detect_format(chat_template: str | None) -> ToolFormat | None:
 class Marker:
     """How a grammar writes a marker and whether the decoded reply shows it."""
 
-    lark: str  # a Lark string literal, or a special token as ``<[id]>``
-    shown: bool
+    lark: str  # a Lark string literal, or a token as ``<[id]>``
+    shown: bool  # the detokenizer keeps it (it drops special tokens)
+    token: bool = False  # written as one token of the tokenizer's own
 
 
 def marker(text: str, tokenizer: Any = None) -> Marker:
-    """``text`` as the grammar writes it for ``tokenizer``: a special token the detokenizer drops is written
-    as its id; anything else as text (also without a tokenizer)."""
+    """``text`` as the grammar writes it for ``tokenizer``. A marker that is one added token (Qwen's
+    ``<tool_call>``, Mistral's ``[TOOL_CALLS]``) is written as that token: llguidance treats added tokens
+    as special, so the same text spelled in other tokens would be another string to it. Anything else (and
+    any marker without a tokenizer) is written as text."""
     if tokenizer is None or not text:
         return Marker(json.dumps(text), True)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if text in tokenizer.decode(ids, skip_special_tokens=True):
-        return Marker(json.dumps(text), True)
-    return Marker(f"<[{ids[0]}]>", False) if len(ids) == 1 else Marker(json.dumps(text), False)
+    shown = text in tokenizer.decode(ids, skip_special_tokens=True)
+    if len(ids) == 1 and ids[0] in (getattr(tokenizer, "added_tokens_decoder", None) or {}):
+        return Marker(f"<[{ids[0]}]>", shown, token=True)
+    return Marker(json.dumps(text), shown)
 
 
 def call_schema(fmt: ToolFormat, tools: Sequence[Any]) -> dict:
@@ -118,9 +122,12 @@ def native_grammar(fmt: ToolFormat, schema: dict, *, auto: bool, parallel: bool,
         lines.append('calls: block ("\\n" block)*' if several else "calls: block")
         if auto and opening.shown:  # text, then maybe calls (the first marker opens them)
             escaped = re.escape(fmt.marker)
-            lines += [f"start: PLAIN | lead \"\\n\" call \"\\n\" {closing.lark}" + (' ("\\n" block)*' if several else ""),
-                      f"lead[lazy]: /(.|\\n)*/ {opening.lark}",
-                      f"PLAIN: /(.|\\n)*/ & ~/(.|\\n)*{escaped}(.|\\n)*/"]
+            lines.append(f"PLAIN: /(.|\\n)*/ & ~/(.|\\n)*{escaped}(.|\\n)*/")
+            if opening.token:  # text cannot hold the token: it ends where the token comes
+                lines.append("start: PLAIN | calls | PLAIN calls")
+            else:  # the marker spelled as text ends the lead
+                lines += [f"start: PLAIN | lead \"\\n\" call \"\\n\" {closing.lark}" + (' ("\\n" block)*' if several else ""),
+                          f"lead[lazy]: /(.|\\n)*/ {opening.lark}"]
             return "\n".join(lines) + "\n", True
     elif fmt is MISTRAL:
         lines.append(f'calls: {opening.lark} " [" call' + (' (", " call)*' if several else "") + ' "]"')

@@ -437,11 +437,13 @@ MISTRAL_TEMPLATE = r'''{%- if messages[0]["role"] == "system" %}
 
 FAMILY_TEMPLATES = {"qwen2": QWEN25_TEMPLATE, "qwen3": QWEN3_TEMPLATE, "llama": LLAMA31_TEMPLATE,
                     "mistral": MISTRAL_TEMPLATE}
+QWEN_TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # added tokens of Qwen's tokenizer, not special
 
 
-def tokenizer_with_template(template: str, special_tokens: tuple[str, ...] = ()):
+def tokenizer_with_template(template: str, special_tokens: tuple[str, ...] = (), added_tokens: tuple[str, ...] = ()):
     """A copy of the embedded model's tokenizer with another family's chat template, and that family's
-    markers added as special tokens (``special_tokens``, e.g. Mistral's ``[TOOL_CALLS]``)."""
+    markers added as special tokens (``special_tokens``, e.g. Mistral's ``[TOOL_CALLS]``) or as tokens the
+    detokenizer keeps (``added_tokens``, e.g. Qwen's ``<tool_call>``)."""
     import copy
 
     from engine.config import EngineConfig
@@ -451,17 +453,20 @@ def tokenizer_with_template(template: str, special_tokens: tuple[str, ...] = ())
     tokenizer.chat_template = template
     if special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
     return tokenizer
 
 
 def tiny_template_engine(tmp_path, template: str, special_tokens: tuple[str, ...] = (), sink_tokens: int = 4,
-                         window: int = 200, max_positions: int = 1024, seed: int = 0):
+                         window: int = 200, max_positions: int = 1024, seed: int = 0,
+                         added_tokens: tuple[str, ...] = ()):
     """A started Engine around a tiny random Llama whose tokenizer carries ``template``."""
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.model.loader import prepare
 
-    tokenizer = tokenizer_with_template(template, special_tokens)
+    tokenizer = tokenizer_with_template(template, special_tokens, added_tokens)
     torch.manual_seed(seed)
     config = LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer), "max_position_embeddings": max_positions})
     config._attn_implementation = "sdpa"

@@ -21,6 +21,7 @@ from tests.tiny_models import (
     FAMILY_TEMPLATES,
     LLAMA31_TEMPLATE,
     QWEN25_TEMPLATE,
+    QWEN_TOOL_TOKENS,
     tokenizer_with_template,
 )
 
@@ -40,12 +41,13 @@ CALLED = [*USER,
               "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c", "days": 1}'}}]},
           {"role": "tool", "tool_call_id": "call_abc", "content": "5 degrees"}]
 SPECIAL = {"mistral": ("[TOOL_CALLS]",)}  # a control token in Mistral's tokenizer
+ADDED = {"qwen2": QWEN_TOOL_TOKENS}  # one token each, kept by the detokenizer (Qwen3 here: several tokens of text)
 FORMATS = {"qwen2": HERMES, "qwen3": HERMES, "llama": LLAMA3_JSON, "mistral": MISTRAL}
 
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    return {family: tokenizer_with_template(template, SPECIAL.get(family, ()))
+    return {family: tokenizer_with_template(template, SPECIAL.get(family, ()), ADDED.get(family, ()))
             for family, template in FAMILY_TEMPLATES.items()}
 
 
@@ -145,6 +147,7 @@ def test_random_model_under_the_native_grammar_makes_valid_calls(tokenizers, fam
     text = decode_randomly(tokenizer, plan.grammar, seed)
     if family in ("qwen2", "qwen3"):
         assert text.startswith("<tool_call>\n{") and text.endswith("}\n</tool_call>")
+        assert plan.marker_shown
     elif family == "llama":
         assert text.startswith('{"name": "')
     else:

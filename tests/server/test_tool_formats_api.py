@@ -16,7 +16,13 @@ import jsonschema
 import pytest
 
 from tests.server.conftest import LiveServer
-from tests.tiny_models import LLAMA31_TEMPLATE, MISTRAL_TEMPLATE, QWEN25_TEMPLATE, tiny_template_engine
+from tests.tiny_models import (
+    LLAMA31_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    QWEN25_TEMPLATE,
+    QWEN_TOOL_TOKENS,
+    tiny_template_engine,
+)
 
 PARAMETERS = {
     "type": "object",
@@ -33,13 +39,14 @@ USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
 class Served:
     """A server around an engine whose renders are recorded (the prompt text of each request)."""
 
-    def __init__(self, tmp_path, template: str, special_tokens: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp_path, template: str, special_tokens: tuple[str, ...] = (),
+                 added_tokens: tuple[str, ...] = ()) -> None:
         from openai import OpenAI
 
         from server.app import create_app
         from server.settings import Settings
 
-        self.engine = tiny_template_engine(tmp_path, template, special_tokens)
+        self.engine = tiny_template_engine(tmp_path, template, special_tokens, added_tokens=added_tokens)
         self.prompts: list[str] = []
         render = self.engine.render_chat
 
@@ -59,7 +66,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    served = Served(tmp_path_factory.mktemp("qwen"), QWEN25_TEMPLATE)
+    served = Served(tmp_path_factory.mktemp("qwen"), QWEN25_TEMPLATE, added_tokens=QWEN_TOOL_TOKENS)
     yield served
     served.stop()
 
