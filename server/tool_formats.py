@@ -19,11 +19,12 @@ gpt-oss's harmony format is not among them: its markers are special tokens that 
 The grammar (a Lark grammar for llguidance, https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md)
 writes the family's syntax around JSON that validates against the called tool's ``parameters``
 (``%json``: an ``anyOf`` over the tools). ``tool_choice: "required"`` or a named function: calls only;
-``"auto"``: a call or free text. A marker that is a special token (``[TOOL_CALLS]`` in Mistral's
-tokenizer) is written as that token (``<[id]>``) and vanishes from the decoded text, so free text may then
-not begin with ``{`` or ``[`` (nor with a blank): the parser tells a call from text by its first
-character. With ``<tool_call>`` kept in the text (Qwen's tokenizer), free text may be anything that does
-not contain it, and a call may follow it.
+``"auto"``: a call or free text. A marker that is one added token of the tokenizer (Qwen's ``<tool_call>``,
+Mistral's ``[TOOL_CALLS]``) is written as that token (``<[id]>``). Where the decoded text does not show
+the marker (Llama's bare JSON; a special token such as ``[TOOL_CALLS]``, which the detokenizer drops),
+free text may not begin with ``{``, ``[`` or a blank: the parser tells a call from text by the reply's
+first character. Where it shows the marker (``<tool_call>`` is not special in Qwen's tokenizer), free
+text may be anything that does not contain it, and calls may follow it.
 
 :class:`NativeReplyStream` parses such a reply as it streams, with the same deltas as the generic format's
 :class:`~server.tool_stream.ReplyStream` (which reads each call's JSON object here too).
