@@ -189,7 +189,10 @@ class Engine:
         system = [m for m in messages[:1] if m["role"] in ("system", "developer")]
         pinned = 0
         if system and pin_system:
-            pinned = common_prefix(self._render(system, add_generation_prompt=False, **kwargs), tokens)
+            try:
+                pinned = common_prefix(self._render(system, add_generation_prompt=False, **kwargs), tokens)
+            except InvalidRequest:  # a template that needs more than a system message (Llama 3.1 with tools)
+                log.info("the chat template cannot render the system message alone: nothing pinned")
         return tokens, pinned
 
     @staticmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 WHITESPACE = " \t\n\r"
@@ -42,8 +43,12 @@ class Reply:
 class ReplyStream:
     """Feed decoded text as it comes; get OpenAI delta dicts back; ``finish()`` gives the whole reply."""
 
-    def __init__(self, response_is_text: bool = True) -> None:
+    def __init__(self, response_is_text: bool = True, arguments_key: str = "arguments",
+                 new_id: Callable[[], str] = new_call_id) -> None:
+        """``arguments_key``: the key of a call's arguments (``parameters`` in Llama 3.1's format);
+        ``new_id``: makes each call's id."""
         self.response_is_text = response_is_text
+        self.arguments_key, self.new_id = arguments_key, new_id
         self.stack: list[Frame] = []
         self.in_string = False
         self.escape = ""  # an escape sequence being read (starts with a backslash)
@@ -79,6 +84,10 @@ class ReplyStream:
                     deltas.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
         self.out = []
         return deltas
+
+    def flush(self) -> list[dict]:
+        """At the end of the reply: nothing is held back in this format."""
+        return []
 
     def finish(self) -> Reply:
         calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
@@ -172,7 +181,7 @@ class ReplyStream:
 
     def _string_closed(self, path: tuple) -> None:
         if len(path) == 3 and path[0] == "tool_calls" and path[2] == "name":
-            self.calls.append({"id": new_call_id(), "name": "".join(self.name_chars), "arguments": ""})
+            self.calls.append({"id": self.new_id(), "name": "".join(self.name_chars), "arguments": ""})
             self.name_chars = []
             self.out.append(("call", len(self.calls) - 1, ""))
 
@@ -189,7 +198,7 @@ class ReplyStream:
         elif path[0] == "tool_calls" and len(path) >= 3:
             if path[2] == "name" and self.in_string and decoded is not None:
                 self.name_chars.append(decoded)
-            elif path[2] == "arguments" and self.calls and len(self.calls) == path[1] + 1:
+            elif path[2] == self.arguments_key and self.calls and len(self.calls) == path[1] + 1:
                 self.calls[-1]["arguments"] += raw
                 self.out.append(("arguments", path[1], raw))
 

@@ -1,21 +1,28 @@
 """Tool calling: OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` as a prompt, a grammar
 and a parser of the constrained reply back into ``tool_calls``.
 
-One reply format for every model, after llama.cpp's server's generic tool-call fallback
+Two reply formats. The family's own, where the chat template teaches one (server/tool_formats.py:
+Hermes-style ``<tool_call>`` for Qwen2.5/Qwen3, Llama 3.1's JSON, Mistral's ``[TOOL_CALLS]``): the
+template gets the tools as ``apply_chat_template(..., tools=...)`` (``ChatPlan.template_kwargs``) and the
+history in Hugging Face's shape (assistant ``tool_calls`` with ``arguments`` as objects, ``role: "tool"``
+messages), nothing is added to the prompt, and a Lark grammar writes the family's syntax around each
+call's JSON. ``tool_choice: "auto"`` together with a ``response_format`` keeps the generic format (a
+JSON answer could not be told from a call in the bare formats).
+
+Otherwise the generic format, after llama.cpp's server's generic tool-call fallback
 (https://github.com/ggml-org/llama.cpp/blob/master/docs/function-calling.md): the model writes one JSON
 object, either ``{"tool_calls": [{"name": "<tool>", "arguments": {...}}, ...]}`` or, where it may answer
 (``tool_choice: "auto"``), ``{"response": "<text>"}`` (the ``response_format`` schema's value instead of
-text when one is given). The grammar enforces it: ``name`` is one of the tools and ``arguments``
-validates against that tool's ``parameters`` (an ``anyOf`` over the tools); ``"required"`` or a named
-function leave out the ``response`` branch; ``parallel_tool_calls: false`` allows one call.
+text when one is given). A template that mentions ``tools`` without a known format still gets them as
+``tools=...`` and the history in Hugging Face's shape; any other (the embedded SmolLM2's) gets the tool
+list and the reply format in the system message (after the client's own, if any), an assistant turn
+that called tools as the JSON the model wrote, and a tool result as a user message ``{"tool_result":
+{...}}``. Both add the reply-format instruction, since the grammar, not the template, decides what the
+model writes.
 
-How the tools reach the prompt: a chat template that knows tools (it mentions ``tools``) gets them as
-``apply_chat_template(..., tools=...)`` (``ChatPlan.template_kwargs``), with history in Hugging Face's
-shape (assistant ``tool_calls`` with ``arguments`` as objects, ``role: "tool"`` messages). Otherwise
-(the embedded SmolLM2's template) the generic format: the tool list and the reply format go in the
-system message (after the client's own, if any), an assistant turn that called tools is rendered as the
-JSON the model wrote, and a tool result becomes a user message ``{"tool_result": {...}}``. Both add the
-reply-format instruction, since the grammar, not the template, decides what the model writes.
+In both, the grammar holds ``name`` to one of the tools (the named one for a named ``tool_choice``) and
+``arguments`` to that tool's ``parameters`` (an ``anyOf`` over the tools); ``"required"`` or a named
+function leave out the free answer; ``parallel_tool_calls: false`` allows one call.
 
 For a route: ``plan = plan_chat(...)``, then ``engine.render_chat(plan.messages, pin, plan.template_kwargs)``,
 ``constraint = await plan_constraint(engine, plan)`` (before anything is queued), ``engine.generate(...,
@@ -37,6 +44,14 @@ from typing import Any
 
 from engine import MAX_GRAMMAR_CHARS, Constraint, Grammar, InvalidRequest
 from server.structured import NAME, FieldError, as_dict, bound_strings, check_schema, response_format_grammar
+from server.tool_formats import (
+    NativeReplyStream,
+    ToolFormat,
+    call_schema,
+    detect_format,
+    native_grammar,
+    with_short_ids,
+)
 from server.tool_stream import ReplyStream
 
 MAX_TOOLS = 128  # OpenAI's own limit
@@ -67,9 +82,13 @@ class ChatPlan:
     tools: tuple[Tool, ...] = ()
     wrapped: bool = False  # True: the reply is the tools JSON object; parse it with reply_stream()
     response_is_text: bool = True  # in the wrapper: "response" is a string (else response_format JSON)
+    tool_format: ToolFormat | None = None  # the family's own call syntax (server/tool_formats.py); None: generic
+    marker_shown: bool = True  # the native format's marker is in the decoded text
 
-    def reply_stream(self) -> ReplyStream:
+    def reply_stream(self) -> ReplyStream | NativeReplyStream:
         """An incremental parser of this request's reply (only when ``wrapped``)."""
+        if self.tool_format is not None:
+            return NativeReplyStream(self.tool_format, self.marker_shown)
         return ReplyStream(response_is_text=self.response_is_text)
 
 
@@ -181,10 +200,12 @@ def plan_chat(
     response_format: Any = None,
     chat_template: str | None = None,
     max_tokens: int | None = None,
+    tokenizer: Any = None,
 ) -> ChatPlan:
     """Validate the tool and format fields of a chat request and turn them into prompt and grammar.
     ``max_tokens``: the reply's budget; given, the grammar's unbounded strings get a ``maxLength`` that
-    leaves room to close the JSON (``server.structured.bound_strings``)."""
+    leaves room to close the JSON (``server.structured.bound_strings``). ``tokenizer``: the model's, which
+    tells whether a native format's marker is a special token (without it: text)."""
     parsed = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, parsed)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
@@ -197,6 +218,11 @@ def plan_chat(
     if not active:  # no tools in play: a plain chat, maybe with a response_format grammar
         param = None if fmt is None else "response_format" if fmt.kind == "json_object" else "response_format.json_schema.schema"
         return ChatPlan(rendered, grammar=fmt, grammar_param=param, tools=parsed)
+    kwargs = {"tools": [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                            "parameters": t.parameters}} for t in parsed]}
+    family = detect_format(chat_template) if native else None
+    if family is not None and not (choice.mode == "auto" and fmt is not None):
+        return native_plan(rendered, family, parsed, choice, parallel, kwargs, max_tokens, tokenizer)
     response = None
     if fmt is not None:
         response = {"type": "object"} if fmt.kind == "json_object" else json.loads(fmt.source)
@@ -205,12 +231,24 @@ def plan_chat(
     if grammar is None:
         raise FieldError(f"the tools' schemas together exceed {MAX_GRAMMAR_CHARS} characters", "tools")
     instructions = reply_instructions(parsed, choice, parallel, list_tools=not native)
-    kwargs = {"tools": [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                            "parameters": t.parameters}} for t in parsed]}
     return ChatPlan(
         with_system(rendered, instructions), template_kwargs=kwargs if native else {}, grammar=grammar,
         grammar_param="tools", tools=parsed, wrapped=True, response_is_text=response is None,
     )
+
+
+def native_plan(rendered: list[dict], family: ToolFormat, tools: Sequence[Tool], choice: ToolChoice, parallel: bool,
+                kwargs: dict, max_tokens: int | None, tokenizer: Any) -> ChatPlan:
+    """A plan in the family's own call syntax: the template gets the tools and says how to call them (no
+    instructions are added), the grammar writes that syntax (server/tool_formats.py)."""
+    callable_tools = [t for t in tools if choice.mode != "function" or t.name == choice.name]
+    schema = bound_strings(call_schema(family, callable_tools), max_tokens)
+    text, shown = native_grammar(family, schema, auto=choice.mode == "auto", parallel=parallel, tokenizer=tokenizer)
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise FieldError(f"the tools' schemas together exceed {MAX_GRAMMAR_CHARS} characters", "tools")
+    messages = with_short_ids(rendered) if family.short_ids else rendered
+    return ChatPlan(messages, template_kwargs=kwargs, grammar=Grammar.lark(text), grammar_param="tools",
+                    tools=tuple(tools), wrapped=True, tool_format=family, marker_shown=shown)
 
 
 async def plan_constraint(engine: Any, plan: ChatPlan) -> Constraint | None:

@@ -78,9 +78,12 @@ class ChatFormatter(Formatter):
         content = None if self.reply is not None else ""  # OpenAI's first delta of a tool reply: null
         yield self._chunk(run, [ChunkChoice(delta={"role": "assistant", "content": content})])
 
-    def _deltas(self, run: Run, text: str) -> Iterator[dict]:
-        """Chunks for newly decoded text; held-back logprobs ride on the first."""
+    def _deltas(self, run: Run, text: str, last: bool = False) -> Iterator[dict]:
+        """Chunks for newly decoded text (``last``: the reply's end, where a parser gives up what it
+        held back); held-back logprobs ride on the first."""
         deltas = self.reply.feed(text) if self.reply is not None else [{"content": text}] if text else []
+        if last and self.reply is not None:
+            deltas += self.reply.flush()
         for delta in deltas:
             yield self._chunk(run, [ChunkChoice(delta=delta, logprobs=self._logprobs(run))])
             self.pending = []
@@ -91,7 +94,7 @@ class ChatFormatter(Formatter):
         yield from self._deltas(run, event.text)
 
     def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterator[dict]:
-        yield from self._deltas(run, finish.text)
+        yield from self._deltas(run, finish.text, last=True)
         if self.pending:  # logprobs of tokens that added no text (the tool reply's closing brackets)
             yield self._chunk(run, [ChunkChoice(delta={}, logprobs=self._logprobs(run))])
         yield self._chunk(run, [ChunkChoice(delta={}, finish_reason=finish_reason(reason, self.reply))])
@@ -127,7 +130,8 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ServingDe
     # tools and response_format: checked here (a FieldError is a 400 naming the field), before anything is queued
     plan = plan_chat([m.to_chat() for m in body.messages], tools=body.tools, tool_choice=body.tool_choice,
                      parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
-                     chat_template=engine.tokenizer.chat_template, max_tokens=params.max_tokens)
+                     chat_template=engine.tokenizer.chat_template, max_tokens=params.max_tokens,
+                     tokenizer=engine.tokenizer)
     serving.hold_slot()  # compiling a grammar and tokenizing are the costly steps: inside the key's slot
     constraint = await plan_constraint(engine, plan)  # a schema that cannot start: 400 before any tokenizing
     pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
