@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from server.responses_protocol import (
+from server.responses.protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
     MessageItem,

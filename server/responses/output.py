@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from server.responses_protocol import FunctionCallOutput, OutputMessage, OutputText
+from server.responses.protocol import FunctionCallOutput, OutputMessage, OutputText
 from server.tool_stream import ReplyStream
 
 Event = tuple[str, dict[str, Any]]

@@ -8,7 +8,7 @@ Unlike chat completions, unknown request fields are refused (``extra="forbid"``)
 field. Fields OpenAI defines that sinkserve does not implement are accepted only at their "off" value
 (``null``, ``false``, ``[]``), so clients that send them empty keep working; any other value is a
 400 naming the field. ``tools``, ``tool_choice`` and ``text.format`` are checked by the tool machinery
-(``server/responses_chat.py``, ``server/tools.py``).
+(``server/responses/chat.py``, ``server/tools.py``).
 """
 
 from __future__ import annotations

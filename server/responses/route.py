@@ -3,7 +3,7 @@
 Wire format: https://platform.openai.com/docs/api-reference/responses and, for streaming,
 https://platform.openai.com/docs/api-reference/responses-streaming (``event:`` names, one
 ``sequence_number`` counter from 0: created, in_progress, then the output items' events
-(``server/responses_output.py``), then completed or incomplete; a failure is an ``error`` event then
+(``server/responses/output.py``), then completed or incomplete; a failure is an ``error`` event then
 ``response.failed``; no ``[DONE]``).
 
 A response renders its whole conversation with the chat template: the request's ``instructions`` as
@@ -15,7 +15,7 @@ instructions) continues a copy, so no branch destroys another. Without one (stat
 resend their history) the engine's implicit prefix matching finds the session, as for chat.
 
 ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``text.format`` go through chat's machinery
-(``server/responses_chat.py`` translates the shapes; ``server/tools.py`` makes the prompt and grammar).
+(``server/responses/chat.py`` translates the shapes; ``server/tools.py`` makes the prompt and grammar).
 Everything else is the shared serving path (``server/generation.py``: parameters, admission, streaming,
 collecting, shutdown, releasing); this module keeps the Responses shapes (:class:`ResponsesFormatter`)
 and stores a finished response before its final event or body goes out.
@@ -54,8 +54,7 @@ from server.generation import (
 )
 from server.metrics import TokenTimer
 from server.protocol import STREAM_RESPONSE
-from server.response_store import ResponseStore, StoredResponse
-from server.responses_chat import (
+from server.responses.chat import (
     ToolFieldError,
     chat_messages,
     chat_response_format,
@@ -63,8 +62,8 @@ from server.responses_chat import (
     chat_tools,
     responses_param,
 )
-from server.responses_output import ResponseOutput
-from server.responses_protocol import (
+from server.responses.output import ResponseOutput
+from server.responses.protocol import (
     IncompleteDetails,
     InputItemList,
     InputTokensDetails,
@@ -75,6 +74,7 @@ from server.responses_protocol import (
     ResponseSinkserve,
     ResponseUsage,
 )
+from server.responses.store import ResponseStore, StoredResponse
 from server.tools import ChatPlan, plan_chat, plan_constraint
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from server.response_store import ResponseStore, StoredResponse
+from server.responses.store import ResponseStore, StoredResponse
 
 
 def record(response_id: str, owner: str = "owner-a", created_at: float | None = None) -> StoredResponse:
