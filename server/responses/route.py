@@ -41,7 +41,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from engine.engine import Engine, owner_of
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, SessionBusy
 from engine.events import FinishEvent, TokenEvent
 from server.deps import ApiKeyDep, EngineDep
 from server.errors import APIError, from_engine_error
@@ -271,8 +271,8 @@ async def generate(serving: Serving, body: ResponseCreateRequest, prompt: list[i
     try:
         return await serving.generate(body, prompt, formatter, endpoint=ENDPOINT, prompt_param="input",
                                       session_id=session_id, fork=True, **options)
-    except APIError as exc:
-        if exc.code != "session_busy" or session_id is None:
+    except SessionBusy:
+        if session_id is None:
             raise
     log.info("session %s is busy with another continuation of %s; serving this one on a fork",
              session_id, body.previous_response_id)

@@ -59,11 +59,11 @@ class ResponseStore:
     """One folder of stored responses, scoped by owner, expiring after ``ttl_s``, at most ``max_per_owner``
     per owner."""
 
-    def __init__(self, root: Path, ttl_s: float, max_per_owner: int = MAX_PER_OWNER) -> None:
+    def __init__(self, root: Path, ttl_s: float, max_per_owner: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
-        self.max_per_owner = max_per_owner
+        self.max_per_owner = MAX_PER_OWNER if max_per_owner is None else max_per_owner
         self._owners: dict[str, str] | None = None  # response id -> owner, read on first use
         self._lock = threading.Lock()
         self._last_sweep = 0.0  # the first put sweeps (off the event loop, like every call here)
