@@ -9,6 +9,7 @@ left out, and an explicit value wins.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -18,6 +19,29 @@ from pydantic import field_validator
 from engine.config import SAMPLING_DEFAULT_FIELDS
 from engine.scheduling.sampling import SamplingParams
 from server.errors import APIError
+
+SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON escapes such as \\ud800 decode to: not text
+
+
+def surrogate_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string in a request body (a key or a value) holding a lone UTF-16
+    surrogate, which no tokenizer or UTF-8 reply can carry; None when there is none."""
+    if isinstance(value, str):
+        return (path or "body") if SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and SURROGATE.search(key):
+            return where
+        found = surrogate_path(item, where)
+        if found:
+            return found
+    return None
 
 
 def new_id(prefix: str, sep: str = "-", hex_digits: int = 24) -> str:

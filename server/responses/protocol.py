@@ -31,11 +31,12 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from engine.events import Usage
 from engine.scheduling.sampling import SamplingParams
-from server.common import SamplingFields, check_string_map, new_id, off_fields
+from server.common import SamplingFields, check_string_map, new_id, off_fields, surrogate_path
 from server.errors import APIError
 from server.protocol import SinkserveInfo
 
@@ -278,6 +279,16 @@ class ResponseCreateRequest(SamplingFields, _Strict):
                                  "output of a tool this server does not run); accepted: "
                                  + ", ".join(INCLUDE_HONOURED + INCLUDE_NOTHING))
         return include
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """Lone surrogates (``"\\ud800"``) are refused before anything tokenizes, stores or echoes them."""
+        where = surrogate_path(data)
+        if where:
+            raise APIError(400, f"invalid value for {where}: a lone UTF-16 surrogate is not text", param=where,
+                           code="invalid_value")
+        return data
 
     @field_validator("input", mode="before")
     @classmethod

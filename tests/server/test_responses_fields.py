@@ -150,3 +150,14 @@ def test_concurrent_continuations_of_one_response_are_both_served(http, live, ca
     sessions = {r.json()["sinkserve"]["session_id"] for r in results.values()}
     assert len(sessions) == 2  # the second continuation ran on a fork
     assert "is busy with another continuation" in caplog.text  # they did overlap
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "user": "\ud800"}, "user"),
+    ({"input": "x", "metadata": {"k": "a\udfffb"}}, "metadata.k"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "\ud800"}]}]}, "input.0.content.0.text"),
+])
+def test_lone_surrogates_are_refused_before_they_are_stored(http, body, param):
+    raw = json.dumps({"max_output_tokens": 2, **body})  # ensure_ascii: the surrogate travels as \ud800
+    reply = http.post("/v1/responses", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
