@@ -2,8 +2,9 @@
 
 Fields follow the order of the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat,
 /completions, /models); the layout copies vLLM's ``entrypoints/openai/protocol.py``: ``Literal`` object
-types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()``, where
-request fields become ``engine.SamplingParams``. sinkserve extensions: ``top_k``, ``min_p``,
+types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()`` (shared with
+the Responses API in ``server/common.py``), where request fields become ``engine.SamplingParams``.
+sinkserve extensions: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``session_id``, ``pin_system_prompt`` in requests and a ``sinkserve`` object in
 responses.
 
