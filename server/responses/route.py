@@ -57,6 +57,8 @@ from server.responses.chat import (
 )
 from server.responses.output import ResponseOutput
 from server.responses.protocol import (
+    INCLUDE_HONOURED,
+    INCLUDE_NOTHING,
     IncompleteDetails,
     InputItemList,
     ResponseCreateRequest,
@@ -89,6 +91,15 @@ def check_query(request: Request, allowed: set[str]) -> None:
     for name in request.query_params:
         if name not in allowed:
             raise APIError(400, f"unknown query parameter {name!r}", param=name, code="unknown_parameter")
+
+
+def check_include(request: Request) -> None:
+    """``include`` of a stored response: values that add nothing to what was stored are accepted (the
+    stored output text has its logprobs when the create request asked for them), others refused."""
+    for value in [*request.query_params.getlist("include"), *request.query_params.getlist("include[]")]:
+        if value not in INCLUDE_HONOURED + INCLUDE_NOTHING:
+            raise APIError(400, f"include value {value!r} is not available from this server", param="include",
+                           code="unsupported_parameter")
 
 
 def not_found(response_id: str) -> APIError:
@@ -333,8 +344,7 @@ async def get_response(response_id: str, request: Request, api_key: ApiKeyDep, e
     if request.query_params.get("stream", "false").lower() not in ("false", "0"):
         raise APIError(400, "streaming a stored response is only for background responses, which this server "
                        "does not run", param="stream", code="unsupported_parameter")
-    if request.query_params.getlist("include") or request.query_params.getlist("include[]"):
-        raise APIError(400, "include is not supported by this server", param="include", code="unsupported_parameter")
+    check_include(request)
     return (await _stored(request, engine, api_key, response_id)).response
 
 
@@ -357,8 +367,7 @@ async def cancel_response(response_id: str, request: Request, api_key: ApiKeyDep
 async def list_input_items(response_id: str, request: Request, api_key: ApiKeyDep, engine: EngineDep,
                            after: str | None = None, limit: int = 20, order: str = "desc") -> InputItemList:
     check_query(request, {"after", "limit", "order", "include", "include[]"})
-    if request.query_params.getlist("include") or request.query_params.getlist("include[]"):
-        raise APIError(400, "include is not supported by this server", param="include", code="unsupported_parameter")
+    check_include(request)
     if not 1 <= limit <= 100:
         raise APIError(400, "limit must be between 1 and 100", param="limit", code="invalid_value")
     if order not in ("asc", "desc"):

@@ -161,3 +161,12 @@ def test_lone_surrogates_are_refused_before_they_are_stored(http, body, param):
     raw = json.dumps({"max_output_tokens": 2, **body})  # ensure_ascii: the surrogate travels as \ud800
     reply = http.post("/v1/responses", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+def test_include_of_a_stored_response(http):
+    created = post(http, input="x")
+    path = f"/v1/responses/{created.json()['id']}"
+    assert http.get(path, params={"include": "reasoning.encrypted_content"}).status_code == 200
+    refused = http.get(path, params={"include": "file_search_call.results"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "include", refused.text
+    assert http.get(path + "/input_items", params={"include[]": "message.output_text.logprobs"}).status_code == 200
