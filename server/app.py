@@ -23,7 +23,8 @@ from server.errors import install_error_handlers
 from server.limits import BodySizeLimit, KeyLimiter
 from server.metrics import Metrics, RequestCounter
 from server.protocol import ERROR_RESPONSES
-from server.routes import chat, completions, health, metrics, models, responses, sessions
+from server.responses import route as responses
+from server.routes import chat, completions, health, metrics, models, sessions
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

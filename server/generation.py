@@ -134,6 +134,10 @@ class Formatter:
     def done(self, run: Run) -> Iterable[dict]:
         yield DONE
 
+    async def settle(self, run: Run) -> None:
+        """Once a reply is complete, before its last events (``done``) or its body go out: the Responses
+        route stores the response here, so a client that saw it finish can chain from it at once."""
+
     def response(self, run: Run, collected: Collected) -> BaseModel:
         raise NotImplementedError
 
@@ -200,6 +204,7 @@ async def stream_events(run: Run, slot: Slot, formatter: Formatter, timer: Token
                 else formatter.finish(run, event, reason)
             for out in chunks:
                 yield out
+        await formatter.settle(run)
         for out in formatter.done(run):
             yield out
     except Exception:
@@ -377,7 +382,9 @@ class Serving:
             shutdown = StreamShutdown(self.settings.timeout_graceful_shutdown)
             return sse_response(stream_events(run, slot, formatter, timer, shutdown), gen, shutdown)
         collected = await collect(gen, slot, timer, self.request, on_failure)
-        return Response(formatter.response(run, collected).model_dump_json(), media_type="application/json",
+        reply = formatter.response(run, collected)
+        await formatter.settle(run)
+        return Response(reply.model_dump_json(), media_type="application/json",
                         headers=session_headers(gen, collected.finish))
 
 

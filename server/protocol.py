@@ -2,8 +2,9 @@
 
 Fields follow the order of the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat,
 /completions, /models); the layout copies vLLM's ``entrypoints/openai/protocol.py``: ``Literal`` object
-types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()``, where
-request fields become ``engine.SamplingParams``. sinkserve extensions: ``top_k``, ``min_p``,
+types, ids and timestamps from ``default_factory``, and one method, ``to_sampling_params()`` (shared with
+the Responses API in ``server/common.py``), where request fields become ``engine.SamplingParams``.
+sinkserve extensions: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``session_id``, ``pin_system_prompt`` in requests and a ``sinkserve`` object in
 responses.
 
@@ -21,18 +22,13 @@ Choices made where OpenAI leaves room: message ``content`` may be an empty strin
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
-from engine import SAMPLING_DEFAULT_FIELDS, SamplingParams, check_session_id
+from engine import check_session_id
+from server.common import SamplingFields, new_id, off_fields, refuse_unless
 from server.errors import APIError
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def _now() -> int:
@@ -56,15 +52,6 @@ class _Request(_Model):
     """A request object: a field this server does not know is a 400 naming it, never ignored."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-def refuse_unless(name: str, value: Any, allowed: tuple) -> Any:
-    """``value`` when it asks for nothing this server cannot do (one of ``allowed``); else a ValueError
-    (a 400 naming the field)."""
-    if value not in allowed:
-        shown = ", ".join("null" if a is None else repr(a) for a in allowed)
-        raise ValueError(f"{name} is not supported by this server (accepted: {shown})")
-    return value
 
 
 class StreamOptions(_Request):
@@ -122,7 +109,7 @@ class ChatMessage(_Request):
         return self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"}, exclude_none=True)
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(SamplingFields, _Request):
     """Fields shared by chat and legacy completions, and their translation to the engine."""
 
     model: str | None = None  # None: the served model
@@ -167,40 +154,14 @@ class _SamplingRequest(_Request):
                 raise ValueError(f"values must be between -100 and 100, got {value}")
         return bias
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
-
-    def requested_logprobs(self) -> tuple[bool, int]:
-        return False, 0
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int,
-                           defaults: Mapping[str, float] | None = None) -> SamplingParams:
-        """The engine's parameters. ``defaults`` (the served model's or the operator's sampling defaults)
-        fill only the fields this request did not send (``model_fields_set``): an explicit value wins."""
-        sampling = {name: getattr(self, name) for name in SAMPLING_DEFAULT_FIELDS}
-        for name, value in (defaults or {}).items():
-            if name not in self.model_fields_set:
-                sampling[name] = int(value) if name == "top_k" else value
-        max_tokens = self.requested_max_tokens()
-        if max_tokens is not None and max_tokens > max_tokens_cap:
-            raise APIError(400, f"max_tokens is {max_tokens}, this server allows at most {max_tokens_cap}",
-                           param="max_tokens", code="invalid_value")
-        logprobs, top_logprobs = self.requested_logprobs()
-        try:
-            return SamplingParams(
-                max_tokens=min(max_tokens or default_max_tokens, max_tokens_cap),
-                **sampling, presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-                seed=self.seed, stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                logprobs=logprobs, top_logprobs=top_logprobs,
-            )
-        except ValueError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from exc
+    def requested_options(self) -> dict[str, Any]:
+        return {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()}, "seed": self.seed,
+                "stop": (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())}
 
 
 # OpenAI chat fields this server cannot honour, accepted only with these values (unset, or asking for
@@ -259,10 +220,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("parallel_tool_calls is only allowed when tools are given (as OpenAI's)")
         return value
 
-    @field_validator(*OFF_FIELDS)
-    @classmethod
-    def _off(cls, value: Any, info):
-        return refuse_unless(info.field_name, value, OFF_FIELDS[info.field_name])
+    _off = off_fields(OFF_FIELDS)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -371,7 +329,7 @@ class ChatChoice(_Model):
 
 
 class ChatCompletionResponse(_Model):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
@@ -389,7 +347,7 @@ class ChunkChoice(_Model):
 
 
 class ChatCompletionChunk(_Model):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=_now)
     model: str
@@ -413,7 +371,7 @@ class CompletionChoice(_Model):
 
 
 class CompletionResponse(_Model):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str

@@ -27,7 +27,7 @@ function leave out the free answer; ``parallel_tool_calls: false`` allows one ca
 For a route: ``plan = plan_chat(...)``, then ``engine.render_chat(plan.messages, pin, plan.template_kwargs)``,
 ``constraint = await plan_constraint(engine, plan)`` (before anything is queued), ``engine.generate(...,
 constraint=constraint)``, and, when ``plan.wrapped``, ``plan.reply_stream()`` to turn the text into content
-and tool calls (server/routes/chat.py, server/routes/responses.py).
+and tool calls (server/routes/chat.py, server/responses/route.py).
 
 Decisions: a tool without ``parameters`` takes no arguments (an empty-object schema, as OpenAI
 documents); ``parameters`` that is not an object schema, an unknown name in ``tool_choice``, a tool

@@ -208,8 +208,13 @@ def test_cancel_is_refused_and_unknown_fields_name_themselves(client, server):
     cases = {
         "frobnicate": {"frobnicate": 1},
         "background": {"background": True},
-        "reasoning": {"reasoning": {"effort": "high"}},
-        "tools.0.type": {"tools": [{"type": "web_search"}]},
+        "reasoning.flavour": {"reasoning": {"effort": "high", "flavour": "x"}},
+        "include": {"include": ["file_search_call.results"]},
+        "tools.0.type": {"tools": [{"type": "local_shell"}]},
+        "tools.0.tools.0.type": {"tools": [{"type": "namespace", "name": "n", "description": "d",
+                                            "tools": [{"type": "custom", "name": "x"}]}]},
+        "user": {"user": "u" * 1_000_000},  # stored with the response: bounded
+        "client_metadata": {"client_metadata": {"k": "v" * 5000}},
         "tools.0.parameters": {"tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
         "tool_choice": {"tool_choice": "required"},  # needs tools
         "tool_choice.name": {"tools": [TOOL], "tool_choice": {"type": "function", "name": "other"}},

@@ -7,7 +7,10 @@ streams by the tool machinery's :class:`~server.tool_stream.ReplyStream`: its te
 item, each tool call a ``function_call`` item (``response.output_item.added`` with empty arguments, then
 ``response.function_call_arguments.delta`` fragments). At the end every open item is closed (``.done``
 events, then ``response.output_item.done``) with status ``completed``, or ``incomplete`` when the
-generation hit ``max_output_tokens``. Events are ``(type, fields)`` pairs; the route numbers them.
+generation hit ``max_output_tokens``. A call of a namespace tool's function (offered as ``ns__name``)
+becomes an item with ``namespace`` and ``name``. With ``include: ["message.output_text.logprobs"]`` each
+text delta carries its tokens' logprobs, and the text part all of them. Events are ``(type, fields)``
+pairs; the route numbers them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from server.responses_protocol import FunctionCallOutput, OutputMessage, OutputText
+from server.responses.chat import offered_name
+from server.responses.protocol import OutputFunctionCall, OutputMessage, OutputText
 from server.tool_stream import ReplyStream
 
 Event = tuple[str, dict[str, Any]]
@@ -24,21 +28,29 @@ Event = tuple[str, dict[str, Any]]
 class ResponseOutput:
     """Output items of one response; ``feed`` text pieces, then ``close``."""
 
-    def __init__(self, reply: ReplyStream | None = None) -> None:
+    def __init__(self, reply: ReplyStream | None = None,
+                 namespaced: dict[str, tuple[str, str]] | None = None) -> None:
         self.reply = reply  # None: a plain text reply
-        self.items: list[OutputMessage | FunctionCallOutput] = []
+        self.namespaced = namespaced or {}  # offered name -> (namespace, name)
+        self.items: list[OutputMessage | OutputFunctionCall] = []
         self.message: OutputMessage | None = None
-        self.calls: dict[int, FunctionCallOutput] = {}  # by the reply's call index
+        self.calls: dict[int, OutputFunctionCall] = {}  # by the reply's call index
         self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is not out yet (held back)
 
     def start(self) -> Iterator[Event]:
         if self.reply is None:
             yield from self._open_message()
 
-    def feed(self, text: str) -> Iterator[Event]:
+    def feed(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> Iterator[Event]:
+        """A piece of the reply; ``logprobs``: its tokens' (plain replies only)."""
+        self.pending.extend(logprobs or ())
         if not text:
             return
-        deltas = [{"content": text}] if self.reply is None else self.reply.feed(text)
+        yield from self._apply([{"content": text}] if self.reply is None else self.reply.feed(text))
+
+    def _apply(self, deltas: list[dict[str, Any]]) -> Iterator[Event]:
         for delta in deltas:
             if "content" in delta:
                 yield from self._content(delta["content"])
@@ -46,13 +58,17 @@ class ResponseOutput:
                 yield from self._call(call)
 
     def close(self, complete: bool) -> Iterator[Event]:
+        if self.reply is not None:  # what the parser held back at the reply's end (a partial marker's text)
+            yield from self._apply(self.reply.flush())
         status = "completed" if complete else "incomplete"
+        self.logprobs.extend(self.pending)
         for index, item in enumerate(self.items):
             where = {"item_id": item.id, "output_index": index}
             if isinstance(item, OutputMessage):
                 text = "".join(self.text)
-                item.content = [OutputText(text=text, logprobs=[])]
-                yield "response.output_text.done", {**where, "content_index": 0, "text": text, "logprobs": []}
+                item.content = [OutputText(text=text, logprobs=self.logprobs)]
+                yield "response.output_text.done", {**where, "content_index": 0, "text": text,
+                                                    "logprobs": self.logprobs}
                 yield "response.content_part.done", {**where, "content_index": 0,
                                                      "part": item.content[0].model_dump(mode="json")}
             else:
@@ -65,7 +81,8 @@ class ResponseOutput:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
         if self.calls:
             message["tool_calls"] = [{"id": c.call_id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                      "function": {"name": offered_name(c.name, c.namespace),
+                                                   "arguments": c.arguments}}
                                      for c in self.calls.values()]
         return message
 
@@ -83,14 +100,18 @@ class ResponseOutput:
         if self.message is None:
             yield from self._open_message()
         self.text.append(piece)
+        logprobs, self.pending = self.pending, []
+        self.logprobs.extend(logprobs)
         index = self.items.index(self.message)
         yield "response.output_text.delta", {"item_id": self.message.id, "output_index": index, "content_index": 0,
-                                             "delta": piece, "logprobs": []}
+                                             "delta": piece, "logprobs": logprobs}
 
     def _call(self, delta: dict[str, Any]) -> Iterator[Event]:
         function = delta.get("function", {})
         if "id" in delta:  # a new call: its name is known, its arguments follow
-            item = FunctionCallOutput(call_id=delta["id"], name=function.get("name", ""), arguments="",
+            offered = function.get("name", "")
+            namespace, name = self.namespaced.get(offered, (None, offered))
+            item = OutputFunctionCall(call_id=delta["id"], name=name, namespace=namespace, arguments="",
                                       status="in_progress")
             self.calls[delta["index"]] = item
             self.items.append(item)

@@ -12,6 +12,11 @@ either the old state or the new one. A response expires ``ttl_s`` after its crea
 (``EngineConfig.session_ttl_s``): an expired file is removed when it is looked up, and by a sweep (by
 file modification time) at most once a minute when new responses are saved.
 
+Each API key keeps at most ``max_per_owner`` stored responses (``MAX_PER_OWNER``, 1,000): :meth:`full`
+says when a key has reached it (after sweeping expired ones), and the route then refuses to create a
+stored response (a 429 in OpenAI's shape; ``store: false`` responses are not counted). Which key owns
+which file is indexed in memory, read from the files on first use.
+
 Reads and writes block on the file system: call them through ``asyncio.to_thread``.
 """
 
@@ -21,7 +26,9 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 RESPONSE_ID = re.compile(r"^resp_[A-Za-z0-9]{1,128}$")
 FORMAT_VERSION = 1
 SWEEP_EVERY_S = 60.0
+MAX_PER_OWNER = 1000  # stored responses per API key
 
 
 @dataclass
@@ -48,12 +56,16 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """One folder of stored responses, scoped by owner, expiring after ``ttl_s``."""
+    """One folder of stored responses, scoped by owner, expiring after ``ttl_s``, at most ``max_per_owner``
+    per owner."""
 
-    def __init__(self, root: Path, ttl_s: float) -> None:
+    def __init__(self, root: Path, ttl_s: float, max_per_owner: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
+        self.max_per_owner = MAX_PER_OWNER if max_per_owner is None else max_per_owner
+        self._owners: dict[str, str] | None = None  # response id -> owner, read on first use
+        self._lock = threading.Lock()
         self._last_sweep = 0.0  # the first put sweeps (off the event loop, like every call here)
         for stale in self.root.glob(".*.tmp"):  # a write interrupted by a crash
             stale.unlink(missing_ok=True)
@@ -75,8 +87,36 @@ class ResponseStore:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(self.root)
+        with self._lock:
+            self._index()[record.id] = record.owner
         if time.time() - self._last_sweep > SWEEP_EVERY_S:
             self.sweep()
+
+    def count(self, owner: str) -> int:
+        with self._lock:
+            return Counter(self._index().values())[owner]
+
+    def full(self, owner: str) -> bool:
+        """Whether ``owner`` has ``max_per_owner`` stored responses (expired ones swept first)."""
+        if self.count(owner) < self.max_per_owner:
+            return False
+        self.sweep()
+        return self.count(owner) >= self.max_per_owner
+
+    def _index(self) -> dict[str, str]:
+        """Response id -> owner of every stored file (call with the lock held)."""
+        if self._owners is None:
+            self._owners = {}
+            for path in self.root.glob("resp_*.json"):
+                record = self._read(path)
+                if record is not None:
+                    self._owners[record.id] = record.owner
+        return self._owners
+
+    def _forget(self, response_id: str) -> None:
+        with self._lock:
+            if self._owners is not None:
+                self._owners.pop(response_id, None)
 
     def get(self, owner: str, response_id: str) -> StoredResponse | None:
         """The stored response, or ``None`` when unknown, deleted, expired or someone else's."""
@@ -88,6 +128,7 @@ class ResponseStore:
             return None
         if self._expired(record):
             path.unlink(missing_ok=True)
+            self._forget(response_id)
             return None
         return record
 
@@ -95,6 +136,7 @@ class ResponseStore:
         if self.get(owner, response_id) is None:
             return False
         self.path(response_id).unlink(missing_ok=True)
+        self._forget(response_id)
         _fsync_dir(self.root)
         return True
 
@@ -110,6 +152,7 @@ class ResponseStore:
                 continue
             if expired:
                 path.unlink(missing_ok=True)
+                self._forget(path.stem)
                 removed += 1
         if removed:
             log.info("removed %d expired stored responses", removed)

@@ -4,18 +4,20 @@ response object, stored input items and the streaming events.
 Shapes follow the ``openai`` SDK's types (``openai/types/responses/``: ``response_create_params``,
 ``response_input_param``, ``response``, ``response_output_message``, ``response_usage``,
 ``response_*_event``) and the API reference (https://platform.openai.com/docs/api-reference/responses).
-Unlike chat completions, unknown request fields are refused (``extra="forbid"``): a 400 naming the
-field. Fields OpenAI defines that sinkserve does not implement are accepted only at their "off" value
-(``null``, ``false``, ``[]``), so clients that send them empty keep working; any other value is a
-400 naming the field. ``tools``, ``tool_choice`` and ``text.format`` are checked by the tool machinery
-(``server/responses_chat.py``, ``server/tools.py``).
+Unknown request fields are refused (``extra="forbid"``): a 400 naming the field. Fields OpenAI defines
+that sinkserve does not implement are accepted only at their "off" value (``OFF_FIELDS``: ``null``,
+``false``, ``[]``), so clients that send them empty keep working; any other value is a 400 naming the
+field. Fields that ask for nothing this model has are accepted and do nothing (``reasoning`` of a model
+that does not reason, ``include: ["reasoning.encrypted_content"]``, ``client_metadata``, which is
+stored). Echoed and stored strings are bounded (``BOUNDS``). ``tools``, ``tool_choice`` and
+``text.format`` are checked by the tool machinery (``server/responses/chat.py``, ``server/tools.py``).
+Every field's treatment is tabled in docs/responses.md.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Mapping
+from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -29,15 +31,21 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from engine.scheduling.sampling import SamplingParams
+from engine import SamplingParams, Usage
+from server.common import SamplingFields, check_string_map, new_id, off_fields, surrogate_path
 from server.errors import APIError
+from server.protocol import SinkserveInfo
 
+# OpenAI-style ids of the Responses API: ``resp_``, ``msg_``, ``fc_`` and 48 hex digits (192 random bits)
+item_id = partial(new_id, sep="_", hex_digits=48)
 
-def new_id(prefix: str) -> str:
-    """OpenAI-style ids: ``resp_``, ``msg_``, ``fc_`` and 48 hex digits (192 random bits)."""
-    return f"{prefix}_{secrets.token_hex(24)}"
+# Bounds of the strings a response echoes and stores (characters; metadata as OpenAI documents it)
+BOUNDS = {"user": 256, "prompt_cache_key": 256, "safety_identifier": 128, "instructions": 1 << 20}
+METADATA_BOUNDS = (16, 64, 512)  # pairs, key characters, value characters
+CLIENT_METADATA_BOUNDS = (32, 64, 4096)  # a client's own bookkeeping (Codex CLI sends ~700-character values)
 
 
 class _Strict(BaseModel):
@@ -96,7 +104,7 @@ class MessageItem(_Strict):
         if self.role == "assistant":
             for part in parts:
                 part.setdefault("annotations", [])
-        return {"id": self.id or new_id("msg"), "type": "message", "role": self.role, "status": "completed",
+        return {"id": self.id or item_id("msg"), "type": "message", "role": self.role, "status": "completed",
                 "content": parts}
 
 
@@ -109,7 +117,7 @@ class FunctionCallItem(_Strict):
     arguments: str
     id: str | None = None
     status: ItemStatus | None = None
-    namespace: None = None  # tool namespaces and programmatic callers are not supported: null only
+    namespace: str | None = None  # the namespace tool the function belongs to
     caller: dict[str, Any] | None = None
     async_: Literal[False] | None = Field(None, alias="async")
 
@@ -121,27 +129,30 @@ class FunctionCallItem(_Strict):
         return caller
 
     def stored(self) -> dict[str, Any]:
-        item = self.model_dump(exclude_none=True, include={"type", "call_id", "name", "arguments"})
-        return {**item, "id": self.id or new_id("fc"), "status": "completed"}
+        item = self.model_dump(exclude_none=True, include={"type", "call_id", "name", "namespace", "arguments"})
+        return {**item, "id": self.id or item_id("fc"), "status": "completed"}
 
 
 class FunctionCallOutputItem(_Strict):
-    """A tool's result, answering the ``function_call`` with the same ``call_id``."""
+    """A tool's result, answering the ``function_call`` with the same ``call_id``; without one (the SDK
+    allows it), the earliest unanswered call of the same ``name`` and ``namespace``, or in order."""
 
     type: Literal["function_call_output"]
-    call_id: str
+    call_id: str | None = None
     output: str | list[InputText]
     id: str | None = None
     status: ItemStatus | None = None
     name: str | None = None
-    namespace: None = None
+    namespace: str | None = None
 
     def text(self) -> str:
         return self.output if isinstance(self.output, str) else "".join(part.text for part in self.output)
 
     def stored(self) -> dict[str, Any]:
-        return {"type": "function_call_output", "call_id": self.call_id, "output": self.text(),
-                "id": self.id or new_id("fco"), "status": "completed"}
+        item = {"type": "function_call_output", "call_id": self.call_id, "output": self.text(),
+                "id": self.id or item_id("fco"), "status": "completed", "name": self.name,
+                "namespace": self.namespace}
+        return {k: v for k, v in item.items() if v is not None}
 
 
 def _item_type(value: Any) -> str | None:
@@ -180,15 +191,12 @@ OFF_FIELDS: dict[str, tuple] = {
     "background": (None, False),
     "conversation": (None,),
     "context_management": (None, []),
-    "include": (None, []),
     "max_tool_calls": (None,),
     "prompt": (None,),
     "prompt_cache_options": (None,),
     "prompt_cache_retention": (None,),
-    "reasoning": (None,),
     "service_tier": (None, "auto", "default"),
     "stream_options": (None,),
-    "top_logprobs": (None, 0),
     "moderation": (None,),
     "image": (None,),
     "access_programs": (None,),
@@ -196,7 +204,23 @@ OFF_FIELDS: dict[str, tuple] = {
 }
 
 
-class ResponseCreateRequest(_Strict):
+# ``include`` values: honoured, or asking for what this model never produces (accepted, yield nothing);
+# any other value (outputs of tools this server does not run) is a 400 naming it
+INCLUDE_HONOURED = ("message.output_text.logprobs",)
+INCLUDE_NOTHING = ("reasoning.encrypted_content",)  # the served model does not reason
+
+
+class ReasoningConfig(_Strict):
+    """OpenAI's ``reasoning``: accepted, and means no reasoning, for a model that does not reason."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+    context: Literal["auto", "current_turn", "all_turns"] | None = None
+    mode: str | None = None
+
+
+class ResponseCreateRequest(SamplingFields, _Strict):
     model: str | None = None  # None: the served model
     input: str | list[InputItem]
     instructions: str | None = None
@@ -213,34 +237,57 @@ class ResponseCreateRequest(_Strict):
     metadata: dict[str, str] | None = None
     truncation: Literal["auto", "disabled"] = "disabled"
     user: str | None = None
-    safety_identifier: str | None = Field(None, max_length=128)
+    safety_identifier: str | None = None
     # Codex CLI sends one per conversation; sessions are already found by token prefix within the API
-    # key's scope, so the key is echoed but needs no other effect (README, Responses API).
+    # key's scope, so the key is echoed but needs no other effect (docs/responses.md).
     prompt_cache_key: str | None = None
+    include: list[str] | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    reasoning: ReasoningConfig | None = None  # accepted as no reasoning: the served model does not reason
+    client_metadata: dict[str, str] | None = None  # the client's bookkeeping: stored with the response
     # accepted only when off: OFF_FIELDS
     background: Any = None
     conversation: Any = None
     context_management: Any = None
-    include: Any = None
     max_tool_calls: Any = None
     prompt: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
-    reasoning: Any = None
     service_tier: Any = None
     stream_options: Any = None
-    top_logprobs: Any = None
     moderation: Any = None
     image: Any = None
     access_programs: Any = None
     background_options: Any = None
 
-    @field_validator(*OFF_FIELDS)
+    _off = off_fields(OFF_FIELDS)
+
+    @field_validator(*BOUNDS)
     @classmethod
-    def _off(cls, value: Any, info) -> Any:
-        if value not in OFF_FIELDS[info.field_name]:
-            raise ValueError(f"{info.field_name} is not supported by this server (leave it unset)")
+    def _bounded(cls, value: str | None, info) -> str | None:
+        if value is not None and len(value) > BOUNDS[info.field_name]:
+            raise ValueError(f"{info.field_name} is {len(value)} characters; the limit is {BOUNDS[info.field_name]}")
         return value
+
+    @field_validator("include")
+    @classmethod
+    def _include(cls, include: list[str] | None) -> list[str] | None:
+        for value in include or ():
+            if value not in INCLUDE_HONOURED + INCLUDE_NOTHING:
+                raise ValueError(f"include value {value!r} is not available from this server (it asks for the "
+                                 "output of a tool this server does not run); accepted: "
+                                 + ", ".join(INCLUDE_HONOURED + INCLUDE_NOTHING))
+        return include
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """Lone surrogates (``"\\ud800"``) are refused before anything tokenizes, stores or echoes them."""
+        where = surrogate_path(data)
+        if where:
+            raise APIError(400, f"invalid value for {where}: a lone UTF-16 surrogate is not text", param=where,
+                           code="invalid_value")
+        return data
 
     @field_validator("input", mode="before")
     @classmethod
@@ -260,14 +307,12 @@ class ResponseCreateRequest(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is None:
-            return None
-        if len(metadata) > 16:
-            raise ValueError("at most 16 key-value pairs")
-        for key, value in metadata.items():
-            if len(key) > 64 or len(value) > 512:
-                raise ValueError("keys are at most 64 characters, values at most 512")
-        return metadata
+        return check_string_map(metadata, *METADATA_BOUNDS)
+
+    @field_validator("client_metadata")
+    @classmethod
+    def _client_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        return check_string_map(metadata, *CLIENT_METADATA_BOUNDS)
 
     def items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem]:
         if isinstance(self.input, str):
@@ -278,41 +323,35 @@ class ResponseCreateRequest(_Strict):
     session_id: ClassVar[None] = None  # a chain names its session through previous_response_id
     include_usage: ClassVar[bool] = False
 
-    def to_sampling_params(self, default_max_tokens: int, max_tokens_cap: int,
-                           defaults: Mapping[str, float] | None = None) -> SamplingParams:
-        """The engine's parameters; the served model's sampling defaults fill what the request omits
-        (``temperature``, ``top_p``; ``top_k``, ``min_p``, ``repetition_penalty`` are not Responses fields)."""
-        if self.max_output_tokens is not None and self.max_output_tokens > max_tokens_cap:
-            raise APIError(400, f"max_output_tokens is {self.max_output_tokens}, this server allows at most "
-                           f"{max_tokens_cap}", param="max_output_tokens", code="invalid_value")
-        sampling: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0}
-        for name, value in (defaults or {}).items():
-            sampling[name] = int(value) if name == "top_k" else value
-        for name in ("temperature", "top_p"):
-            if getattr(self, name) is not None:
-                sampling[name] = getattr(self, name)
-        try:
-            return SamplingParams(max_tokens=min(self.max_output_tokens or default_max_tokens, max_tokens_cap),
-                                  **sampling)
-        except ValueError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from exc
+    max_tokens_param: ClassVar[str] = "max_output_tokens"
+
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ())
+
+    def requested_logprobs(self) -> tuple[bool, int]:
+        """Logprobs of the output text, when ``include`` asks for them (``top_logprobs`` alternatives)."""
+        if self.top_logprobs and not self.wants_logprobs():
+            raise APIError(400, "top_logprobs requires include to have 'message.output_text.logprobs'",
+                           param="top_logprobs", code="invalid_value")
+        return self.wants_logprobs(), self.top_logprobs or 0
 
 
 # ----- the response object -------------------------------------------------------------------------
 class OutputMessage(_Out):
-    id: str = Field(default_factory=lambda: new_id("msg"))
+    id: str = Field(default_factory=lambda: item_id("msg"))
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     status: ItemStatus = "completed"
     content: list[OutputText] = Field(default_factory=list)
 
 
-class FunctionCallOutput(_Out):
-    id: str = Field(default_factory=lambda: new_id("fc"))
+class OutputFunctionCall(_Out):
+    id: str = Field(default_factory=lambda: item_id("fc"))
     type: Literal["function_call"] = "function_call"
     status: ItemStatus = "completed"
     call_id: str
     name: str
+    namespace: str | None = None  # set when the function belongs to a namespace tool
     arguments: str
 
 
@@ -332,6 +371,14 @@ class ResponseUsage(_Out):
     output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
     total_tokens: int
 
+    @classmethod
+    def of(cls, usage: Usage) -> ResponseUsage:
+        """The engine's count of one generation, in the Responses API's shape."""
+        return cls(input_tokens=usage.prompt_tokens,
+                   input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_tokens,
+                                                           cache_write_tokens=usage.prompt_tokens - usage.cached_tokens),
+                   output_tokens=usage.completion_tokens, total_tokens=usage.prompt_tokens + usage.completion_tokens)
+
 
 class IncompleteDetails(_Out):
     reason: Literal["max_output_tokens"] = "max_output_tokens"
@@ -342,17 +389,8 @@ class ResponseError(_Out):
     message: str
 
 
-class ResponseSinkserve(_Out):
-    """sinkserve's extension, as in chat completions: the session this response continued."""
-
-    session_id: str
-    evicted_tokens: int
-    cached_tokens: int
-    pinned_tokens: int | None = None  # never evicted: the sinks, or a pinned system prompt
-
-
 class ResponseObject(_Out):
-    id: str = Field(default_factory=lambda: new_id("resp"))
+    id: str = Field(default_factory=lambda: item_id("resp"))
     object: Literal["response"] = "response"
     created_at: float = Field(default_factory=lambda: float(int(time.time())))
     status: Literal["completed", "failed", "in_progress", "cancelled", "incomplete"] = "in_progress"
@@ -363,7 +401,7 @@ class ResponseObject(_Out):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage | FunctionCallOutput] = Field(default_factory=list)
+    output: list[OutputMessage | OutputFunctionCall] = Field(default_factory=list)
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     prompt_cache_key: str | None = None
@@ -380,7 +418,7 @@ class ResponseObject(_Out):
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
-    sinkserve: ResponseSinkserve | None = None
+    sinkserve: SinkserveInfo | None = None  # sinkserve's extension, as in chat completions
 
     @classmethod
     def for_request(cls, body: ResponseCreateRequest, model: str, params: SamplingParams) -> ResponseObject:

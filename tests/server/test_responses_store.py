@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from server.response_store import ResponseStore, StoredResponse
+from server.responses.store import ResponseStore, StoredResponse
 
 
 def record(response_id: str, owner: str = "owner-a", created_at: float | None = None) -> StoredResponse:
@@ -55,3 +55,23 @@ def test_bad_ids_and_damaged_files_read_as_absent(tmp_path):
     (tmp_path / ".resp_x.json.123.tmp").write_text("partial")
     ResponseStore(tmp_path, ttl_s=3600)
     assert not (tmp_path / ".resp_x.json.123.tmp").exists()  # an interrupted write is cleaned up
+
+
+def test_each_owner_keeps_at_most_its_share(tmp_path):
+    store = ResponseStore(tmp_path, ttl_s=3600, max_per_owner=2)
+    store.put(record("resp_a1"))
+    assert not store.full("owner-a")
+    store.put(record("resp_a2"))
+    assert store.full("owner-a") and not store.full("owner-b")  # another key's share is its own
+    assert ResponseStore(tmp_path, ttl_s=3600, max_per_owner=2).full("owner-a")  # counted from the files
+    assert store.delete("owner-a", "resp_a1")
+    assert not store.full("owner-a")
+
+
+def test_expired_responses_make_room(tmp_path):
+    store = ResponseStore(tmp_path, ttl_s=60, max_per_owner=1)
+    store.put(record("resp_old", created_at=time.time() - 120))
+    old = time.time() - 120
+    os.utime(tmp_path / "resp_old.json", (old, old))
+    assert not store.full("owner-a")  # swept when the share looked full
+    assert not (tmp_path / "resp_old.json").exists()
