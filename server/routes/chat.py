@@ -15,7 +15,6 @@ its field). A tool reply is parsed as it streams (``server/tool_stream.py``) int
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 from fastapi import APIRouter
@@ -31,6 +30,7 @@ from server.generation import (
     sinkserve_info,
     usage_info,
 )
+from server.pinning import render_pinned
 from server.protocol import (
     STREAM_RESPONSE,
     AssistantMessage,
@@ -128,9 +128,11 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ServingDe
     plan = plan_chat([m.to_chat() for m in body.messages], tools=body.tools, tool_choice=body.tool_choice,
                      parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
                      chat_template=engine.tokenizer.chat_template)
-    pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
-    prompt, system_len = await asyncio.to_thread(engine.render_chat, plan.messages, pin, plan.template_kwargs)
+    rendered = await render_pinned(engine, plan.messages, plan.template_kwargs, requested=body.pin_system_prompt,
+                                   default=settings.pin_system_prompt, has_tools=plan.wrapped)  # tools stay pinned
     constraint = await plan_constraint(engine, plan)
     formatter = ChatFormatter(plan.reply_stream() if plan.wrapped else None)
-    return await serving.generate(body, prompt, formatter, endpoint=ENDPOINT, params=params,
-                                  pin_prefix=system_len, constraint=constraint)
+    response = await serving.generate(body, rendered.prompt, formatter, endpoint=ENDPOINT, params=params,
+                                      pin_prefix=rendered.pin_prefix, constraint=constraint)
+    response.headers.update(rendered.headers())
+    return response
