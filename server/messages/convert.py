@@ -4,6 +4,8 @@ Anthropic's content blocks become OpenAI-style chat messages, so tools, ``tool_c
 grammar, the chat template and the session cache are exactly the chat route's:
 
 - ``system`` (a string or text blocks) is the leading system message; text blocks are joined by a blank line.
+  A ``system`` turn inside ``messages`` (Claude Code's mid-conversation system beta) is a system message
+  in its place.
 - A user turn's text blocks become one user message; each ``tool_result`` block a ``tool`` message
   answering its ``tool_use_id`` (its content a string or text blocks; ``is_error: true`` prefixes the
   result with ``[error] ``), in block order.
@@ -14,7 +16,9 @@ grammar, the chat template and the session cache are exactly the chat route's:
 - ``tools``: custom tools (``type`` absent or ``"custom"``: ``name``, ``description``, ``input_schema``)
   are offered; Anthropic's own tool types (``web_search_*``, ``bash_*``, ``text_editor_*``, ...) name
   tools whose definition and execution live on Anthropic's side, so they are left out of the prompt and
-  named in the ``x-sinkserve-tools-left-out`` header (never called).
+  named in the ``x-sinkserve-tools-left-out`` header (never called). A ``propertyNames`` every key
+  satisfies (``{"type": "string"}``, as zod writes records) is dropped: the grammar engine has no
+  ``propertyNames``, and the schema means the same without it.
 - ``tool_choice``: ``auto``, ``any`` (= ``required``), ``tool`` (a named one), ``none``;
   ``disable_parallel_tool_use`` = ``parallel_tool_calls: false``.
 - ``output_config.format`` (``{"type": "json_schema", "schema": ...}``) = ``response_format``.
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.messages.protocol import CountTokensRequest
-from server.structured import FieldError
+from server.structured import NOT_SCHEMAS, FieldError
 
 TEXT_KEYS = {"type", "text", "cache_control", "citations"}
 TOOL_USE_KEYS = {"type", "id", "name", "input", "cache_control", "caller"}
@@ -45,6 +49,8 @@ TOOL_CHOICE_KEYS = {"auto": {"type", "disable_parallel_tool_use"}, "any": {"type
 CHOICE_MODES = {"auto": "auto", "any": "required", "none": "none"}
 CONTEXT_EDITS = ("clear_tool_uses_", "clear_thinking_")  # edit types accepted (docs/messages.md says why)
 ERROR_PREFIX = "[error] "
+NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+TRIVIAL_PROPERTY_NAMES = ({}, {"type": "string"}, True)  # every JSON object key satisfies these
 
 
 @dataclass
@@ -78,10 +84,10 @@ def text_of(block: Any, where: str) -> str:
     return block["text"]
 
 
-def system_text(system: str | list | None) -> str:
+def system_text(system: str | list | None, where: str = "system") -> str:
     if system is None or isinstance(system, str):
         return system or ""
-    return "\n\n".join(text_of(block, f"system[{j}]") for j, block in enumerate(system))
+    return "\n\n".join(text_of(block, f"{where}[{j}]") for j, block in enumerate(system))
 
 
 def blocks_of(content: str | list) -> list:
@@ -163,6 +169,9 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str]:
     calls: set[str] = set()
     prefill = ""
     for i, message in enumerate(body.messages):
+        if message.role == "system":
+            out.append({"role": "system", "content": system_text(message.content, f"messages[{i}].content")})
+            continue
         blocks = blocks_of(message.content)
         if message.role == "user":
             out.extend(user_turn(blocks, i, calls))
@@ -173,6 +182,25 @@ def chat_messages(body: CountTokensRequest) -> tuple[list[dict], str]:
         else:
             out.append(turn)
     return out, prefill
+
+
+def without_trivial_keywords(node: Any, named: bool = False) -> Any:
+    """A copy of a JSON Schema without ``propertyNames`` that every key satisfies (zod's records write
+    ``{"type": "string"}``; the grammar engine implements no ``propertyNames``): the same schema.
+    ``named``: ``node`` maps names to subschemas (``properties``), so its keys are names, not keywords."""
+    if isinstance(node, list):
+        return [without_trivial_keywords(item) for item in node]
+    if not isinstance(node, Mapping):
+        return node
+    out = {}
+    for key, value in node.items():
+        if named:
+            out[key] = without_trivial_keywords(value)
+        elif key == "propertyNames" and value in TRIVIAL_PROPERTY_NAMES:
+            continue
+        else:
+            out[key] = value if key in NOT_SCHEMAS else without_trivial_keywords(value, key in NAMED_SCHEMAS)
+    return out
 
 
 def chat_tools(tools: list | None) -> tuple[list[dict] | None, list[str], list[int]]:
@@ -190,7 +218,7 @@ def chat_tools(tools: list | None) -> tuple[list[dict] | None, list[str], list[i
         if "input_schema" not in tool:
             raise FieldError(f"tools[{k}].input_schema: Field required", f"tools[{k}].input_schema")
         function = {"name": tool.get("name"), "description": tool.get("description") or "",
-                    "parameters": tool["input_schema"]}
+                    "parameters": without_trivial_keywords(tool["input_schema"])}
         offered.append({"type": "function", "function": function})
         where.append(k)
     return offered, left_out, where

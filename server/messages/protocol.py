@@ -41,7 +41,7 @@ class OutputConfig(_Request):
 
 
 class MessageParam(_Request):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: a mid-conversation system turn (Claude Code's beta)
     content: str | list[dict[str, Any]]
 
 
