@@ -21,7 +21,8 @@ grammar, the chat template and the session cache are exactly the chat route's:
   ``propertyNames``, and the schema means the same without it.
 - ``tool_choice``: ``auto``, ``any`` (= ``required``), ``tool`` (a named one), ``none``;
   ``disable_parallel_tool_use`` = ``parallel_tool_calls: false``.
-- ``output_config.format`` (``{"type": "json_schema", "schema": ...}``) = ``response_format``.
+- ``output_config.format`` (or the beta's ``output_format``: ``{"type": "json_schema", "schema": ...}``)
+  = ``response_format``.
 
 Every other block type (images, documents, search results, server tool results) is a 400 naming it.
 Errors of the shared tool machinery name chat fields (``tools[0].function.parameters``);
@@ -244,12 +245,14 @@ def chat_tool_choice(choice: dict | None) -> tuple[Any, bool | None]:
 
 def output_format(body: CountTokensRequest) -> dict | None:
     fmt = body.output_config.format if body.output_config is not None else None
+    name = "output_config.format"
+    if fmt is None and body.output_format is not None:
+        fmt, name = body.output_format, "output_format"
     if fmt is None:
         return None
     if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), Mapping):
-        raise FieldError("output_config.format must be {'type': 'json_schema', 'schema': {...}}",
-                         "output_config.format")
-    check_keys(fmt, {"type", "schema"}, "output_config.format")
+        raise FieldError(f"{name} must be {{'type': 'json_schema', 'schema': {{...}}}}", name)
+    check_keys(fmt, {"type", "schema"}, name)
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 

@@ -36,8 +36,17 @@ class Thinking(_Request):
 
 
 class OutputConfig(_Request):
-    effort: Literal["low", "medium", "high", "max"] | None = None  # no reasoning to spend effort on
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # no reasoning to spend effort on
     format: dict[str, Any] | None = None  # {"type": "json_schema", "schema": ...}: enforced by a grammar
+
+
+class CacheControl(_Request):
+    type: Literal["ephemeral"]
+    ttl: str | None = None
+
+
+class Diagnostics(_Request):
+    previous_message_id: str | None = None
 
 
 class MessageParam(_Request):
@@ -55,6 +64,9 @@ class CountTokensRequest(_Request):
     tool_choice: dict[str, Any] | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's name of output_config.format
+    cache_control: CacheControl | None = None  # every prompt is cached per session anyway
+    speed: Literal["standard", "fast"] | None = None  # one speed here
     context_management: dict[str, Any] | None = None  # server-side history edits: see convert.context_edits
     mcp_servers: None = None  # this server connects to no MCP servers: only null is accepted
 
@@ -71,6 +83,8 @@ class MessagesRequest(CountTokensRequest):
     top_k: StrictInt | None = Field(None, ge=0)
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
     container: None = None  # no code-execution containers: only null is accepted
+    inference_geo: str | None = None  # one place of inference: this server
+    diagnostics: Diagnostics | None = None  # no diagnostics object is returned (docs/messages.md)
 
     @field_validator("stop_sequences")
     @classmethod
