@@ -250,3 +250,19 @@ def test_anthropic_defined_tools_are_left_out_and_named(server):
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-sinkserve-tools-left-out"] == "web_search"
     assert {b["name"] for b in reply.json()["content"] if b["type"] == "tool_use"} == {"get_weather"}
+
+
+SDK_HEADERS = {"user_profile_id", "workspace_id"}  # sent by the SDK as anthropic-* headers, not in the body
+SDK_REMOVED = {"temperature", "top_p", "top_k"}  # dropped from the SDK's signature, still in the API (extra_body)
+
+
+def test_every_field_the_sdk_sends_is_declared():
+    from anthropic.types import message_count_tokens_params, message_create_params
+
+    from server.messages.protocol import CountTokensRequest, MessagesRequest
+
+    create = set(message_create_params.MessageCreateParamsBase.__annotations__) - SDK_HEADERS
+    assert create <= set(MessagesRequest.model_fields), create - set(MessagesRequest.model_fields)
+    count = set(message_count_tokens_params.MessageCountTokensParams.__annotations__) - SDK_HEADERS
+    assert count <= set(CountTokensRequest.model_fields), count - set(CountTokensRequest.model_fields)
+    assert SDK_REMOVED <= set(MessagesRequest.model_fields)
