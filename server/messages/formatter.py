@@ -49,7 +49,7 @@ def parse_input(arguments: str) -> dict:
     if not arguments.strip():
         return {}
     try:
-        value = from_json(arguments, allow_partial=True)
+        value = from_json(arguments, allow_partial="trailing-strings")
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

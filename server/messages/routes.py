@@ -16,6 +16,7 @@ depend on them. Claude Code probes ``HEAD /`` before its first request: ``/`` an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
@@ -118,7 +119,7 @@ async def count_tokens(body: CountTokensRequest, engine: EngineDep, api_key: Api
                        anthropic_version: VersionHeader = None, anthropic_beta: VersionHeader = None):
     check_model(body.model, engine)
     conversation, chat_plan, _ = plan(body, engine.tokenizer.chat_template)
-    prompt, _ = engine.render_chat(chat_plan.messages, False, chat_plan.template_kwargs)
+    prompt, _ = await asyncio.to_thread(engine.render_chat, chat_plan.messages, False, chat_plan.template_kwargs)
     if conversation.prefill:
         prompt = prompt + engine.tokenizer.encode(conversation.prefill, add_special_tokens=False)
     return TokenCount(input_tokens=len(prompt))
