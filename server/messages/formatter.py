@@ -4,7 +4,8 @@ Streaming follows https://docs.anthropic.com/en/docs/build-with-claude/streaming
 message with empty content and the prompt's usage), a ``ping``, then per content block
 ``content_block_start``, ``content_block_delta`` (``text_delta`` for text, ``input_json_delta`` with
 ``partial_json`` for a tool's input) and ``content_block_stop``, then ``message_delta`` (``stop_reason``,
-``stop_sequence`` and the usage) and ``message_stop``. A failure after the stream began is an ``error``
+``stop_sequence`` and the usage) and ``message_stop``; a ``ping`` every few seconds, or, during a long
+prefill, an empty text delta (:meth:`MessagesFormatter.keepalive`). A failure after the stream began is an ``error``
 event in Anthropic's error shape. Every event carries its type as the SSE ``event:`` name too.
 
 With tools in play the model writes the wrapped JSON of ``server/tools.py``; the chat route's parser
@@ -21,6 +22,7 @@ cache, with no separate, billed write).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 from pydantic_core import from_json
@@ -33,6 +35,7 @@ from server.messages.protocol import Message, Usage
 from server.tool_stream import ReplyStream
 
 PING = {"event": "ping", "data": json.dumps({"type": "ping"})}
+KEEPALIVE_S = 30.0  # before the first token, this long without an event: an empty text delta instead of a ping
 
 
 def event(kind: str, **data) -> dict:
@@ -138,6 +141,7 @@ class MessagesFormatter(Formatter):
         self.token_ids: list[int] = []
         self.emitted: list[str] = []
         self.message: Message | None = None
+        self.last_event = time.monotonic()
 
     # ----- shared ---------------------------------------------------------------------------------
     def _feed(self, text: str) -> Iterator[dict]:
@@ -173,7 +177,22 @@ class MessagesFormatter(Formatter):
 
     def token(self, run: Run, token: TokenEvent) -> Iterator[dict]:
         self.token_ids.append(token.token_id)
+        self.last_event = time.monotonic()
         yield from self._feed(token.text)
+
+    def keepalive(self) -> dict:
+        """The periodic keep-alive event: a ``ping``, except while the prompt is still being read (no token
+        yet) and nothing was sent for ``KEEPALIVE_S``: then an empty ``text_delta`` (its text block opened
+        first). Anthropic's SDKs drop ``ping`` events before the caller sees them, so a client's idle timer
+        on events (Claude Code aborts and retries after 300 s) sees only real events; the empty text adds
+        nothing to the reply."""
+        now = time.monotonic()
+        if self.message is None or self.token_ids or now - self.last_event < KEEPALIVE_S:
+            return PING
+        self.last_event = now
+        if not self.blocks.open:
+            return next(iter(self.blocks._start({"type": "text", "text": ""})))
+        return event("content_block_delta", index=len(self.blocks.content) - 1, delta={"type": "text_delta", "text": ""})
 
     def finish(self, run: Run, finish: FinishEvent, reason: str) -> Iterator[dict]:
         yield from self._feed(finish.text)

@@ -45,10 +45,6 @@ Beta = Annotated[str | None, Query(description="accepted (Claude Code sends beta
 VersionHeader = Annotated[str | None, Header(description="accepted")]
 
 
-def ping_event() -> ServerSentEvent:
-    return ServerSentEvent(data='{"type": "ping"}', event="ping")
-
-
 def plan(body: CountTokensRequest, chat_template: str | None) -> tuple[Conversation, ChatPlan, list[int]]:
     """The request's chat plan (tools, grammar, messages); field errors in this API's names."""
     conversation, where = convert(body)
@@ -110,7 +106,7 @@ async def create_message(body: MessagesRequest, serving: ServingDep, beta: Beta 
     if conversation.left_out:
         response.headers[LEFT_OUT_HEADER] = ", ".join(conversation.left_out)
     if body.stream:
-        response.ping_message_factory = ping_event  # Anthropic's ping event, not an SSE comment
+        response.ping_message_factory = lambda: ServerSentEvent(**formatter.keepalive())  # not an SSE comment
     return response
 
 

@@ -108,3 +108,24 @@ def test_blocks_regroup_a_tool_reply_and_its_input():
 def test_matched_stop():
     assert matched_stop("hello world END more", "hello world ", ("END", "more")) == "END"
     assert matched_stop("hello", "hello", ("END",)) is None
+
+
+def test_keepalive_during_a_long_prefill_is_an_empty_text_delta(monkeypatch):
+    from types import SimpleNamespace
+
+    import server.messages.formatter as formatter_module
+    from engine.events import Admission, TokenEvent
+    from server.messages.formatter import PING, MessagesFormatter
+
+    formatter = MessagesFormatter(None, (), lambda ids: "")
+    assert formatter.keepalive() == PING  # before message_start
+    run = SimpleNamespace(model="m", gen=SimpleNamespace(admission=Admission("s", 10, 0, 0)))
+    list(formatter.start(run))
+    assert formatter.keepalive() == PING  # an event was just sent
+    monkeypatch.setattr(formatter_module, "KEEPALIVE_S", 0.0)
+    opened, delta = json.loads(formatter.keepalive()["data"]), json.loads(formatter.keepalive()["data"])
+    assert opened == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert delta == {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ""}}
+    events = [json.loads(e["data"]) for e in formatter.token(run, TokenEvent(text="Hi", token_id=1))]
+    assert events == [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}]
+    assert formatter.keepalive() == PING  # tokens flow: plain pings again
