@@ -76,6 +76,18 @@ def sampling(body: MessagesRequest, max_tokens_cap: int, defaults) -> SamplingPa
         raise APIError(400, str(exc), code="invalid_value") from exc
 
 
+def notices(body: MessagesRequest, max_tokens_cap: int, pin_warning: str | None, left_out: list[str]) -> dict:
+    """Response headers saying where the request got less than it asked: tools not pinned, ``max_tokens``
+    clamped, Anthropic-defined tools not offered."""
+    warnings = [pin_warning] if pin_warning else []
+    if body.max_tokens > max_tokens_cap:
+        warnings.append(f"max_tokens {body.max_tokens} clamped to this server's cap of {max_tokens_cap}")
+    headers = {WARNING_HEADER: "; ".join(warnings)} if warnings else {}
+    if left_out:
+        headers[LEFT_OUT_HEADER] = ", ".join(left_out)
+    return headers
+
+
 @router.post(ENDPOINT, response_model=Message)
 async def create_message(body: MessagesRequest, serving: ServingDep, beta: Beta = None,
                          anthropic_version: VersionHeader = None, anthropic_beta: VersionHeader = None):
@@ -98,13 +110,7 @@ async def create_message(body: MessagesRequest, serving: ServingDep, beta: Beta 
                                   lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
     response = await serving.generate(body, prompt, formatter, endpoint=ENDPOINT, params=params,
                                       pin_prefix=rendered.pin_prefix, constraint=constraint)
-    warnings = [rendered.warning] if rendered.warning else []
-    if body.max_tokens > settings.max_tokens_cap:
-        warnings.append(f"max_tokens {body.max_tokens} clamped to this server's cap of {settings.max_tokens_cap}")
-    if warnings:
-        response.headers[WARNING_HEADER] = "; ".join(warnings)
-    if conversation.left_out:
-        response.headers[LEFT_OUT_HEADER] = ", ".join(conversation.left_out)
+    response.headers.update(notices(body, settings.max_tokens_cap, rendered.warning, conversation.left_out))
     if body.stream:
         response.ping_message_factory = lambda: ServerSentEvent(**formatter.keepalive())  # not an SSE comment
     return response
