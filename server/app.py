@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from engine import Engine, EngineConfig
 from server.errors import install_error_handlers
 from server.limits import BodySizeLimit, KeyLimiter
+from server.messages import routes as messages
 from server.metrics import Metrics, RequestCounter
 from server.protocol import ERROR_RESPONSES
 from server.responses import route as responses
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     install_error_handlers(app)
     for module in (chat, completions, models, responses, sessions):  # their errors are documented in OpenAPI
         app.include_router(module.router, responses=ERROR_RESPONSES)
-    for module in (health, metrics):
+    for module in (health, metrics, messages):  # messages: Anthropic's error shape (server/messages/errors.py)
         app.include_router(module.router)
 
     # Added last = outermost: count every response, including 413s and CORS preflights.
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-session-id", "x-sinkserve-evicted-tokens",
                                                                "x-sinkserve-pinned-tokens", "x-sinkserve-replica",
-                                                               "x-sinkserve-session-source"])
+                                                               "x-sinkserve-session-source", "x-sinkserve-warning",
+                                                               "x-sinkserve-tools-left-out"])
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     return app

@@ -1,7 +1,8 @@
 """Dependencies routes declare with ``Annotated`` aliases: the engine, settings, the caller's key.
 
 Pattern from full-stack-fastapi-template (``backend/app/api/deps.py``). Authentication is an OpenAI-style
-bearer token (RFC 6750); when no keys are configured every caller shares the anonymous scope.
+bearer token (RFC 6750) or Anthropic's ``x-api-key`` header; when no keys are configured every caller
+shares the anonymous scope.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def get_api_key(request: Request) -> str | None:
     if not keys:
         return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    token = token or request.headers.get("x-api-key", "").strip()  # Anthropic's header
+    if not token:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                       code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
     if not any(secrets.compare_digest(token.encode(), key.encode()) for key in keys):
         raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return token

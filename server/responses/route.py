@@ -44,6 +44,7 @@ from engine import Engine, FinishEvent, InvalidRequest, SessionBusy, TokenEvent,
 from server.deps import ApiKeyDep, EngineDep
 from server.errors import APIError, from_engine_error
 from server.generation import Collected, Formatter, Run, Serving, ServingDep, chat_logprobs
+from server.pinning import render_pinned
 from server.protocol import STREAM_RESPONSE, SinkserveInfo
 from server.responses.chat import (
     OfferedTools,
@@ -309,8 +310,10 @@ async def create_response(body: ResponseCreateRequest, request: Request, serving
         raise field_error(exc, "tools") from exc
     params = serving.parameters(body)
     chat = plan(body, system + history, offered, engine, params.max_tokens)
-    prompt, pinned = await serving.tokenize(engine.render_chat, chat.messages, settings.pin_system_prompt,
-                                            chat.template_kwargs)
+    rendered = await render_pinned(engine, chat.messages, chat.template_kwargs, requested=None,
+                                   default=settings.pin_system_prompt, has_tools=chat.wrapped,
+                                   render=serving.tokenize)  # tools stay pinned (server/pinning.py)
+    prompt, pinned = rendered.prompt, rendered.pin_prefix
     serving.check_prompt_length(prompt, "input")
     try:
         constraint = await plan_constraint(engine, chat)
@@ -322,6 +325,7 @@ async def create_response(body: ResponseCreateRequest, request: Request, serving
     formatter = ResponsesFormatter(turn, logprobs=body.wants_logprobs())
     response = await generate(serving, body, prompt, formatter, previous.session_id if previous else None,
                               params=params, pin_prefix=pinned, constraint=constraint)
+    response.headers.update(rendered.headers())
     if offered.hosted:
         log.info("response %s: hosted tools this server does not run were left out of the prompt: %s",
                  turn.obj.id, ", ".join(offered.hosted))

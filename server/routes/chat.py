@@ -31,6 +31,7 @@ from server.generation import (
     sinkserve_info,
     usage_info,
 )
+from server.pinning import render_pinned
 from server.protocol import (
     STREAM_RESPONSE,
     AssistantMessage,
@@ -134,9 +135,12 @@ async def create_chat_completion(body: ChatCompletionRequest, serving: ServingDe
                      tokenizer=engine.tokenizer)
     serving.hold_slot()  # compiling a grammar and tokenizing are the costly steps: inside the key's slot
     constraint = await plan_constraint(engine, plan)  # a schema that cannot start: 400 before any tokenizing
-    pin = settings.pin_system_prompt if body.pin_system_prompt is None else body.pin_system_prompt
-    prompt, system_len = await serving.tokenize(engine.render_chat, plan.messages, pin, plan.template_kwargs)
-    serving.check_prompt_length(prompt, "messages")
+    rendered = await render_pinned(engine, plan.messages, plan.template_kwargs, requested=body.pin_system_prompt,
+                                   default=settings.pin_system_prompt, has_tools=plan.wrapped,
+                                   render=serving.tokenize)  # tools stay pinned
+    serving.check_prompt_length(rendered.prompt, "messages")
     formatter = ChatFormatter(plan.reply_stream() if plan.wrapped else None)
-    return await serving.generate(body, prompt, formatter, endpoint=ENDPOINT, params=params,
-                                  pin_prefix=system_len, constraint=constraint)
+    response = await serving.generate(body, rendered.prompt, formatter, endpoint=ENDPOINT, params=params,
+                                      pin_prefix=rendered.pin_prefix, constraint=constraint)
+    response.headers.update(rendered.headers())
+    return response
