@@ -9,6 +9,7 @@ from transformers import (
     GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    OlmoConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -41,11 +42,29 @@ FAMILIES = {
 }
 EAGER_ONLY = {"gpt_oss"}
 
+# variants of the families above whose owned steps need their own checks (tests/engine/test_families_owned.py)
+VARIANTS = {
+    # Llama 3.1's frequency-dependent RoPE scaling, its bands placed inside the tiny head's 8 frequencies
+    "llama3": lambda: LlamaConfig(**COMMON, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Qwen2.5's layout (biased q/k/v, tied embeddings)
+    "qwen2_5": lambda: Qwen2Config(**{**COMMON, "tie_word_embeddings": True}),
+    # Phi-3.5 / Phi-4-mini: longrope (short factors within its original positions) over half of each head
+    "phi3_longrope": lambda: Phi3Config(**COMMON, pad_token_id=0, original_max_position_embeddings=128,
+                                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5,
+                                                         "short_factor": [1.0, 1.5, 2.0, 4.0],
+                                                         "long_factor": [2.0, 4.0, 8.0, 16.0]}),
+    # a family no owned step covers: it decodes through transformers' forward
+    "olmo": lambda: OlmoConfig(**COMMON),
+}
+
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
     """A random model of ``family``; weights scaled up so attention is far from uniform."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
+    config = (FAMILIES | VARIANTS)[family]()
     config._attn_implementation = "eager" if family in EAGER_ONLY else attn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():

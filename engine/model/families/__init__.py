@@ -98,3 +98,11 @@ def model_info(model: torch.nn.Module, decoder: Decoder | None) -> dict[str, str
 from engine.model.families import llama  # noqa: E402 (the families register below, after the registry)
 
 register(llama.MODEL_TYPES, Family("llama", llama.LlamaDecoder, llama.unsupported_reason))
+
+from engine.model.families import qwen3  # noqa: E402
+
+register(qwen3.MODEL_TYPES, Family("qwen3", qwen3.Qwen3Decoder, qwen3.unsupported_reason))
+
+from engine.model.families import phi3  # noqa: E402
+
+register(phi3.MODEL_TYPES, Family("phi3", phi3.Phi3Decoder, phi3.unsupported_reason))
