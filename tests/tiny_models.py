@@ -104,3 +104,34 @@ def tiny_engine(tmp_path, sink_tokens: int = 4, window: int = 60, max_positions:
         data_dir=tmp_path / "sessions", **overrides,
     )
     return Engine(config, prepare(model, tokenizer, "tiny-llama", config)).start()
+
+
+def tiny_chat_family_parts(family: str, max_positions: int = 128, seed: int = 0):
+    """A tiny random model of ``family`` (``FAMILIES`` or ``VARIANTS``) over the embedded model's real
+    tokenizer and chat template (vocab 49152)."""
+    from engine.config import EngineConfig
+    from engine.model.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(None, EngineConfig().cache_dir)
+    torch.manual_seed(seed)
+    config = (FAMILIES | VARIANTS)[family]()
+    config.vocab_size, config.max_position_embeddings = len(tokenizer), max_positions
+    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def tiny_family_engine(tmp_path, family: str, sink_tokens: int = 4, window: int = 60, max_positions: int = 128,
+                       **overrides):
+    """A started Engine around a tiny model of ``family`` with the embedded tokenizer."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.model.loader import prepare
+
+    model, tokenizer = tiny_chat_family_parts(family, max_positions)
+    config = EngineConfig(
+        sink_tokens=sink_tokens, window=window, evict_block=8, prefill_chunk=32,
+        data_dir=tmp_path / "sessions", **overrides,
+    )
+    return Engine(config, prepare(model, tokenizer, f"tiny-{family}", config)).start()
