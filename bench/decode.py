@@ -30,6 +30,16 @@ Three ways to keep talking after a conversation of ``L`` tokens (the baselines o
     cache). Its cost depends on ``min(L, recompute_window)`` only, so it is measured once per distinct
     window length with ``recompute_steps`` tokens.
 
+``steps``
+    The owned decode step (engine/model/families) against transformers' forward, step for step: a cache of
+    ``max(step_rows)`` rows each holding the same history (the shortest length, at most the window), then
+    decode steps of 1 and of 8 rows (``step_rows``) alternating between the two over the same rows, in
+    ``rounds`` rounds of ``step_count // rounds`` steps each. transformers' forward runs on the model's own
+    modules (float weights unless int8 replaced them); the owned step on the weights it serves with. Its
+    ratio is ``transformers_over_owned`` per row count. Skipped (with the reason) for a model no owned step
+    covers. ``--model DIR`` runs every method on any model directory, e.g. one of
+    ``scripts/make_shaped_model.py``'s random models with a real family's shapes.
+
 Report (``decode.json``): per length ``sinkserve`` / ``dense`` / ``recompute`` entries with
 ``ms_per_token`` (mean), ``ms_per_token_median`` and timing details (sinkserve: also each round's mean),
 and ``ratios``: recompute over sinkserve per length, and the longest over the shortest length for sinkserve
@@ -61,7 +71,7 @@ from bench.common import (
 from engine.cache.sink import SinkCache
 from engine.model.loader import LoadedModel
 from engine.model.quantize import float_weights
-from engine.model.runner import serving_runner
+from engine.model.runner import Runner, serving_runner
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +231,48 @@ def recompute_decode(loaded: LoadedModel, ids: list[int], length: int, window: i
     }
 
 
+def step_comparison(loaded: LoadedModel, rows=(1, 8), *, history: int, sink_tokens: int, window: int,
+                    evict_block: int, chunk: int, step_count: int = 12, rounds: int = 3) -> dict:
+    """ms per decode step of ``rows`` rows on the owned step and on transformers' forward, over the same
+    cache rows holding ``history`` tokens each, the two alternating (see the module docstring)."""
+    most = max(rows)
+    cache = SinkCache(loaded.shape, most, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
+                      dtype=loaded.dtype, device=loaded.device)
+    owned = serving_runner(loaded.model, cache, loaded.quantize, max_rows=most)
+    if owned.decoder is None:
+        return {"skipped": f"no owned decode step covers model type {loaded.model.config.model_type!r}"}
+    runners = {"owned": owned, "transformers": Runner(loaded.model, cache)}
+    ids = history_ids(loaded.tokenizer, max(1, min(history, window)))
+    for row in range(most):
+        owned.prefill(row, ids, max(1, min(chunk, window)))
+    tokens = [ids[-1]] * most
+    rounds = max(1, min(rounds, step_count))
+    per_round = max(1, step_count // rounds)
+    results: dict[str, dict] = {}
+    for n in rows:
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for r in range(rounds + 1):  # the first round warms up
+            order = list(runners.items()) if r % 2 else list(reversed(runners.items()))
+            for name, runner in order:
+                for _ in range(per_round):
+                    sync(loaded.device)
+                    start = time.perf_counter()
+                    logits = runner.decode(list(range(n)), tokens[:n])
+                    tokens[:n] = logits.argmax(-1).tolist()  # waits for the device
+                    if r:
+                        times[name].append(time.perf_counter() - start)
+        entry = {name: {"ms_per_step": 1e3 * statistics.fmean(t), "ms_per_step_median": 1e3 * statistics.median(t),
+                        "ms_per_token": 1e3 * statistics.fmean(t) / n, "steps": len(t)} for name, t in times.items()}
+        entry["transformers_over_owned"] = ratio(entry["transformers"]["ms_per_step"], entry["owned"]["ms_per_step"])
+        entry["transformers_over_owned_median"] = ratio(entry["transformers"]["ms_per_step_median"],
+                                                        entry["owned"]["ms_per_step_median"])
+        results[str(n)] = entry
+        log.info("steps of %d rows: owned %.1f ms, transformers' forward %.1f ms (%.2fx)", n,
+                 entry["owned"]["ms_per_step"], entry["transformers"]["ms_per_step"], entry["transformers_over_owned"])
+    return {"rows": results, "history_tokens": len(ids), "cache_tokens": cache.lengths[0],
+            "family": owned.model_info()["family"], "owned_weights": loaded.quantize or str(loaded.dtype)}
+
+
 # ----- the suite ---------------------------------------------------------------------------------------
 def _estimate_dense(loaded: LoadedModel, length: int, reference: tuple[float, float] | None) -> float | None:
     """Seconds a dense prefill of ``length`` tokens should take, from (FLOPs, seconds) of a measured run."""
@@ -233,8 +285,8 @@ def _estimate_dense(loaded: LoadedModel, length: int, reference: tuple[float, fl
 def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4, window: int = 1020,
                    evict_block: int = 64, chunk: int = 512, decode_steps: int = 32, recompute_window: int = 1024,
                    recompute_steps: int = 3, dense_budget_s: float = 120.0,
-                   methods=("sinkserve", "dense", "recompute"), compile_decode: bool = False,
-                   rounds: int = 4) -> dict:
+                   methods=("sinkserve", "steps", "dense", "recompute"), compile_decode: bool = False,
+                   rounds: int = 4, step_rows=(1, 8), step_count: int = 12) -> dict:
     """Time the decode of each method at each history length; a JSON-ready report."""
     lengths = sorted(set(int(n) for n in lengths))
     ids = history_ids(loaded.tokenizer, max(lengths))
@@ -243,6 +295,11 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
     if "sinkserve" in methods:
         sink = sink_decode(loaded, ids, lengths, sink_tokens=sink_tokens, window=window, evict_block=evict_block,
                            chunk=chunk, decode_steps=decode_steps, rounds=rounds, compile_decode=compile_decode)
+    steps = None
+    if "steps" in methods:
+        steps = step_comparison(loaded, step_rows, history=lengths[0], sink_tokens=sink_tokens, window=window,
+                                evict_block=evict_block, chunk=chunk, step_count=step_count,
+                                rounds=min(rounds, 3))
     reference = None  # (FLOPs, seconds) of the latest prefill, to estimate the next dense one
     first = sink.get(lengths[0])
     if first and first["history_feed_s"]:
@@ -296,7 +353,9 @@ def measure_decode(loaded: LoadedModel, lengths=LENGTHS, *, sink_tokens: int = 4
             "chunk": chunk, "decode_steps": decode_steps, "rounds": rounds, "recompute_window": recompute_window,
             "recompute_steps": recompute_steps, "dense_budget_s": dense_budget_s,
             "model_max_positions": loaded.max_positions, "compile_decode": compile_decode,
+            "step_rows": list(step_rows), "step_count": step_count,
         },
+        "steps": steps,
         "results": [
             {"history_tokens": n, "sinkserve": sink.get(n), "dense": dense.get(n), "recompute": recompute.get(n)}
             for n in lengths
@@ -341,6 +400,16 @@ def table(report: dict) -> str:
              f"{_fmt(r.get('sinkserve_longest_over_shortest_median'))}x (medians, "
              f"{report['settings'].get('rounds', 1)} interleaved rounds); dense {r['dense_longest_measured']} vs "
              f"{report['settings']['lengths'][0]}: {_fmt(r['dense_longest_measured_over_shortest'])}x\n")
+    steps = report.get("steps")
+    if steps and "rows" in steps:
+        text += "\n" + markdown_table(
+            ["rows", "owned step ms/step", "transformers' forward ms/step", "transformers / owned"],
+            [[n, round(e["owned"]["ms_per_step"], 2), round(e["transformers"]["ms_per_step"], 2),
+              e["transformers_over_owned"]] for n, e in steps["rows"].items()])
+        text += f"\nowned step ({steps['family']}, {steps['owned_weights']}) against transformers' forward over " \
+                f"the same rows of {steps['history_tokens']} tokens\n"
+    elif steps:
+        text += f"\nowned step against transformers' forward: {steps['skipped']}\n"
     return text
 
 

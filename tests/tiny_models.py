@@ -11,6 +11,7 @@ from transformers import (
     GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    OlmoConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -71,11 +72,29 @@ FAMILIES = {
 }
 EAGER_ONLY = {"gpt_oss", "gpt_oss_sliding", "gemma2"}  # soft-capping and learned sinks: eager attention only
 
+# variants of the families above whose owned steps need their own checks (tests/engine/test_families_owned.py)
+VARIANTS = {
+    # Llama 3.1's frequency-dependent RoPE scaling, its bands placed inside the tiny head's 8 frequencies
+    "llama3": lambda: LlamaConfig(**COMMON, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Qwen2.5's layout (biased q/k/v, tied embeddings)
+    "qwen2_5": lambda: Qwen2Config(**{**COMMON, "tie_word_embeddings": True}),
+    # Phi-3.5 / Phi-4-mini: longrope (short factors within its original positions) over half of each head
+    "phi3_longrope": lambda: Phi3Config(**COMMON, pad_token_id=0, original_max_position_embeddings=128,
+                                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5,
+                                                         "short_factor": [1.0, 1.5, 2.0, 4.0],
+                                                         "long_factor": [2.0, 4.0, 8.0, 16.0]}),
+    # a family no owned step covers: it decodes through transformers' forward
+    "olmo": lambda: OlmoConfig(**COMMON),
+}
+
 
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, attn: str = "sdpa"):
     """A random model of ``family``; weights scaled up so attention is far from uniform."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
+    config = (FAMILIES | VARIANTS)[family]()
     config._attn_implementation = "eager" if family in EAGER_ONLY else attn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
@@ -104,22 +123,16 @@ def tiny_chat_engine_parts(max_positions: int = 128, seed: int = 0):
 
 
 def tiny_family_engine(tmp_path, family: str, sink_tokens: int = 4, window: int = 60, seed: int = 0,
-                       **overrides):
-    """A started Engine around a tiny random model of ``family`` (tests/tiny_models.py ``FAMILIES``) with the
+                       max_positions: int | None = None, **overrides):
+    """A started Engine around a tiny random model of ``family`` (``FAMILIES`` or ``VARIANTS``) with the
     embedded model's real tokenizer and chat template."""
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.model.loader import load_tokenizer, prepare
+    from engine.model.loader import prepare
 
     engine_config = EngineConfig(sink_tokens=sink_tokens, window=window, evict_block=8, prefill_chunk=32,
                                  data_dir=tmp_path / "sessions", **overrides)
-    tokenizer = load_tokenizer(None, engine_config.cache_dir)
-    torch.manual_seed(seed)
-    config = FAMILIES[family]()
-    config.vocab_size = len(tokenizer)
-    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model, tokenizer = tiny_chat_family_parts(family, max_positions, seed)
     return Engine(engine_config, prepare(model, tokenizer, f"tiny-{family}", engine_config)).start()
 
 
@@ -135,6 +148,25 @@ def tiny_engine(tmp_path, sink_tokens: int = 4, window: int = 60, max_positions:
         data_dir=tmp_path / "sessions", **overrides,
     )
     return Engine(config, prepare(model, tokenizer, "tiny-llama", config)).start()
+
+
+def tiny_chat_family_parts(family: str, max_positions: int | None = 128, seed: int = 0):
+    """A tiny random model of ``family`` (``FAMILIES`` or ``VARIANTS``) over the embedded model's real
+    tokenizer and chat template (vocab 49152); ``max_positions`` None: the config's own."""
+    from engine.config import EngineConfig
+    from engine.model.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(None, EngineConfig().cache_dir)
+    torch.manual_seed(seed)
+    config = (FAMILIES | VARIANTS)[family]()
+    config.vocab_size = len(tokenizer)
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
+    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
 
 
 # ----- chat templates of each family, as their tokenizer_config.json ships them ------------------------

@@ -12,6 +12,13 @@ fields of the model's ``generation_config.json`` that differ from transformers' 
 (``GenerationConfig.to_diff_dict``); the embedded model has none, so its model card's recommendation
 (temperature 0.2, top_p 0.9, https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) applies;
 ``EngineConfig.sampling_defaults`` (the operator's) wins over both.
+
+What the server cannot serve fails at start, naming it (:class:`~engine.cache.rope.UnsupportedModelError`):
+a ``model_type`` transformers cannot load (:func:`check_architecture`), or one it cannot build as a causal
+LM. A model transformers loads but no owned decode step covers (engine/model/families) decodes through
+transformers' forward: on a CPU with a warning saying so, on a GPU only when the operator opts in with
+``load(..., allow_transformers_decode=True)`` (:func:`check_decode_path`), since there that path is many
+times slower per token and a CUDA graph does not capture it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.cache.rope import UnsupportedModelError, check_rope, layer_inv_freqs
@@ -250,22 +258,71 @@ def prepare(model: torch.nn.Module, tokenizer, name: str, config: EngineConfig,
     )
 
 
+def check_architecture(directory: Path) -> None:
+    """Raise UnsupportedModelError naming the model type of ``directory``'s ``config.json`` when the installed
+    transformers has no such model type (nothing could load it)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = _config_json(directory)
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} (architectures {config.get('architectures')}) is not one transformers "
+            f"{transformers.__version__} can load, so sinkserve cannot serve it"
+        )
+
+
+def _config_json(directory: Path) -> dict:
+    """``directory``'s ``config.json`` ({} where there is none readable: transformers' own error says so)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def check_decode_path(model: torch.nn.Module, mode: str | None, device: torch.device,
+                      allow_transformers_decode: bool = False, compile_decode: bool = False) -> str | None:
+    """Why no owned decode step covers ``model`` with quantization ``mode`` (None: one does). Then decoding
+    goes through transformers' forward: logged as a warning on a CPU, or with ``compile_decode`` (the
+    operator's choice of that path); elsewhere (a GPU) UnsupportedModelError naming the model type, unless
+    ``allow_transformers_decode``."""
+    reason = unsupported_reason(model, mode)
+    if reason is None:
+        return None
+    model_type = model.config.model_type
+    if device.type != "cpu" and not (allow_transformers_decode or compile_decode):
+        raise UnsupportedModelError(
+            f"no owned decode step covers model type {model_type!r} ({reason}): on {device} it would decode "
+            "through transformers' forward, many times slower per token and not captured by a CUDA graph; "
+            "load it with allow_transformers_decode=True to serve it that way"
+        )
+    log.warning("model type %r decodes through transformers' forward, slower per token than an owned step: %s",
+                model_type, reason)
+    return reason
+
+
 def load_tokenizer(spec: str | None, cache_dir: Path) -> PreTrainedTokenizerBase:
     """Just the tokenizer (converting the GGUF on first use)."""
     offline_environment()
     return AutoTokenizer.from_pretrained(str(model_directory(model_source(spec), cache_dir)), local_files_only=True)
 
 
-def load(config: EngineConfig) -> LoadedModel:
+def load(config: EngineConfig, allow_transformers_decode: bool | None = None) -> LoadedModel:
     """Load the configured model on the configured device and dtype, on a thread of its own that has ended
-    when this returns (:func:`~engine.model.device.on_own_thread`: the caller's thread starts no OpenMP team)."""
-    return on_own_thread(_load, config)
+    when this returns (:func:`~engine.model.device.on_own_thread`: the caller's thread starts no OpenMP team).
+    ``allow_transformers_decode``: serve a model no owned decode step covers on a GPU too, through
+    transformers' forward (:func:`check_decode_path`; default: the config's field of that name, else no)."""
+    if allow_transformers_decode is None:
+        allow_transformers_decode = bool(getattr(config, "allow_transformers_decode", False))
+    return on_own_thread(_load, config, allow_transformers_decode)
 
 
-def _load(config: EngineConfig) -> LoadedModel:
+def _load(config: EngineConfig, allow_transformers_decode: bool = False) -> LoadedModel:
     offline_environment()
     source = model_source(config.model)
     directory = model_directory(source, config.cache_dir)
+    check_architecture(directory)
     weight_types = gguf_weight_types(source, directory) if source.suffix == ".gguf" else set()
     device = resolve_device(config.device)
     log_device(device, resolve_dtype(config.dtype, device))
@@ -274,11 +331,13 @@ def _load(config: EngineConfig) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=DTYPES[resolve_dtype(config.dtype, device)],
                                                      local_files_only=True)
     except ValueError as exc:  # architectures transformers cannot build as a causal LM
-        raise UnsupportedModelError(str(exc)) from exc
+        model_type = _config_json(directory).get("model_type")
+        raise UnsupportedModelError(f"model type {model_type!r} cannot be served as a causal LM: {exc}") from exc
     model.to(device)
     if device.type == "cpu":
         in_process_memory(model)
     mode = resolve_quantize(config, device, weight_types)
+    check_decode_path(model, mode, device, allow_transformers_decode, config.compile)
     if owns_int4_decode(model, mode, config):
         log.info("int4 decode weights: built by the owned decode step; transformers' modules stay float (prefill)")
     else:

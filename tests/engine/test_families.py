@@ -43,12 +43,12 @@ def cache_for(model: torch.nn.Module, rows: int = 2) -> SinkCache:
 
 def test_a_registered_family_decodes_its_model_type(monkeypatch):
     monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # the registration ends with the test
-    model = tiny_model("qwen3")
+    model = tiny_model("olmo")
     assert serving_runner(model, cache_for(model), None, max_rows=2).model_info()["decode"] == "transformers"
-    register(["qwen3"], Family("counting", CountingDecoder, lambda model, quantize: None))
+    register(["olmo"], Family("counting", CountingDecoder, lambda model, quantize: None))
     runner = serving_runner(model, cache_for(model), None, max_rows=2)
     assert isinstance(runner.decoder, CountingDecoder) and runner.decoder.tuned == 2
-    assert runner.model_info() == {"model_type": "qwen3", "family": "counting", "decode": "owned"}
+    assert runner.model_info() == {"model_type": "olmo", "family": "counting", "decode": "owned"}
     prompts = [[1, 5, 9, 13, 2], [7, 7, 3]]
     got, _ = greedy_decode(runner, prompts, steps=6)
     assert runner.decoder.calls == 6  # every decode step went through the family's step
@@ -58,16 +58,16 @@ def test_a_registered_family_decodes_its_model_type(monkeypatch):
 
 def test_a_family_that_declines_a_model_leaves_it_to_transformers(monkeypatch):
     monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))
-    model = tiny_model("qwen3")
-    register(["qwen3"], Family("declining", CountingDecoder, lambda model, quantize: "not this one"))
+    model = tiny_model("olmo")
+    register(["olmo"], Family("declining", CountingDecoder, lambda model, quantize: "not this one"))
     assert families.unsupported_reason(model, None) == "not this one"
     runner = serving_runner(model, cache_for(model), None, max_rows=1)
     assert runner.decoder is None
-    assert runner.model_info() == {"model_type": "qwen3", "family": "declining", "decode": "transformers"}
-    register(["qwen3"], Family("raising", _raising, lambda model, quantize: None))  # its class declines it
+    assert runner.model_info() == {"model_type": "olmo", "family": "declining", "decode": "transformers"}
+    register(["olmo"], Family("raising", _raising, lambda model, quantize: None))  # its class declines it
     runner = serving_runner(model, cache_for(model), None, max_rows=1)
     assert runner.decoder is None
-    assert runner.model_info() == {"model_type": "qwen3", "family": "raising", "decode": "transformers"}
+    assert runner.model_info() == {"model_type": "olmo", "family": "raising", "decode": "transformers"}
 
 
 def _raising(model, cache, quantize):
@@ -77,7 +77,7 @@ def _raising(model, cache, quantize):
 def test_registered_and_unregistered_model_types():
     assert {t: families.FAMILIES[t].name for t in ("llama", "mistral", "qwen2")} == dict.fromkeys(
         ("llama", "mistral", "qwen2"), "llama")
-    for family in ("phi3", "gemma"):
+    for family in ("olmo", "gemma"):
         model = tiny_model(family)
         assert family in families.unsupported_reason(model, None)
         runner = serving_runner(model, cache_for(model), None, max_rows=1)

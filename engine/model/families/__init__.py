@@ -106,3 +106,11 @@ register(gemma.MODEL_TYPES, Family("gemma", gemma.GemmaDecoder, gemma.unsupporte
 from engine.model.families import gpt_oss  # noqa: E402
 
 register(gpt_oss.MODEL_TYPES, Family("gpt_oss", gpt_oss.GptOssDecoder, gpt_oss.unsupported_reason))
+
+from engine.model.families import qwen3  # noqa: E402
+
+register(qwen3.MODEL_TYPES, Family("qwen3", qwen3.Qwen3Decoder, qwen3.unsupported_reason))
+
+from engine.model.families import phi3  # noqa: E402
+
+register(phi3.MODEL_TYPES, Family("phi3", phi3.Phi3Decoder, phi3.unsupported_reason))

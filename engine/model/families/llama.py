@@ -21,6 +21,13 @@ checks this step's logits and cache contents against it. Models it does not cove
 but RMSNorm + SiLU-gated MLP + RoPE attention, e.g. per-head q/k norms, learned sinks, sliding windows) keep
 transformers' forward for decoding too (:func:`unsupported_reason`). The family is registered for
 ``MODEL_TYPES`` in engine/model/families/__init__.py.
+
+Families with the same step in other module layouts subclass :class:`LlamaDecoder` through three small
+hooks: :meth:`~LlamaDecoder.qkv_weights` and :meth:`~LlamaDecoder.gate_up_weight` (where the fused
+projections' weights come from: Phi-3 stores them fused already) and :meth:`~LlamaDecoder.head_norms`
+(RMS norms of each query and key head before RoPE, as Qwen3's). A rotary embedding over the first
+dimensions of each head only (``partial_rotary_factor``) leaves the others as they are in the rotation
+matrix. With none of these the step is exactly the Llama one.
 """
 
 from __future__ import annotations
@@ -62,23 +69,52 @@ STEP_TIE = 0.03
 
 def unsupported_reason(model: torch.nn.Module, quantize: str | None) -> str | None:
     """Why :class:`LlamaDecoder` cannot run ``model`` (None: it can)."""
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r} (covered: {MODEL_TYPES})"
-    if quantize not in (None, "int4"):
-        return f"quantize={quantize}"
-    if getattr(config, "hidden_act", None) != "silu":
-        return f"activation {getattr(config, 'hidden_act', None)!r}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+    reason = shared_reason(model, quantize, MODEL_TYPES)
+    if reason:
+        return reason
     layer = model.model.layers[0]
     attention = layer.self_attn
     if any(hasattr(attention, name) for name in ("q_norm", "k_norm", "sinks")):
         return "per-head norms or learned sinks in attention"
-    if getattr(layer.mlp, "gate_proj", None) is None or getattr(layer.mlp.gate_proj, "bias", None) is not None:
-        return "an MLP other than a bias-free gated one"
+    return split_projections_reason(layer)
+
+
+def shared_reason(model: torch.nn.Module, quantize: str | None, model_types: tuple[str, ...]) -> str | None:
+    """What every family on this step needs (None: ``model`` has it): one of ``model_types``, weights it
+    can decode, SiLU, no sliding window that can slide, no tensor-parallel slicing."""
+    config = model.config
+    if config.model_type not in model_types:
+        return f"model type {config.model_type!r} (covered: {model_types})"
+    if quantize not in (None, "int4"):
+        return f"quantize={quantize}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r}"
+    window = sliding_window(config)
+    if window is not None:
+        return f"sliding-window attention ({window} tokens)"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp"
+    return None
+
+
+def sliding_window(config) -> int | None:
+    """The sliding window some layer of the model attends through, where it can slide (None: every layer
+    attends to everything before it). A window at least as long as the model's positions never slides: the
+    cache holds no more (engine/model/loader.py ``prepare``), so it is full attention (Phi-3.5's 262,144)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    return None if positions is not None and window >= positions else window
+
+
+def split_projections_reason(layer: torch.nn.Module) -> str | None:
+    """Why a decoder layer's MLP is not the bias-free gated one with separate gate and up projections."""
+    if getattr(layer.mlp, "gate_proj", None) is None or getattr(layer.mlp.gate_proj, "bias", None) is not None:
+        return "an MLP other than a bias-free gated one"
     return None
 
 
@@ -90,13 +126,14 @@ class Layer:
     post_norm: torch.Tensor  # (C,)
     gate_up: DecodeLinear  # C -> 2 I
     down: DecodeLinear  # I -> C
+    head_norm: torch.Tensor | None = None  # (H + Hkv, D): each query head's then each key head's norm weight
 
 
 class LlamaDecoder:
     """One batched decode step (one new token per row) of a Llama-family model over a :class:`SinkCache`."""
 
     def __init__(self, model: torch.nn.Module, cache: SinkCache, quantize: str | None = None) -> None:
-        reason = unsupported_reason(model, quantize)
+        reason = self.unsupported_reason(model, quantize)
         if reason:
             raise ValueError(f"the owned decode step does not cover this model: {reason}")
         config = model.config
@@ -115,41 +152,65 @@ class LlamaDecoder:
         self.norm = model.model.norm.weight
         head = model.get_output_embeddings()
         self.head = DecodeLinear(head.weight, getattr(head, "bias", None), outer)
-        self.cos, self.sin = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D) each
-        identity = torch.eye(self.head_dim, dtype=self.dtype, device=self.device)
-        self.half_turn = _rope(identity, torch.zeros(()), torch.ones(()))  # (D, D): x @ it = rotate_half(x)
+        self.cos, self.sin, rotated = self._rope_table(model.model.rotary_emb, cache.capacity)  # (P, D) each
+        self.half_turn = torch.zeros(self.head_dim, self.head_dim, dtype=self.dtype, device=self.device)
+        identity = torch.eye(rotated, dtype=self.dtype, device=self.device)
+        # (D, D): x @ it = rotate_half(x) over the first ``rotated`` dimensions, zero over the others
+        self.half_turn[:rotated, :rotated] = _rope(identity, torch.zeros(()), torch.ones(()))
         # attention in one C call per layer over the cache's rows in place, where it can (else PyTorch's)
         self.attention_kernel = decode_attention.supports(self.device, self.dtype, self.heads, self.kv_heads,
                                                           self.head_dim)
         self._plans: dict[int, tuple[list[tuple], object]] = {}  # row bucket -> _plan
 
-    def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    # ----- the family hooks (see the module docstring) -----------------------------------------------
+    unsupported_reason = staticmethod(unsupported_reason)  # why a model is not this family's (None: it is)
+
+    def qkv_weights(self, attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused QKV projection's weight ((H + 2 Hkv) D, C) and bias (or None) of a layer's attention."""
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         biases = [p.bias for p in projections]
         qkv_bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
         if qkv_bias is None and any(b is not None for b in biases):
             raise ValueError("q/k/v projections with and without bias")
-        qkv = torch.cat([p.weight.detach() for p in projections])
-        gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        return torch.cat([p.weight.detach() for p in projections]), qkv_bias
+
+    def gate_up_weight(self, mlp: torch.nn.Module) -> torch.Tensor:
+        """The fused gate/up projection's weight (2 I, C): the gate's rows, then the up projection's."""
+        return torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+
+    def head_norms(self, attention: torch.nn.Module) -> torch.Tensor | None:
+        """The RMS norm weights of each query and key head, applied before RoPE, as (H + Hkv, D); None
+        where the family has none."""
+        return None
+
+    def _layer(self, layer: torch.nn.Module, kernels: tuple[str, ...]) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = self.qkv_weights(attn)
         return Layer(
             input_norm=layer.input_layernorm.weight,
             qkv=DecodeLinear(qkv, qkv_bias, kernels),
             out=DecodeLinear(attn.o_proj.weight, attn.o_proj.bias, kernels),
             post_norm=layer.post_attention_layernorm.weight,
-            gate_up=DecodeLinear(gate_up, None, kernels),
+            gate_up=DecodeLinear(self.gate_up_weight(mlp), None, kernels),
             down=DecodeLinear(mlp.down_proj.weight, mlp.down_proj.bias, kernels),
+            head_norm=self.head_norms(attn),
         )
 
-    def _rope_table(self, rotary: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_table(self, rotary: torch.nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """cos and sin (P, D) at every in-cache position, from the model's own rotary module (scaled
-        variants included)."""
+        variants included), and how many leading dimensions of a head it rotates: past those, cos is 1 and
+        sin 0 (a partial rotary embedding leaves them as they are)."""
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None])  # (1, P, D) each
-        if cos.shape[-1] != self.head_dim:
-            raise ValueError("the owned decode step does not cover this model: partial rotary dimensions")
-        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+            cos, sin = rotary(probe, torch.arange(positions, device=self.device)[None])  # (1, P, R) each
+        rotated = cos.shape[-1]
+        if rotated > self.head_dim or rotated % 2:
+            raise ValueError(f"the owned decode step does not cover this model: {rotated} rotary dimensions "
+                             f"of {self.head_dim}")
+        rest = self.head_dim - rotated
+        cos = torch.cat([cos[0], cos.new_ones(positions, rest)], dim=-1)
+        sin = torch.cat([sin[0], sin.new_zeros(positions, rest)], dim=-1)
+        return cos.to(self.dtype), sin.to(self.dtype), rotated
 
     def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE at each row's position as a (D, D) matrix R with ``rope(x) = x @ R`` (diag(cos) plus the
@@ -247,12 +308,14 @@ class LlamaDecoder:
     def _plan(self, rows: int) -> tuple[list[tuple], object]:
         """The step for ``rows`` rows as plain callables, built once per row bucket: per layer (input norm
         weight, QKV, output projection, post norm weight, gate/up, down) with each projection's chosen kernel
-        bound (:meth:`DecodeLinear.kernel`), and the output projection's."""
+        bound (:meth:`DecodeLinear.kernel`), then the heads' norm weights (or None), and the output
+        projection's."""
         bucket = row_bucket(rows)
         plan = self._plans.get(bucket)
         if plan is None:
             layers = [(layer.input_norm, layer.qkv.kernel(bucket), layer.out.kernel(bucket), layer.post_norm,
-                       layer.gate_up.kernel(bucket), layer.down.kernel(bucket)) for layer in self.layers]
+                       layer.gate_up.kernel(bucket), layer.down.kernel(bucket), layer.head_norm)
+                      for layer in self.layers]
             plan = self._plans[bucket] = (layers, self.head.kernel(bucket))
         return plan
 
@@ -291,9 +354,13 @@ class LlamaDecoder:
         # plain slicing and bound kernels: at a few rows the Python around each operation costs as much as
         # the operation, and a step runs some 600 of them
         x = F.embedding(tokens, self.embed)  # (B, C)
-        for (input_norm, qkv, out, post_norm, gate_up, down), k_buf, v_buf in zip(layers, keys, values, strict=True):
+        for (input_norm, qkv, out, post_norm, gate_up, down, head_norm), k_buf, v_buf in zip(layers, keys, values,
+                                                                                             strict=True):
             projected = qkv(norm(x, input_norm))  # (B, (H + 2 Hkv) D), bf16 or the model's dtype
-            qk = torch.bmm(projected[:, :QK].view(B, H + Hkv, D).to(dtype), rotation)  # (B, H + Hkv, D), rotated
+            qk = projected[:, :QK].view(B, H + Hkv, D)
+            if head_norm is not None:
+                qk = self._head_norm(qk, head_norm)
+            qk = torch.bmm(qk.to(dtype), rotation)  # (B, H + Hkv, D), rotated
             v = projected[:, QK:].view(B, Hkv, D)
             if attention is not None:  # the new key and value written, the rows attended: (B, H D)
                 x = x + out(attention(qk[:, :H], qk[:, H:], v, k_buf, v_buf))
@@ -354,7 +421,10 @@ class LlamaDecoder:
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qk, v = layer.qkv.prefill(h).split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = torch.bmm(qk.view(N, H + Hkv, D).to(self.dtype), rotation)  # (N, H + Hkv, D), rotated
+            qk = qk.view(N, H + Hkv, D)
+            if layer.head_norm is not None:
+                qk = self._head_norm(qk, layer.head_norm)
+            qk = torch.bmm(qk.to(self.dtype), rotation)  # (N, H + Hkv, D), rotated
             v = v.view(N, Hkv, D)
             outs = []
             for row, (step, start, size, mask) in enumerate(zip(steps, starts, sizes, masks, strict=True)):
@@ -388,6 +458,11 @@ class LlamaDecoder:
         if x.dtype == torch.float32:
             return torch.rms_norm(x, weight.shape, weight, self.eps)
         return weight * torch.rms_norm(x.float(), weight.shape, None, self.eps).to(x.dtype)
+
+    def _head_norm(self, qk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Each head of ``qk`` (N, H + Hkv, D) RMS-normalised in float32 and scaled by its weight (H + Hkv, D),
+        in the model's dtype (Qwen3RMSNorm over the head dimension)."""
+        return weight * torch.rms_norm(qk.float(), weight.shape[-1:], None, self.eps).to(weight.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
