@@ -383,7 +383,7 @@ def _ratio_table(report: dict) -> str:
     ours = list(report["results"])[0]
     text = ""
     for other, by in (report.get("ratios_by_target") or {}).items():
-        rows = [[f"{c} clients", by[f"stream_decode_tokens_per_s at {c}"], by[f"ttft_ms at {c}"],
+        rows = [[f"{c} client{'s' if c > 1 else ''}", by[f"stream_decode_tokens_per_s at {c}"], by[f"ttft_ms at {c}"],
                  by[f"aggregate_tokens_per_s at {c}"]] for c in report["settings"]["clients"]]
         rows += [[f"TTFT {item}", None, by[f"ttft_ms {item}"], None] for item in report.get("ttft", {})]
         text += "\n" + markdown_table([f"{ours} / {other}", "decode a stream", "TTFT (< 1: sooner)",

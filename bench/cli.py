@@ -81,7 +81,7 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
                           "GGUF, -np the most clients, -cb, the same threads, and measured beside sinkserve; "
                           "clients then default to 1,8,16")
     api.add_argument("--llama-server-flags", default="", metavar="FLAGS",
-                     help="more llama-server flags, one string (later flags win, e.g. '-kvu')")
+                     help="more llama-server flags, one string after '=' (later flags win): --llama-server-flags='-kvu'")
     api.add_argument("--ttft-tokens", type=_sizes, default=None, metavar="LIST",
                      help="time to first token of fresh prompts of these sizes (2000,6000; --quick 500; 0: none)")
     api.add_argument("--conversation-tokens", type=int, default=None, metavar="N",
