@@ -272,6 +272,16 @@ def ratios(report: dict, ours: str, other: str) -> dict:
     return out
 
 
+async def ttft_item(client: httpx.AsyncClient, url: str, model: str | None, kind: str, body: list[str],
+                    max_tokens: int, usage: bool) -> dict:
+    """One TTFT item on one target: a fresh prompt (``body[0]``) or a conversation's follow-up (``body``:
+    its user turns), the first user message opening with a nonce of its own."""
+    content = with_nonce(body)
+    if kind == "fresh":
+        return ttft_row(await stream_once(client, url, model, content[0], max_tokens, usage=usage))
+    return await followup_turn(client, url, model, content, max_tokens, usage=usage)
+
+
 async def measure_api_async(targets: dict[str, str], *, clients=CLIENTS, rounds: int = 3, max_tokens: int = 128,
                             ttft_tokens=(), conversation_tokens: int = 0, tokenizer=None,
                             reference: str | None = None) -> dict:
@@ -302,50 +312,49 @@ async def measure_api_async(targets: dict[str, str], *, clients=CLIENTS, rounds:
                              result["stream_decode_tokens_per_s"] or float("nan"), result["ttft_ms"] or float("nan"))
             for item, kind, tokens in items:
                 body = [text.text(tokens)] if kind == "fresh" else text.conversation(tokens)
-                for name in order:  # the same text on every target, each its own nonce
-                    content = with_nonce(body)
-                    if kind == "fresh":
-                        run = await stream_once(client, targets[name], models[name], content[0], max_tokens,
-                                                usage=usage[name])
-                        row = ttft_row(run)
-                    else:
-                        row = await followup_turn(client, targets[name], models[name], content, max_tokens,
-                                                  usage=usage[name])
+                for name in order:  # the same text on every target
+                    row = await ttft_item(client, targets[name], models[name], kind, body, max_tokens, usage[name])
                     timed[item][name].append(row)
                     log.info("round %d, %s, %s: TTFT %.0f ms, %s of %s prompt tokens cached", index + 1, name, item,
                              row["ttft_ms"] or float("nan"), row["cached_tokens"], row["prompt_tokens"])
-    results = {name: [{"clients": c, **{m: _median([r.get(m) for r in runs]) for m in METRICS + SERVER_METRICS},
-                       "per_round": runs}
-                      for c, runs in by_count.items()] for name, by_count in measured.items()}
-    ttft = {item: {name: {**{f: _median([r.get(f) for r in rows]) for f in TTFT_FIELDS}, "per_round": rows}
-                   for name, rows in by_target.items()} for item, by_target in timed.items()}
     report = {
         "suite": "api",
         "targets": {name: {"url": url, "model": models[name], "usage": usage[name]} for name, url in targets.items()},
         "settings": {"clients": clients, "rounds": rounds, "max_tokens": max_tokens, "temperature": 0.0,
                      "ttft_tokens": list(ttft_tokens), "conversation_tokens": conversation_tokens,
                      "conversation_turns": CONVERSATION_TURNS, "reply_tokens": REPLY_TOKENS},
-        "results": results,
-        "ttft": ttft,
+        **summarise(measured, timed),
         "seconds": time.perf_counter() - started,
-        "notes": ["Medians over the rounds (every item on each target in turn, order alternating). Single stream "
-                  "= 1 client: decode tokens/s between its first and last content chunk, TTFT from request to "
-                  "first chunk. Aggregate tokens/s: all content chunks over the wall time of the c clients "
-                  "(prefill included).",
-                  "TTFT items: user messages open with a nonce, so no earlier request's cache helps. A follow-up "
-                  f"resends its conversation ({CONVERSATION_TURNS} user turns with the server's own "
-                  f"{REPLY_TOKENS}-token replies) and a short question; cached = prompt tokens the server says "
-                  "it reused (llama-server: its slot's prompt cache; sinkserve: the session found by token "
-                  "prefix, of which it keeps the sinks and the window)."],
+        "notes": NOTES,
     }
     names = list(targets)
-    others = names[1:]
-    if others:
-        reference = reference if reference in others else others[0]
+    if len(names) > 1:
+        reference = reference if reference in names[1:] else names[1]
         report["reference"] = reference
         report["ratios"] = ratios(report, names[0], reference)
-        report["ratios_by_target"] = {other: ratios(report, names[0], other) for other in others}
+        report["ratios_by_target"] = {other: ratios(report, names[0], other) for other in names[1:]}
     return report
+
+
+NOTES = ["Medians over the rounds (every item on each target in turn, order alternating). Single stream = 1 "
+         "client: decode tokens/s between its first and last content chunk, TTFT from request to first chunk. "
+         "Aggregate tokens/s: all content chunks over the wall time of the c clients (prefill included).",
+         "TTFT items: user messages open with a nonce, so no earlier request's cache helps. A follow-up resends "
+         f"its conversation ({CONVERSATION_TURNS} user turns with the server's own {REPLY_TOKENS}-token replies) "
+         "and a short question; cached = prompt tokens the server says it reused (llama-server: its slot's "
+         "prompt cache; sinkserve: the session found by token prefix, of which it keeps the sinks and the "
+         "window)."]
+
+
+def summarise(measured: dict, timed: dict) -> dict:
+    """The report's ``results`` (per target and client count) and ``ttft`` (per item and target): medians
+    over the rounds, and every round."""
+    results = {name: [{"clients": c, **{m: _median([r.get(m) for r in runs]) for m in METRICS + SERVER_METRICS},
+                       "per_round": runs}
+                      for c, runs in by_count.items()] for name, by_count in measured.items()}
+    ttft = {item: {name: {**{f: _median([r.get(f) for r in rows]) for f in TTFT_FIELDS}, "per_round": rows}
+                   for name, rows in by_target.items()} for item, by_target in timed.items()}
+    return {"results": results, "ttft": ttft}
 
 
 def machine(threads: int | None, cpuinfo: str | None = None) -> dict:
