@@ -7,7 +7,8 @@
 # Idempotent: an existing binary is reused. The CPU build is portable (GGML_NATIVE=OFF); on a CPU with
 # AVX-512 its kernels are switched on explicitly and AMX off (a native build stops with an illegal
 # instruction on some of these hosts). Needs cmake, ninja (or make) and a C++ compiler; pip downloads
-# the sdist. Environment: PYTHON (the interpreter whose pip downloads, default python3), JOBS (build jobs).
+# the sdist. Environment: PYTHON (the interpreter whose pip downloads, default python3), JOBS (build jobs),
+# CMAKE_EXTRA (more cmake flags, e.g. "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" where the CPU has them).
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -33,6 +34,10 @@ fi
 FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON)
 if grep -q avx512f /proc/cpuinfo 2>/dev/null; then
     FLAGS+=(-DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+if [[ -n "${CMAKE_EXTRA:-}" ]]; then
+    read -r -a EXTRA <<< "${CMAKE_EXTRA}"
+    FLAGS+=("${EXTRA[@]}")
 fi
 GENERATOR=()
 if command -v ninja >/dev/null 2>&1; then
