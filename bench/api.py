@@ -451,6 +451,16 @@ def _default_threads() -> int:
     return torch.get_num_threads()  # what a sinkserve serve started with default settings uses
 
 
+START_TIMEOUT_S = 1200.0  # a loaded machine may take minutes to load a model and build its kernels
+
+
+def _started(stack: contextlib.ExitStack, process):
+    """``process`` (a :class:`ServerProcess` or :class:`~bench.llama_server.LlamaServer`) started, healthy, and
+    stopped when ``stack`` closes."""
+    stack.callback(process.stop)
+    return process.start(timeout=START_TIMEOUT_S)
+
+
 def run_api(out_dir, *, url: str | None = None, other_url: str | None = None, quick: bool = False,
             clients=None, rounds: int | None = None, max_tokens: int | None = None, tiny: bool = False,
             serve_flags: list[str] | None = None, serve_env: dict[str, str] | None = None,
@@ -478,17 +488,16 @@ def run_api(out_dir, *, url: str | None = None, other_url: str | None = None, qu
         started = {}
         if url is None:
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sinkserve-api-"))
-            started["sinkserve"] = stack.enter_context(
-                ServerProcess(Path(data_dir), *(serve_flags or []), tiny=tiny, env=serve_env,
-                              log_path=out / "api-server.log"))
+            started["sinkserve"] = _started(stack, ServerProcess(Path(data_dir), *(serve_flags or []), tiny=tiny,
+                                                                env=serve_env, log_path=out / "api-server.log"))
             url = started["sinkserve"].url
         targets["sinkserve"] = url.rstrip("/")
         if llama_server:
             longest = max([*ttft_tokens, conversation_tokens + 64 * CONVERSATION_TURNS, 256])
-            started[LLAMA_SERVER] = stack.enter_context(
-                LlamaServer(llama_server, gguf or default_gguf(model), parallel=max(clients),
-                            slot_tokens=slot_tokens_for(longest, max_tokens), threads=threads,
-                            extra=llama_server_flags, log_path=out / "api-llama-server.log"))
+            started[LLAMA_SERVER] = _started(stack, LlamaServer(
+                llama_server, gguf or default_gguf(model), parallel=max(clients),
+                slot_tokens=slot_tokens_for(longest, max_tokens), threads=threads, extra=llama_server_flags,
+                log_path=out / "api-llama-server.log"))
             targets[LLAMA_SERVER] = started[LLAMA_SERVER].url
         if other_url:
             targets["other"] = other_url.rstrip("/")
