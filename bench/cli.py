@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,11 @@ def _ints(value: str) -> list[int]:
     if not numbers or min(numbers) < 1:
         raise argparse.ArgumentTypeError("expected positive numbers")
     return numbers
+
+
+def _sizes(value: str) -> list[int]:
+    """A comma list of positive numbers, or 0 for none."""
+    return [] if value.strip() in ("0", "") else _ints(value)
 
 
 def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +76,17 @@ def _fill_bench_parser(parser: argparse.ArgumentParser) -> None:
                      help="another OpenAI-compatible server to run the same workload against, interleaved")
     api.add_argument("--rounds", type=int, default=None,
                      help="api, concurrency, constrained: rounds (medians reported); default 3, --quick 1")
+    api.add_argument("--llama-server", default=None, metavar="PATH",
+                     help="llama.cpp's llama-server binary (scripts/build_llama_server.sh): started on the same "
+                          "GGUF, -np the most clients, -cb, the same threads, and measured beside sinkserve; "
+                          "clients then default to 1,8,16")
+    api.add_argument("--llama-server-flags", default="", metavar="FLAGS",
+                     help="more llama-server flags, one string after '=' (later flags win): --llama-server-flags='-kvu'")
+    api.add_argument("--ttft-tokens", type=_sizes, default=None, metavar="LIST",
+                     help="time to first token of fresh prompts of these sizes (2000,6000; --quick 500; 0: none)")
+    api.add_argument("--conversation-tokens", type=int, default=None, metavar="N",
+                     help="time to first token of a follow-up after an N-token conversation (6000; --quick "
+                          "1500; 0: none)")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -115,8 +132,21 @@ def _run_api(args: argparse.Namespace) -> dict:
 
     env = {"SINKSERVE_THREADS": str(args.threads)} if args.threads else {}
     flags = [] if args.model is None else ["--model", args.model]
+    gguf = None
+    if args.llama_server:
+        from bench.api import default_gguf
+
+        if not Path(args.llama_server).is_file():
+            raise SystemExit(f"no llama-server binary at {args.llama_server} (scripts/build_llama_server.sh)")
+        try:
+            gguf = default_gguf(args.model)
+        except (FileNotFoundError, ValueError) as exc:  # a model directory, or no embedded model
+            raise SystemExit(str(exc)) from exc
     return run_api(args.out, url=args.url, other_url=args.other_url, quick=args.quick, clients=args.lengths,
-                   rounds=args.rounds, tiny=args.tiny, serve_flags=flags, serve_env=env)
+                   rounds=args.rounds, tiny=args.tiny, serve_flags=flags, serve_env=env,
+                   llama_server=args.llama_server, llama_server_flags=shlex.split(args.llama_server_flags),
+                   gguf=gguf, model=args.model, threads=args.threads, ttft_tokens=args.ttft_tokens,
+                   conversation_tokens=args.conversation_tokens)
 
 
 def run_bench(args: argparse.Namespace) -> dict:

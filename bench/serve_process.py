@@ -28,6 +28,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_memory_mb(pid: int) -> dict[str, float] | None:
+    """A process's resident memory now and its peak so far (MB, from /proc; None where there is none)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
+    except (KeyError, ValueError):
+        return None
+
+
 class ServerProcess:
     """``sinkserve serve`` (``tiny``: around the tiny model) as a child process; a context manager too."""
 
@@ -71,15 +84,7 @@ class ServerProcess:
 
     def memory_mb(self) -> dict[str, float] | None:
         """The server's resident memory now and its peak so far (MB, from /proc; None where there is none)."""
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except (AttributeError, OSError):
-            return None
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        try:
-            return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
-        except (KeyError, ValueError):
-            return None
+        return process_memory_mb(self.proc.pid) if self.proc else None
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (graceful shutdown, sessions persisted); SIGKILL if it has not exited after ``timeout``."""
