@@ -1,9 +1,12 @@
 """The scheduler: one worker thread that turns queued requests into batched forward passes.
 
-Each step reads as a sentence (after nano-vllm): admit waiting requests, run one prefill chunk of the
-oldest prefilling request, run one batched decode step for every decoding request, hand out the tokens.
-A long prompt therefore never stalls the other conversations: it advances one chunk per step while
-they keep decoding. All cache and session mutation happens on this thread.
+Each step reads as a sentence (after nano-vllm): admit waiting requests, feed the prefilling requests
+their share of the step's prompt-token budget, run one batched decode step for every decoding request,
+hand out the tokens. The budget (``chunk_size`` tokens) is shared as vLLM's chunked prefill shares it:
+shortest remaining prompt first, a long prompt at most ``long_prefill`` tokens a step, a request passed
+over for ``STARVED_STEPS`` steps served first. A long prompt therefore never stalls the other
+conversations: a short prompt admitted behind it is prefilled in the next step, beside one share of the
+long one, and the decoding rows advance every step. All cache and session mutation happens on this thread.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ log = logging.getLogger(__name__)
 
 REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks at, besides every generated token
 MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
+# prompt tokens a step feeds a long prompt (one with more left than this): the longest a newcomer's prompt
+# waits behind it, one share's pass (about 0.4 s for the embedded model on a 2-core host; a whole
+# 256-token chunk 1.2 s), against fewer, larger passes for the long prompt alone (scripts/fair_prefill.py)
+LONG_PREFILL_TOKENS = 64
+STARVED_STEPS = 2  # steps a prefilling request may be passed over before it is served first
 
 
 @dataclass(eq=False)  # a request is itself: `in` and `remove` must not compare prompts token by token
@@ -68,6 +76,7 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     done: bool = False
+    starved: int = 0  # steps in a row this request, prefilling, was given no prompt tokens
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -84,6 +93,7 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.config = config
         self.max_queue = config.max_queue
+        self.long_prefill = max(1, getattr(config, "long_prefill_tokens", None) or LONG_PREFILL_TOKENS)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -273,7 +283,8 @@ class Scheduler:
         source = self.store.source(continued, keep)
         self.counters[f"source_{source}"] += 1
         row = continued.row
-        evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
+        piece = self._piece_limit(request)
+        evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), piece)
         admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source,
                               self.store.replica)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
@@ -281,43 +292,55 @@ class Scheduler:
     def _chunk(self, row: int) -> int:
         return min(self.config.chunk_size, self.cache.max_chunk(row))
 
+    def _piece_limit(self, request: Request) -> int:
+        """The most prompt tokens one step feeds ``request``: a chunk, a long prompt's share of one."""
+        chunk = self._chunk(request.session.row)
+        return min(chunk, self.long_prefill) if len(request.pending) > self.long_prefill else chunk
+
     def _reject(self, request: Request, error: Exception) -> None:
         request.loop.call_soon_threadsafe(_fail, request.admitted, error)
 
     # ----- running -----------------------------------------------------------------------------------
     def _prefill(self, prefilling: list[Request]) -> None:
-        """A prompt chunk of the first waiting request, or, where the runner can feed several rows in one
-        pass (the owned step), of as many as fit ``chunk_size`` tokens together: 8 clients arriving at once
-        are prefilled in two passes instead of eight (each pass also delays the rows already decoding). If a
-        shared pass fails, its requests are prefilled one by one, so only a request that fails alone fails."""
-        batch, chunks = prefilling[:1], [self._next_chunk(prefilling[0])]
-        if getattr(self.runner, "batch_prefill", False):
-            budget = self.config.chunk_size - len(chunks[0])
-            for request in prefilling[1:]:
-                chunk = self._next_chunk(request)
-                if len(chunk) <= budget:
-                    batch.append(request)
-                    chunks.append(chunk)
-                    budget -= len(chunk)
-        if len(batch) > 1:
+        """Feed each prefilling request its piece of this step's prompt tokens (:meth:`_plan_prefill`). Where
+        the runner can feed several rows in one pass (the owned step), the pieces share one pass: 8 clients
+        arriving at once are prefilled in two passes instead of eight (each pass also delays the rows already
+        decoding); elsewhere each piece is its own pass. If a shared pass fails, its requests are prefilled
+        one by one, so only a request that fails alone fails."""
+        batch, pieces = self._plan_prefill(prefilling)
+        if len(batch) > 1 and getattr(self.runner, "batch_prefill", False):
             try:
-                logits = self.runner.prefill_rows([r.session.row for r in batch], chunks)  # (B, V)
+                logits = self.runner.prefill_rows([r.session.row for r in batch], pieces)  # (B, V)
             except Exception:  # the rows are as they were: retry each request alone
                 log.warning("a shared prefill pass failed; prefilling its requests one by one", exc_info=True)
             else:
                 self.failed_in_a_row = 0
-                for request, chunk, row_logits in zip(batch, chunks, logits, strict=True):
-                    self._guarded(lambda r=request, c=chunk, x=row_logits: self._prefilled(r, c, x[None]), [request])
+                for request, piece, row_logits in zip(batch, pieces, logits, strict=True):
+                    self._guarded(lambda r=request, c=piece, x=row_logits: self._prefilled(r, c, x[None]), [request])
                 return
-        for request in batch:
-            self._guarded(lambda request=request: self._prefill_chunk(request), [request])
+        for request, piece in zip(batch, pieces, strict=True):
+            self._guarded(lambda r=request, c=piece: self._prefill_piece(r, c), [request])
 
-    def _next_chunk(self, request: Request) -> list[int]:
-        return request.pending[: self._chunk(request.session.row)]
+    def _plan_prefill(self, prefilling: list[Request]) -> tuple[list[Request], list[list[int]]]:
+        """The requests this step feeds and their prompt pieces, within ``chunk_size`` tokens in all: those
+        passed over ``STARVED_STEPS`` steps first, then shortest remaining prompt first (ties: the earlier
+        admitted), each at most :meth:`_piece_limit` tokens. The first always gets a piece."""
+        budget = self.config.chunk_size
+        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, len(r.pending)))
+        batch, pieces = [], []
+        for request in order:
+            size = min(self._piece_limit(request), budget) if budget > 0 else 0
+            if size <= 0:
+                request.starved += 1
+                continue
+            request.starved = 0
+            batch.append(request)
+            pieces.append(request.pending[:size])
+            budget -= size
+        return batch, pieces
 
-    def _prefill_chunk(self, request: Request) -> None:
-        chunk = self._next_chunk(request)
-        self._prefilled(request, chunk, self.runner.forward([request.session.row], torch.tensor([chunk])))
+    def _prefill_piece(self, request: Request, piece: list[int]) -> None:
+        self._prefilled(request, piece, self.runner.forward([request.session.row], torch.tensor([piece])))
 
     def _prefilled(self, request: Request, chunk: list[int], logits: torch.Tensor) -> None:
         """``chunk`` is in the request's cache row; ``logits`` (1, V) of its last token."""
