@@ -3,7 +3,7 @@
 Each step reads as a sentence (after nano-vllm): admit waiting requests, feed the prefilling requests
 their share of the step's prompt-token budget, run one batched decode step for every decoding request,
 hand out the tokens. The budget (``chunk_size`` tokens) is shared as vLLM's chunked prefill shares it:
-shortest remaining prompt first, a long prompt at most ``long_prefill`` tokens a step, a request passed
+short prompts before long ones, a long prompt at most ``long_prefill`` tokens a step, a request passed
 over for ``STARVED_STEPS`` steps served first. A long prompt therefore never stalls the other
 conversations: a short prompt admitted behind it is prefilled in the next step, beside one share of the
 long one, and the decoding rows advance every step. All cache and session mutation happens on this thread.
@@ -76,7 +76,7 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     done: bool = False
-    starved: int = 0  # steps in a row this request, prefilling, was given no prompt tokens
+    starved: int = 0  # steps in a row this request, prefilling a long prompt, was given no prompt tokens
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -305,7 +305,7 @@ class Scheduler:
         """Feed each prefilling request its piece of this step's prompt tokens (:meth:`_plan_prefill`). Where
         the runner can feed several rows in one pass (the owned step), the pieces share one pass: 8 clients
         arriving at once are prefilled in two passes instead of eight (each pass also delays the rows already
-        decoding); elsewhere each piece is its own pass. If a shared pass fails, its requests are prefilled
+        decoding); elsewhere one request's piece a step. If a shared pass fails, its requests are prefilled
         one by one, so only a request that fails alone fails."""
         batch, pieces = self._plan_prefill(prefilling)
         if len(batch) > 1 and getattr(self.runner, "batch_prefill", False):
@@ -322,21 +322,23 @@ class Scheduler:
             self._guarded(lambda r=request, c=piece: self._prefill_piece(r, c), [request])
 
     def _plan_prefill(self, prefilling: list[Request]) -> tuple[list[Request], list[list[int]]]:
-        """The requests this step feeds and their prompt pieces, within ``chunk_size`` tokens in all: those
-        passed over ``STARVED_STEPS`` steps first, then shortest remaining prompt first (ties: the earlier
-        admitted), each at most :meth:`_piece_limit` tokens. The first always gets a piece."""
+        """The requests this step feeds and their prompt pieces, within ``chunk_size`` tokens in all: long
+        prompts passed over ``STARVED_STEPS`` steps first, then the short prompts (at most ``long_prefill`` tokens
+        left), then the long ones, each group in admission order, each request at most :meth:`_piece_limit`
+        tokens; without shared passes only the first. The first always gets a piece."""
         budget = self.config.chunk_size
-        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, len(r.pending)))
+        shared = getattr(self.runner, "batch_prefill", False)  # else one pass, one request, a step
+        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, len(r.pending) > self.long_prefill))
         batch, pieces = [], []
         for request in order:
-            size = min(self._piece_limit(request), budget) if budget > 0 else 0
-            if size <= 0:
-                request.starved += 1
+            size = min(self._piece_limit(request), budget) if budget > 0 and (shared or not batch) else 0
+            if size <= 0:  # short prompts wait in admission order; a long one may be passed over by later ones
+                request.starved += len(request.pending) > self.long_prefill
                 continue
             request.starved = 0
             batch.append(request)
             pieces.append(request.pending[:size])
-            budget -= size
+            budget -= len(pieces[-1])
         return batch, pieces
 
     def _prefill_piece(self, request: Request, piece: list[int]) -> None:
