@@ -285,7 +285,7 @@ class Scheduler:
         row = continued.row
         piece = self._piece_limit(request)
         evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), piece)
-        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source,
+        admission = Admission(continued.public_id, len(prompt), keep, evicted, continued.pinned, source,
                               self.store.replica)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 

@@ -124,7 +124,7 @@ class ClusterSessionStore(SessionStore):
 
     def _find_shared(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
         if session_id:
-            session = self._sync(check_session_id(session_id), owner)
+            session = self._sync(self.scoped_id(owner, session_id), owner)
             if session is not None and session.owner != owner:  # another key's, never published
                 raise SessionNotFound(f"session {session_id!r} not found")
             return session if session is not None else super().find(owner, session_id, prompt, pinned)
@@ -196,7 +196,7 @@ class ClusterSessionStore(SessionStore):
 
     def get(self, owner: str, session_id: str) -> Session:
         try:
-            self._sync(check_session_id(session_id), owner)
+            self._sync(self.scoped_id(owner, session_id), owner)
         except IndexUnavailable as exc:
             self._unavailable("get", exc)
         return super().get(owner, session_id)
