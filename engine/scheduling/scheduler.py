@@ -3,7 +3,7 @@
 Each step reads as a sentence (after nano-vllm): admit waiting requests, feed the prefilling requests
 their share of the step's prompt-token budget, run one batched decode step for every decoding request,
 hand out the tokens. The budget (``chunk_size`` tokens) is shared as vLLM's chunked prefill shares it:
-short prompts before long ones, a long prompt at most ``long_prefill`` tokens a step, a request passed
+short prompts (at most a chunk to feed) before long ones, a long prompt at most ``long_prefill`` tokens a step, a request passed
 over for ``STARVED_STEPS`` steps served first. A long prompt therefore never stalls the other
 conversations: a short prompt admitted behind it is prefilled in the next step, beside one share of the
 long one, and the decoding rows advance every step. All cache and session mutation happens on this thread.
@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 REPETITION_CONTEXT = 64  # prompt tokens the repetition penalty looks at, besides every generated token
 MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
-# prompt tokens a step feeds a long prompt (one with more left than this): the longest a newcomer's prompt
-# waits behind it, one share's pass (about 0.4 s for the embedded model on a 2-core host; a whole
-# 256-token chunk 1.2 s), against fewer, larger passes for the long prompt alone (scripts/fair_prefill.py)
+# prompt tokens a step feeds a long prompt (one with more than a chunk to feed): the longest a newcomer's
+# prompt waits behind it, one share's pass (about 0.4 s for the embedded model on a 2-core host; a whole
+# 256-token chunk 1.2 s), against fewer, larger passes for the long prompt alone (scripts/fair_prefill.py);
+# prompts of up to a chunk are fed whole, in one pass, as before
 LONG_PREFILL_TOKENS = 64
 STARVED_STEPS = 2  # steps a prefilling request may be passed over before it is served first
 
@@ -76,6 +77,7 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     done: bool = False
+    long_prompt: bool = False  # more than a chunk to feed: fed in shares of ``long_prefill`` tokens
     starved: int = 0  # steps in a row this request, prefilling a long prompt, was given no prompt tokens
 
     def emit(self, event) -> None:
@@ -272,6 +274,7 @@ class Scheduler:
         prompt = request.prompt
         request.session = continued
         request.pending = prompt[keep:]
+        request.long_prompt = len(request.pending) > self.config.chunk_size
         request.cached_tokens = keep
         request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
@@ -295,7 +298,7 @@ class Scheduler:
     def _piece_limit(self, request: Request) -> int:
         """The most prompt tokens one step feeds ``request``: a chunk, a long prompt's share of one."""
         chunk = self._chunk(request.session.row)
-        return min(chunk, self.long_prefill) if len(request.pending) > self.long_prefill else chunk
+        return min(chunk, self.long_prefill) if request.long_prompt else chunk
 
     def _reject(self, request: Request, error: Exception) -> None:
         request.loop.call_soon_threadsafe(_fail, request.admitted, error)
@@ -323,17 +326,17 @@ class Scheduler:
 
     def _plan_prefill(self, prefilling: list[Request]) -> tuple[list[Request], list[list[int]]]:
         """The requests this step feeds and their prompt pieces, within ``chunk_size`` tokens in all: long
-        prompts passed over ``STARVED_STEPS`` steps first, then the short prompts (at most ``long_prefill`` tokens
-        left), then the long ones, each group in admission order, each request at most :meth:`_piece_limit`
+        prompts passed over ``STARVED_STEPS`` steps first, then the short prompts (at most a chunk to feed),
+        then the long ones, each group in admission order, each request at most :meth:`_piece_limit`
         tokens; without shared passes only the first. The first always gets a piece."""
         budget = self.config.chunk_size
         shared = getattr(self.runner, "batch_prefill", False)  # else one pass, one request, a step
-        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, len(r.pending) > self.long_prefill))
+        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, r.long_prompt))
         batch, pieces = [], []
         for request in order:
             size = min(self._piece_limit(request), budget) if budget > 0 and (shared or not batch) else 0
             if size <= 0:  # short prompts wait in admission order; a long one may be passed over by later ones
-                request.starved += len(request.pending) > self.long_prefill
+                request.starved += request.long_prompt
                 continue
             request.starved = 0
             batch.append(request)

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Fair prefill against a real ``serve`` with the embedded model: one key sends a long prompt, and while it
+is prefilling another key sends a 2-token chat; that chat's time to first token is compared with its time
+alone (the same server, idle). The scheduler shares each step's prompt tokens between them
+(engine/scheduling/scheduler.py), so the chat should wait about one share of the long prompt, not all of it.
+
+    python scripts/fair_prefill.py --long-tokens 5000 --delay 2 --out fair_prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from bench.serve_process import ServerProcess  # noqa: E402
+
+KEYS = ["fair-prefill-long", "fair-prefill-short"]
+SHORT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+
+
+def first_token_s(url: str, key: str, body: dict, timeout: float) -> tuple[float, float]:
+    """(seconds to the first content chunk, seconds to the end) of one streamed chat."""
+    start, first = time.monotonic(), None
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if first is None and line.startswith("data: {") and '"content"' in line:
+                first = time.monotonic() - start
+    return (first if first is not None else float("nan")), time.monotonic() - start
+
+
+def long_body(tokens: int) -> dict:
+    words = " ".join(f"w{i % 997}" for i in range(tokens))  # about one token a word, and a few over
+    return {"messages": [{"role": "user", "content": f"Summarize: {words}"}], "max_tokens": 4, "stream": True}
+
+
+def run(long_tokens: int, delay: float, repeats: int, timeout: float, data_dir: Path) -> dict:
+    server = ServerProcess(data_dir, keys=KEYS, log_path=data_dir / "serve.log").start(timeout=timeout)
+    try:
+        first_token_s(server.url, KEYS[1], SHORT, timeout)  # warm-up
+        alone = [first_token_s(server.url, KEYS[1], SHORT, timeout)[0] for _ in range(repeats)]
+        long_result: dict = {}
+
+        def send_long() -> None:
+            long_result["ttft_s"], long_result["total_s"] = first_token_s(server.url, KEYS[0], long_body(long_tokens),
+                                                                          timeout)
+
+        thread = threading.Thread(target=send_long)
+        thread.start()
+        time.sleep(delay)
+        beside = []
+        while thread.is_alive() and len(beside) < repeats:  # each while the long prompt is still prefilling
+            beside.append(first_token_s(server.url, KEYS[1], SHORT, timeout)[0])
+            time.sleep(0.5)
+        thread.join()
+    finally:
+        server.stop()
+    alone_s, beside_s = statistics.median(alone), statistics.median(beside) if beside else float("nan")
+    return {"long_tokens": long_tokens, "delay_s": delay, "alone_ttft_s": [round(t, 3) for t in alone],
+            "beside_long_ttft_s": [round(t, 3) for t in beside], "long": {k: round(v, 2) for k, v in long_result.items()},
+            "ratio": round(beside_s / alone_s, 2), "within_2x": beside_s <= 2 * alone_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--long-tokens", type=int, default=5000)
+    parser.add_argument("--delay", type=float, default=2.0, help="seconds between the long prompt and the chat")
+    parser.add_argument("--repeats", type=int, default=3, help="chats alone, and beside the long prompt")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=Path("fair_prefill.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sinkserve-fair-") as data_dir:
+        results = run(args.long_tokens, args.delay, args.repeats, args.timeout, Path(data_dir))
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0 if results["within_2x"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
