@@ -78,7 +78,7 @@ class Request:
     cancelled: bool = False
     done: bool = False
     long_prompt: bool = False  # more than a chunk to feed: fed in shares of ``long_prefill`` tokens
-    starved: int = 0  # steps in a row this request, prefilling a long prompt, was given no prompt tokens
+    starved: int = 0  # steps in a row this long prompt was given no tokens while short ones were fed
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -332,16 +332,19 @@ class Scheduler:
         budget = self.config.chunk_size
         shared = getattr(self.runner, "batch_prefill", False)  # else one pass, one request, a step
         order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, r.long_prompt))
-        batch, pieces = [], []
+        batch, pieces, passed_over = [], [], []
         for request in order:
             size = min(self._piece_limit(request), budget) if budget > 0 and (shared or not batch) else 0
-            if size <= 0:  # short prompts wait in admission order; a long one may be passed over by later ones
-                request.starved += request.long_prompt
+            if size <= 0:
+                passed_over.append(request)
                 continue
             request.starved = 0
             batch.append(request)
             pieces.append(request.pending[:size])
             budget -= len(pieces[-1])
+        if any(not r.long_prompt for r in batch):  # a long prompt starves only behind short ones
+            for request in passed_over:
+                request.starved += request.long_prompt
         return batch, pieces
 
     def _prefill_piece(self, request: Request, piece: list[int]) -> None:
