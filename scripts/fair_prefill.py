@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import httpx  # noqa: E402
 
 from bench.serve_process import ServerProcess  # noqa: E402
 
+log = logging.getLogger("fair_prefill")
 KEYS = ["fair-prefill-long", "fair-prefill-short"]
 SHORT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
 
@@ -51,6 +53,7 @@ def run(long_tokens: int, delay: float, repeats: int, timeout: float, data_dir: 
     try:
         first_token_s(server.url, KEYS[1], SHORT, timeout)  # warm-up
         alone = [first_token_s(server.url, KEYS[1], SHORT, timeout)[0] for _ in range(repeats)]
+        log.info("the chat alone: first token after %s s", [round(t, 3) for t in alone])
         long_result: dict = {}
 
         def send_long() -> None:
@@ -63,8 +66,10 @@ def run(long_tokens: int, delay: float, repeats: int, timeout: float, data_dir: 
         beside = []
         while thread.is_alive() and len(beside) < repeats:  # each while the long prompt is still prefilling
             beside.append(first_token_s(server.url, KEYS[1], SHORT, timeout)[0])
+            log.info("the chat beside the long prompt: first token after %.3f s", beside[-1])
             time.sleep(0.5)
         thread.join()
+        log.info("the long prompt: %s", long_result)
     finally:
         server.stop()
     alone_s, beside_s = statistics.median(alone), statistics.median(beside) if beside else float("nan")
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("fair_prefill.json"))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="sinkserve-fair-") as data_dir:
         results = run(args.long_tokens, args.delay, args.repeats, args.timeout, Path(data_dir))
     args.out.write_text(json.dumps(results, indent=2))
