@@ -27,6 +27,7 @@ import httpx  # noqa: E402
 from bench.serve_process import ServerProcess  # noqa: E402
 
 log = logging.getLogger("fair_prefill")
+WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps on an old red chair".split()
 KEYS = ["fair-prefill-long", "fair-prefill-short"]
 SHORT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
 
@@ -44,7 +45,7 @@ def first_token_s(url: str, key: str, body: dict, timeout: float) -> tuple[float
 
 
 def long_body(tokens: int) -> dict:
-    words = " ".join(f"w{i % 997}" for i in range(tokens))  # about one token a word, and a few over
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(tokens))  # one token a word
     return {"messages": [{"role": "user", "content": f"Summarize: {words}"}], "max_tokens": 4, "stream": True}
 
 
