@@ -39,9 +39,14 @@ def first_token_s(url: str, key: str, body: dict, timeout: float) -> tuple[float
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
-            if first is None and line.startswith("data: {") and '"content"' in line:
+            if first is None and line.startswith("data: {") and _has_text(line[len("data: "):]):
                 first = time.monotonic() - start
     return (first if first is not None else float("nan")), time.monotonic() - start
+
+
+def _has_text(chunk: str) -> bool:
+    """Whether a streamed chunk carries reply text (the first chunk names the role, with empty content)."""
+    return any((choice.get("delta") or {}).get("content") for choice in json.loads(chunk).get("choices", []))
 
 
 def long_body(tokens: int) -> dict:
