@@ -95,6 +95,12 @@ class EngineConfig:
                                     "must fit the model's positions")
     evict_block: int = 64  # window tokens evicted at once when the cache is full
     prefill_chunk: int = option(256, help="prompt tokens fed per step (256)")
+    # a prompt with more than a chunk to feed gets at most this many tokens a step, so prompts arriving behind
+    # it are prefilled in the next step (engine/scheduling/scheduler.py): the longest a newcomer waits is one
+    # such share's pass (about 0.4 s for the embedded model on a 2-core host; a whole 256-token chunk 1.2 s),
+    # against fewer, larger passes for the long prompt alone (scripts/fair_prefill.py)
+    long_prefill_tokens: int = option(64, help="prompt tokens a step feeds a long prompt (64), so that shorter "
+                                               "prompts arriving behind it wait at most one such share")
     # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/model/device.py)
     max_batch: int | None = option(None, help="sessions decoding together in one forward pass (default 64 on a "
                                               "GPU, 8 on a CPU)")
@@ -111,6 +117,12 @@ class EngineConfig:
     session_busy_wait_s: float = 2.0
     max_resident_sessions: int = 64  # device rows, further capped by memory_budget_bytes
     max_queue: int = option(256, help="requests waiting for admission (256); beyond it a 429")
+    # per API key: sessions kept, and branches a conversation keeps; past either the least recently used idle
+    # one is dropped with its file (logged, counted in /metrics)
+    max_sessions_per_key: int = option(128, help="sessions one API key keeps (128); past it the least recently "
+                                                 "used idle one is dropped")
+    max_branches_per_session: int = option(16, help="branches one conversation keeps (16); past it the least "
+                                                    "recently used idle branch is dropped")
     # "auto": int4 on CPU for Q4_1 GGUF weights (the embedded model), else none; "int4" / "int8" / None
     # force a mode (engine/model/quantize.py, README)
     quantize: str | None = option("auto", choices=QUANTIZE_CHOICES,

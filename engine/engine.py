@@ -114,12 +114,15 @@ class Engine:
     def _session_store(self, cache: SinkCache, model_name: str) -> SessionStore:
         """The sessions of this process, or (with ``session_store``) a cluster's shared store."""
         config = self.config
+        bounds = {"max_sessions_per_key": config.max_sessions_per_key,
+                  "max_branches_per_session": config.max_branches_per_session}
         if not config.session_store:
-            return SessionStore(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s)
+            return SessionStore(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s, **bounds)
         from engine.sessions.cluster import ClusterSessionStore
 
         return ClusterSessionStore.connect(cache, config.data_dir, config.host_budget_bytes, config.session_ttl_s,
-                                           url=config.session_store, replica=config.replica, model=model_name)
+                                           url=config.session_store, replica=config.replica, model=model_name,
+                                           **bounds)
 
     @property
     def replica(self) -> str | None:
@@ -340,6 +343,7 @@ class Engine:
         s = self.scheduler
         return {
             **s.counters,
+            **s.store.counters,  # sessions and branches dropped over their bounds
             "running": len(s.running),
             "waiting": len(s.waiting),
             "sessions": len(s.store.sessions),

@@ -28,6 +28,8 @@ ENGINE_COUNTERS = {
     "decode_forward_seconds": "Wall time of the decode steps' forward passes (on a GPU, until their kernels "
                               "are queued: the wait for them falls in the sampling that follows)",
     "decode_seconds": "Wall time of the decode steps (forward pass, sampling, hand-off of the tokens)",
+    "sessions_dropped": "Idle sessions dropped because their API key held more than max_sessions_per_key",
+    "branches_dropped": "Idle branches dropped because their conversation held more than max_branches_per_session",
 }
 SESSION_SOURCES = ("local", "shared", "prefill")  # engine.events.Admission.source
 ENGINE_GAUGES = {

@@ -1,10 +1,13 @@
 """The scheduler: one worker thread that turns queued requests into batched forward passes.
 
-Each step reads as a sentence (after nano-vllm): admit waiting requests, run one prefill chunk of the
-oldest prefilling request, run one batched decode step for every decoding request, process the outputs
-(:class:`~engine.scheduling.output.OutputProcessor`: grammar masks, sampling, detokenization, stops,
-logprobs). A long prompt therefore never stalls the other conversations: it advances one chunk per step while
-they keep decoding. All cache and session mutation happens on this thread.
+Each step reads as a sentence (after nano-vllm): admit waiting requests, feed the prefilling requests
+their share of the step's prompt-token budget, run one batched decode step for every decoding request,
+process the outputs (:class:`~engine.scheduling.output.OutputProcessor`: grammar masks, sampling,
+detokenization, stops, logprobs). The budget (``chunk_size`` tokens) is shared as vLLM's chunked prefill shares it:
+short prompts (at most a chunk to feed) before long ones, a long prompt at most ``long_prefill`` tokens a step, a request passed
+over for ``STARVED_STEPS`` steps served first. A long prompt therefore never stalls the other
+conversations: a short prompt admitted behind it is prefilled in the next step, beside one share of the
+long one, and the decoding rows advance every step. All cache and session mutation happens on this thread.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from engine.sessions.store import Session, SessionStore
 log = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS = 3  # consecutive failed forward passes after which the engine reports itself unhealthy
+STARVED_STEPS = 2  # steps a prefilling request may be passed over before it is served first
 
 
 @dataclass(eq=False)  # a request is itself: `in` and `remove` must not compare prompts token by token
@@ -60,6 +64,8 @@ class Request:
     generator: torch.Generator | None = None
     cancelled: bool = False
     done: bool = False
+    long_prompt: bool = False  # more than a chunk to feed: fed in shares of ``long_prefill`` tokens
+    starved: int = 0  # steps in a row this long prompt was given no tokens while short ones were fed
 
     def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -75,6 +81,7 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.config = config
         self.max_queue = config.max_queue
+        self.long_prefill = max(1, config.long_prefill_tokens)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -258,6 +265,7 @@ class Scheduler:
         prompt = request.prompt
         request.session = continued
         request.pending = prompt[keep:]
+        request.long_prompt = len(request.pending) > self.config.chunk_size
         request.cached_tokens = keep
         request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
@@ -269,51 +277,69 @@ class Scheduler:
         source = self.store.source(continued, keep)
         self.counters[f"source_{source}"] += 1
         row = continued.row
-        evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), self._chunk(row))
-        admission = Admission(continued.id, len(prompt), keep, evicted, continued.pinned, source,
+        piece = self._piece_limit(request)
+        evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), piece)
+        admission = Admission(continued.public_id, len(prompt), keep, evicted, continued.pinned, source,
                               self.store.replica)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 
     def _chunk(self, row: int) -> int:
         return min(self.config.chunk_size, self.cache.max_chunk(row))
 
+    def _piece_limit(self, request: Request) -> int:
+        """The most prompt tokens one step feeds ``request``: a chunk, a long prompt's share of one."""
+        chunk = self._chunk(request.session.row)
+        return min(chunk, self.long_prefill) if request.long_prompt else chunk
+
     def _reject(self, request: Request, error: Exception) -> None:
         request.loop.call_soon_threadsafe(_fail, request.admitted, error)
 
     # ----- running -----------------------------------------------------------------------------------
     def _prefill(self, prefilling: list[Request]) -> None:
-        """A prompt chunk of the first waiting request, or, where the runner can feed several rows in one
-        pass (the owned step), of as many as fit ``chunk_size`` tokens together: 8 clients arriving at once
-        are prefilled in two passes instead of eight (each pass also delays the rows already decoding). If a
-        shared pass fails, its requests are prefilled one by one, so only a request that fails alone fails."""
-        batch, chunks = prefilling[:1], [self._next_chunk(prefilling[0])]
-        if getattr(self.runner, "batch_prefill", False):
-            budget = self.config.chunk_size - len(chunks[0])
-            for request in prefilling[1:]:
-                chunk = self._next_chunk(request)
-                if len(chunk) <= budget:
-                    batch.append(request)
-                    chunks.append(chunk)
-                    budget -= len(chunk)
-        if len(batch) > 1:
+        """Feed each prefilling request its piece of this step's prompt tokens (:meth:`_plan_prefill`). Where
+        the runner can feed several rows in one pass (the owned step), the pieces share one pass: 8 clients
+        arriving at once are prefilled in two passes instead of eight (each pass also delays the rows already
+        decoding); elsewhere one request's piece a step. If a shared pass fails, its requests are prefilled
+        one by one, so only a request that fails alone fails."""
+        batch, pieces = self._plan_prefill(prefilling)
+        if len(batch) > 1 and getattr(self.runner, "batch_prefill", False):
             try:
-                logits = self.runner.prefill_rows([r.session.row for r in batch], chunks)  # (B, V)
+                logits = self.runner.prefill_rows([r.session.row for r in batch], pieces)  # (B, V)
             except Exception:  # the rows are as they were: retry each request alone
                 log.warning("a shared prefill pass failed; prefilling its requests one by one", exc_info=True)
             else:
                 self.failed_in_a_row = 0
-                for request, chunk, row_logits in zip(batch, chunks, logits, strict=True):
-                    self._guarded(lambda r=request, c=chunk, x=row_logits: self._prefilled(r, c, x[None]), [request])
+                for request, piece, row_logits in zip(batch, pieces, logits, strict=True):
+                    self._guarded(lambda r=request, c=piece, x=row_logits: self._prefilled(r, c, x[None]), [request])
                 return
-        for request in batch:
-            self._guarded(lambda request=request: self._prefill_chunk(request), [request])
+        for request, piece in zip(batch, pieces, strict=True):
+            self._guarded(lambda r=request, c=piece: self._prefill_piece(r, c), [request])
 
-    def _next_chunk(self, request: Request) -> list[int]:
-        return request.pending[: self._chunk(request.session.row)]
+    def _plan_prefill(self, prefilling: list[Request]) -> tuple[list[Request], list[list[int]]]:
+        """The requests this step feeds and their prompt pieces, within ``chunk_size`` tokens in all: long
+        prompts passed over ``STARVED_STEPS`` steps first, then the short prompts (at most a chunk to feed),
+        then the long ones, each group in admission order, each request at most :meth:`_piece_limit`
+        tokens; without shared passes only the first. The first always gets a piece."""
+        budget = self.config.chunk_size
+        shared = getattr(self.runner, "batch_prefill", False)  # else one pass, one request, a step
+        order = sorted(prefilling, key=lambda r: (r.starved < STARVED_STEPS, r.long_prompt))
+        batch, pieces, passed_over = [], [], []
+        for request in order:
+            size = min(self._piece_limit(request), budget) if budget > 0 and (shared or not batch) else 0
+            if size <= 0:
+                passed_over.append(request)
+                continue
+            request.starved = 0
+            batch.append(request)
+            pieces.append(request.pending[:size])
+            budget -= len(pieces[-1])
+        if any(not r.long_prompt for r in batch):  # a long prompt starves only behind short ones
+            for request in passed_over:
+                request.starved += request.long_prompt
+        return batch, pieces
 
-    def _prefill_chunk(self, request: Request) -> None:
-        chunk = self._next_chunk(request)
-        self._prefilled(request, chunk, self.runner.forward([request.session.row], torch.tensor([chunk])))
+    def _prefill_piece(self, request: Request, piece: list[int]) -> None:
+        self._prefilled(request, piece, self.runner.forward([request.session.row], torch.tensor([piece])))
 
     def _prefilled(self, request: Request, chunk: list[int], logits: torch.Tensor) -> None:
         """``chunk`` is in the request's cache row; ``logits`` (1, V) of its last token."""

@@ -69,7 +69,7 @@ class ClusterSessionStore(SessionStore):
     busy_wait_s = LEASE_TTL_MS / 1000 + 1.0  # a crashed holder's lease lapses within its TTL
 
     def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float,
-                 index: SharedIndex, ping_every_s: float = PING_EVERY_S) -> None:
+                 index: SharedIndex, ping_every_s: float = PING_EVERY_S, **bounds: int) -> None:
         self.index = index
         self.replica = index.replica
         self.published: dict[str, tuple[int, str]] = {}  # id -> (version, file name) of the local copy
@@ -77,14 +77,14 @@ class ClusterSessionStore(SessionStore):
         self.boundaries: dict[str, int] = {}  # id -> prompt length of the turn running on it
         self.fresh: set[str] = set()  # loaded from the shared store for a request not yet started
         self.store_errors = 0  # index calls that found Redis unavailable
-        super().__init__(cache, data_dir, host_budget_bytes, ttl_s)
+        super().__init__(cache, data_dir, host_budget_bytes, ttl_s, **bounds)  # per-key bounds (SessionStore)
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, args=(ping_every_s,), name="store-ping", daemon=True)
         self._pinger.start()
 
     @classmethod
     def connect(cls, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float, *, url: str,
-                replica: str | None, model: str) -> ClusterSessionStore:
+                replica: str | None, model: str, **bounds: int) -> ClusterSessionStore:
         """A store on the Redis at ``url``; keys are namespaced by ``model`` (replicas serving different
         models never share sessions). Starts even while Redis is down."""
         replica = replica or socket.gethostname()
@@ -97,7 +97,7 @@ class ClusterSessionStore(SessionStore):
             log.info("replica %s: shared session store at %s", replica, url)
         else:
             log.warning("replica %s: shared session store at %s unreachable; serving local sessions", replica, url)
-        return cls(cache, data_dir, host_budget_bytes, ttl_s, index)
+        return cls(cache, data_dir, host_budget_bytes, ttl_s, index, **bounds)
 
     def store_up(self) -> bool:
         """Whether Redis answered the last call (a background ping every second keeps this fresh)."""
@@ -124,7 +124,7 @@ class ClusterSessionStore(SessionStore):
 
     def _find_shared(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
         if session_id:
-            session = self._sync(check_session_id(session_id), owner)
+            session = self._sync(self.scoped_id(owner, session_id), owner)
             if session is not None and session.owner != owner:  # another key's, never published
                 raise SessionNotFound(f"session {session_id!r} not found")
             return session if session is not None else super().find(owner, session_id, prompt, pinned)
@@ -196,7 +196,7 @@ class ClusterSessionStore(SessionStore):
 
     def get(self, owner: str, session_id: str) -> Session:
         try:
-            self._sync(check_session_id(session_id), owner)
+            self._sync(self.scoped_id(owner, session_id), owner)
         except IndexUnavailable as exc:
             self._unavailable("get", exc)
         return super().get(owner, session_id)

@@ -19,6 +19,15 @@ tab) continues a *copy* of it (:meth:`SessionStore.fork`), so no branch destroys
 branches age out through the memory budgets and the TTL. Only a request that names its session and does
 not ask for a fork rolls that session back in place.
 
+Bounds: each API key holds at most ``max_sessions_per_key`` sessions (default 128) and each session at most
+``max_branches_per_session`` branches (copies of it and of its copies, default 16); past either, the key's
+least recently used idle session (or branch) is dropped, logged at INFO and counted in ``counters``. A
+session still generating is never dropped, so a key may pass its bound by the requests it has running.
+
+Names: a session a client names belongs to its API key: two keys naming ``"chat"`` get two sessions, and
+neither can tell that the other's exists (:meth:`SessionStore.scoped_id`). Generated ids (``sess_`` and 128
+random bits) are the store's ids as they are.
+
 A cluster replica uses :class:`~engine.sessions.cluster.ClusterSessionStore`, this store kept consistent
 with the other replicas through Redis and a shared directory; the hooks it overrides are ``find``,
 ``source``, ``release``, ``end_turn`` and ``_store``.
@@ -28,6 +37,7 @@ All methods run on the engine's worker thread except the read-only listing helpe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +61,11 @@ from engine.sessions.rows import RowTable
 log = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+GENERATED_ID = re.compile(r"^sess_[0-9a-f]{32}$")  # new_session_id()'s form
 FORMAT_VERSION = "1"
+ANONYMOUS_OWNER = hashlib.sha256(b"").hexdigest()[:32]  # engine.owner_of(None): no API keys, one tenant
+MAX_SESSIONS_PER_KEY = 128
+MAX_BRANCHES_PER_SESSION = 16
 
 
 def new_session_id() -> str:
@@ -95,6 +109,13 @@ class Session:
     busy: bool = False
     version: int = 0  # bumped whenever the stream changes
     saved_version: int = -1  # version of the last saved copy
+    name: str | None = None  # the client's name for it, where the store's id is derived from it (scoped_id)
+    root: str | None = None  # for a branch (fork), the id of the session its lineage began with
+
+    @property
+    def public_id(self) -> str:
+        """The id its client knows it by."""
+        return self.name or self.id
 
     @property
     def row(self) -> int | None:
@@ -143,7 +164,7 @@ class Session:
     def describe(self, bytes_per_token: int) -> dict:
         state = self.state
         return {
-            "id": self.id,
+            "id": self.public_id,
             "tokens_seen": len(self.tokens),
             "tokens_in_cache": state.length,
             "tokens_evicted": state.evicted,
@@ -161,7 +182,14 @@ class SessionStore:
     busy_wait_s = 0.0  # how long a request may wait for a busy session, beyond the engine's own setting
     replica: str | None = None  # this server's name in a cluster (engine/sessions/cluster.py)
 
-    def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float) -> None:
+    def __init__(self, cache: SinkCache, data_dir: Path, host_budget_bytes: int, ttl_s: float,
+                 max_sessions_per_key: int = MAX_SESSIONS_PER_KEY,
+                 max_branches_per_session: int = MAX_BRANCHES_PER_SESSION) -> None:
+        if max_sessions_per_key < 1 or max_branches_per_session < 1:
+            raise ValueError("max_sessions_per_key and max_branches_per_session must be >= 1")
+        self.max_sessions_per_key = max_sessions_per_key
+        self.max_branches_per_session = max_branches_per_session
+        self.counters = {"sessions_dropped": 0, "branches_dropped": 0}  # idle ones dropped over the bounds
         self.rows = RowTable(cache)  # the lent pool and which session holds each of its rows
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -178,21 +206,65 @@ class SessionStore:
         return self.rows.cache
 
     # ----- lookup ------------------------------------------------------------------------------------
+    @staticmethod
+    def scoped_id(owner: str, name: str) -> str:
+        """The store's id of the session ``owner`` calls ``name``: derived from both, so equal names of two
+        keys are two sessions; a generated id, and any name without API keys (one tenant), as it is."""
+        check_session_id(name)
+        if owner == ANONYMOUS_OWNER or GENERATED_ID.match(name):
+            return name
+        return "k" + hashlib.sha256(f"{owner}/{name}".encode()).hexdigest()[:40]
+
     def get(self, owner: str, session_id: str) -> Session:
-        session = self.sessions.get(check_session_id(session_id))
+        session = self.sessions.get(self.scoped_id(owner, session_id))
+        if session is None:  # saved before names were scoped: kept under the name itself
+            session = self.sessions.get(session_id)
         if session is None or session.owner != owner:
             raise SessionNotFound(f"session {session_id!r} not found")
         return session
 
-    def create(self, owner: str, session_id: str | None = None, pinned: int | None = None) -> Session:
-        session_id = check_session_id(session_id) if session_id else new_session_id()
-        if session_id in self.sessions:
+    def create(self, owner: str, session_id: str | None = None, pinned: int | None = None,
+               keep: frozenset[str] = frozenset()) -> Session:
+        """A new empty session of ``owner``, named ``session_id`` (else a generated id); the key's least
+        recently used idle session makes room past ``max_sessions_per_key`` (never one in ``keep``)."""
+        store_id = self.scoped_id(owner, session_id) if session_id else new_session_id()
+        if store_id in self.sessions:
             raise SessionNotFound(f"session {session_id!r} not found")  # someone else's: never reveal it
+        self._bound_sessions(owner, keep)
         pinned = self.cache.sink_tokens if pinned is None else pinned
-        session = Session(id=session_id, owner=owner, rows=self.rows, parked=RowState(0, pinned))
+        session = Session(id=store_id, owner=owner, rows=self.rows, parked=RowState(0, pinned),
+                          name=session_id if session_id and store_id != session_id else None)
         with self._lock:
-            self.sessions[session_id] = session
+            self.sessions[store_id] = session
         return session
+
+    def _bound_sessions(self, owner: str, keep: frozenset[str]) -> None:
+        """Drop ``owner``'s least recently used idle sessions until one more fits its bound."""
+        owned = [s for s in self.sessions.values() if s.owner == owner]
+        while len(owned) >= self.max_sessions_per_key:
+            victim = _least_recent_idle(owned, keep)
+            if victim is None:  # all generating: the key passes its bound by its running requests
+                return
+            owned.remove(victim)
+            self._drop(victim, "sessions_dropped",
+                       f"its key holds {self.max_sessions_per_key} sessions (max_sessions_per_key)")
+
+    def _bound_branches(self, root: str, keep: frozenset[str]) -> None:
+        """Drop the least recently used idle branches of ``root`` past ``max_branches_per_session``."""
+        branches = [s for s in self.sessions.values() if s.root == root]
+        while len(branches) > self.max_branches_per_session:
+            victim = _least_recent_idle(branches, keep)
+            if victim is None:
+                return
+            branches.remove(victim)
+            self._drop(victim, "branches_dropped",
+                       f"its session has {self.max_branches_per_session} branches (max_branches_per_session)")
+
+    def _drop(self, session: Session, counter: str, why: str) -> None:
+        log.info("dropping idle session %s (last used %.0f s ago): %s", session.public_id,
+                 time.time() - session.last_used, why)
+        self.counters[counter] += 1
+        self.delete(session)
 
     def find(self, owner: str, session_id: str | None, prompt: Sequence[int], pinned: int) -> Session | None:
         """The session a request continues (None while it is busy): the named one (created when new),
@@ -202,7 +274,7 @@ class SessionStore:
             try:
                 session = self.get(owner, session_id)
             except SessionNotFound:
-                if session_id in self.sessions:
+                if self.scoped_id(owner, session_id) in self.sessions:
                     raise
                 session = self.create(owner, session_id, pinned=pinned)
         else:
@@ -249,7 +321,9 @@ class SessionStore:
     def fork(self, source: Session, keep: int, pinned: int, protect: set[str]) -> Session:
         """A new session of the same owner whose cache is ``source``'s first ``keep`` stream tokens."""
         row = self._free_row(protect)  # may move the source itself out: then its host copy is copied
-        child = self.create(source.owner, pinned=pinned)
+        spare = frozenset(protect) | {source.id}  # what the bounds below never drop
+        child = self.create(source.owner, pinned=pinned, keep=spare)
+        child.root = source.root or source.id
         self.rows.assign(row, child.id)
         if source.row is not None:
             self.cache.copy_row(source.row, row)
@@ -263,6 +337,7 @@ class SessionStore:
         self.cache.rollback(row, keep, pinned)
         child.extend(source.tokens[:keep])
         source.last_used = time.time()
+        self._bound_branches(child.root, spare | {child.id})
         return child
 
     def owned(self, owner: str) -> list[Session]:
@@ -368,6 +443,7 @@ class SessionStore:
             "shape": json.dumps([self.cache.shape.num_layers, self.cache.shape.kv_heads, self.cache.shape.head_dim]),
             "dtype": str(self.cache.dtype),
         }
+        meta.update({k: v for k, v in (("name", session.name), ("root", session.root)) if v})
         session.saved_version = session.version
         session.on_disk = True
         return self._store(session, tensors, meta)
@@ -418,6 +494,8 @@ class SessionStore:
                 last_used=float(meta["last_used"]),
                 on_disk=True,
                 saved_version=0,
+                name=meta.get("name"),
+                root=meta.get("root"),
             )
         except Exception:  # a foreign or damaged file: ignore it, never crash the server
             log.warning("ignoring unreadable session file %s", path.name)
@@ -443,6 +521,11 @@ class SessionStore:
             if session.saved_version != session.version and session.tokens:
                 self.save(session)
         self._writer.shutdown(wait=True)
+
+
+def _least_recent_idle(sessions: list[Session], keep: frozenset[str]) -> Session | None:
+    idle = [s for s in sessions if not s.busy and s.id not in keep]
+    return min(idle, key=lambda s: s.last_used) if idle else None
 
 
 def _state_bytes(state: dict[str, torch.Tensor] | None) -> int:

@@ -1,7 +1,10 @@
 """``/v1/sessions``: list, inspect and delete the caller's sessions (a sinkserve extension).
 
 A session is the KV cache of one conversation (``engine/sessions/store.py``). Sessions are scoped to the API
-key that created them: another key's session answers 404, never 403, so ids leak nothing.
+key that created them, names included: a name one key chose means nothing to another key (its own request
+naming it starts its own session, and a lookup answers 404, never 403), so ids and names leak nothing. A key
+holds at most ``max_sessions_per_key`` sessions and a session ``max_branches_per_session`` branches; past
+them the least recently used idle one is dropped (the store's module docstring).
 """
 
 from __future__ import annotations

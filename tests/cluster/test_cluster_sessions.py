@@ -147,12 +147,16 @@ async def test_every_replica_lists_and_deletes_the_owners_sessions(replicas):
         await a.get_session(None, conv.session_id)
 
 
-async def test_another_keys_session_is_not_found_on_any_replica(replicas):
+async def test_another_keys_name_is_its_own_session_on_any_replica(replicas):
     a, b = replicas
     prompt, _ = a.render_chat([{"role": "user", "content": "mine"}])
     await reply(a, prompt, session_id="private", api_key="k1")
     for engine in (a, b):
         with pytest.raises(SessionNotFound):
-            await reply(engine, prompt, session_id="private", api_key="k2")
+            await engine.get_session("k2", "private")
+    for engine in (a, b):  # the same name under another key: a session of its own, never k1's
+        _, _, admission = await reply(engine, prompt, session_id="private", api_key="k2")
+        assert admission.session_id == "private"
+        assert admission.source != "shared" or engine is b  # b may take k2's own session from a
     _, _, admission = await reply(b, prompt, session_id="private", api_key="k1")
     assert admission.source == "shared"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
+from engine.model import linear
 from engine.model.families import llama, owned_decoder, unsupported_reason
 from engine.model.families.llama import LlamaDecoder
 from engine.model.kernels import int4_rows, int8_rows
@@ -188,11 +189,19 @@ def _int4_decoder(rows: int = 4) -> tuple[LlamaDecoder, SinkCache]:
     return LlamaDecoder(model, cache, "int4"), cache
 
 
-def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_whole_steps_overrule_shapes_timed_alone(monkeypatch, native_bf16):
     """Where the kernels chosen shape by shape read more bytes than others, whole steps decide: the fastest
     of the choice, its layers on their fewest-bytes kernels, and everything on those; near ties (3%) go
-    to the fewer bytes."""
-    big = "bf16-packed" if packed_bf16_supported() else "bf16"
+    to the fewer bytes. Both sides of the native-bf16 detection run on any CPU: with it the bf16 copy is
+    the packed one and stays for prompts; without it (AVX2-only CPUs) plain bf16, and no prefill copy."""
+    monkeypatch.setattr(linear, "packed_bf16_supported", lambda: native_bf16)
+    if native_bf16 and not packed_bf16_supported():  # oneDNN refuses to pack bf16 here: a plain copy stands
+        prepare_copy = linear._prepare  # in for it (the same bytes; the steps' times are faked below)
+        monkeypatch.setattr(linear, "_prepare", lambda kind, weight, codes: prepare_copy(
+            "bf16" if kind == "bf16-packed" else kind, weight, codes))
+    big = "bf16-packed" if native_bf16 else "bf16"
+    prefill_copy = {PREFILL_KERNEL} if native_bf16 else set()
     alone = {1: big, 2: big, 4: big}  # as if every shape, timed alone, had chosen the bf16 copy
     monkeypatch.setattr(llama, "measure", lambda layers, buckets: dict(alone))
     cases = {  # step ms of [choice, layers lean, all lean] -> the kept layers' and head's kernels
@@ -219,9 +228,9 @@ def test_whole_steps_overrule_shapes_timed_alone(monkeypatch):
             assert getattr(decoder.layers[0], name).choice == choices[name]
         assert choices["head"] == {1: head_kind, 2: head_kind, 4: head_kind}, times
         # the losers' copies are dropped, the prefill kernel's stay
-        assert set(decoder.layers[0].qkv.weights) == {layers_kind, PREFILL_KERNEL}
-        head_candidates = set(candidate_kernels(CPU, torch.float32, "int4", output=True))
-        assert set(decoder.head.weights) == {head_kind} | ({PREFILL_KERNEL} & head_candidates)
+        assert set(decoder.layers[0].qkv.weights) == {layers_kind} | prefill_copy
+        assert decoder.prefills == native_bf16
+        assert set(decoder.head.weights) == {head_kind} | prefill_copy
 
 
 @pytest.mark.skipif(not int4_rows.available(), reason="no C compiler for the int4-rows kernel")

@@ -351,3 +351,41 @@ def test_batch_rows_whose_settings_overflow_take_the_reference_fallback():
               SamplingParams(temperature=0.8, top_p=0.9)]
     uniforms = torch.rand(4, generator=gen)
     assert sample_batch(logits, params, uniforms=uniforms) == reference(logits, params, uniforms)
+
+
+def test_nucleus_edges_within_rounding_take_the_reference_sum():
+    """Where a candidate's mass before it lies within rounding of p (how near depends on the CPU's vector
+    width, engine/scheduling/sampling.py _edge_tolerance), the candidates defer to the sort, whose kept set
+    is the reference's own; a p clear of every such mass is decided among the candidates."""
+    gen = torch.Generator().manual_seed(21)
+    logits = 2 * torch.randn(3, 2000, generator=gen)  # (R, V)
+    top = logits.topk(16, dim=-1).values  # (R, 16)
+    probs = (top - top[:, :1]).exp() / (logits - top[:, :1]).exp().sum(dim=-1, keepdim=True)
+    mass_before = probs.cumsum(dim=-1) - probs  # (R, 16)
+    tolerance = sampling._edge_tolerance(2000)
+    on_edge = mass_before[:, 3] + tolerance / 2  # (R,)
+    assert sampling._nucleus_among(logits, top, on_edge) is None
+    assert sampling._nucleus_from_candidates(logits, on_edge) is None
+    clear = (mass_before[:, 3] + mass_before[:, 4]) / 2  # halfway between two candidates' masses
+    assert ((mass_before[:, 4] - mass_before[:, 3]) > 4 * tolerance).all()
+    kept, _ = sampling._nucleus_among(logits, top, clear)
+    assert kept[:, 0].tolist() == [4, 4, 4]
+    got = sampling._top_p_rows(logits, on_edge.tolist())
+    for row in range(3):
+        want = top_p_filter(logits[row], float(on_edge[row]))
+        assert torch.equal(got[row].isfinite(), want.isfinite())
+
+
+def test_candidates_draw_defers_near_a_boundary_between_kept_tokens():
+    """A uniform whose point falls within rounding of the boundary between two kept tokens takes the general
+    path (None here); one in the middle of a token's share is drawn among the candidates, as the reference."""
+    logits = torch.tensor([[4.0, 3.0, 2.5, -5.0] + [-9.0] * 60])  # (1, V): the nucleus at p 0.9 keeps 3
+    ps = [0.9]
+    weights = (logits[0, :3] - 4.0).exp()
+    boundary = float(weights[0] / weights.sum())  # where token 0's share of the kept mass ends
+    assert sampling._draw_from_nucleus(logits, ps, torch.tensor([boundary])) is None
+    for u in (boundary / 2, (1 + boundary) / 2):
+        uniform = torch.tensor([u])
+        drawn = sampling._draw_from_nucleus(logits, ps, uniform)
+        assert drawn is not None
+        assert drawn == reference(logits, [SamplingParams(temperature=1.0, top_p=0.9)], uniform)
