@@ -242,7 +242,8 @@ async def _rss_sampler(http: httpx.AsyncClient, pid: int | None, origin: float, 
 async def _consistency(http: httpx.AsyncClient, conversations: list[Conversation], body: dict,
                        followups: int, timeout: float) -> dict:
     """Idle engine, every last-used session listed, one more turn on a few conversations answers 200."""
-    out: dict = {"idle": None, "listed": 0, "missing": [], "list_errors": [], "followups": [], "ok": False}
+    out: dict = {"idle": None, "listed": 0, "missing": [], "dropped": 0, "list_errors": [], "followups": [],
+                 "ok": False}
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -281,7 +282,16 @@ async def _consistency(http: httpx.AsyncClient, conversations: list[Conversation
         except httpx.TransportError as exc:
             status, sid = f"transport_{type(exc).__name__}", None
         out["followups"].append({"status": status, "same_session": sid == conv.session_id})
-    out["ok"] = bool(out["idle"] and not out["missing"] and not out["list_errors"]
+    # sessions and branches the server dropped over its per-key bounds (counted in /metrics) may be missing;
+    # any other missing session is lost
+    try:
+        text = (await http.get("/metrics", timeout=5)).text
+        out["dropped"] = sum(int(metric_value(text, f"sinkserve_{name}_dropped_total") or 0)
+                             for name in ("sessions", "branches"))
+    except httpx.HTTPError as exc:
+        out["dropped"] = 0
+        out["list_errors"].append(f"/metrics: {type(exc).__name__}")
+    out["ok"] = bool(out["idle"] and len(out["missing"]) <= out["dropped"] and not out["list_errors"]
                      and all(f["status"] == 200 for f in out["followups"]))
     return out
 

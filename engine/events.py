@@ -64,6 +64,7 @@ class Admission:
     # session store of a cluster), "prefill" (none: the prompt is fed from its first token)
     source: str = "prefill"
     replica: str | None = None  # the cluster replica that admitted it (None for a single server)
+    created: bool = False  # the session was made for this request (a new one, or a branch of one)
 
 
 class Generation:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -306,18 +305,16 @@ class Serving:
             self._slot.release()
             self._slot = None
 
-    def _forget_on_failure(self, gen: Generation, named: bool, started: float) -> Callable[[], Awaitable[None]] | None:
+    def _forget_on_failure(self, gen: Generation, named: bool) -> Callable[[], Awaitable[None]] | None:
         """For a stateless request: deleting its session on failure when this request created it (a new
-        session, or a branch of one, made since ``started``); a session the client names is left alone."""
-        if named:
+        session, or a branch of one: ``Admission.created``); a session the client names is left alone."""
+        if named or not gen.admission.created:
             return None
 
         async def forget() -> None:
             try:
-                info = await self.engine.get_session(self.api_key, gen.session_id)
-                if info["created"] >= int(started):
-                    await self.engine.delete_session(self.api_key, gen.session_id)
-                    log.info("deleted session %s: the request that created it failed", gen.session_id)
+                await self.engine.delete_session(self.api_key, gen.session_id)
+                log.info("deleted session %s: the request that created it failed", gen.session_id)
             except EngineError as exc:
                 log.info("could not delete the failed session %s: %s", gen.session_id, exc)
         return forget
@@ -372,9 +369,8 @@ class Serving:
         self.check_prompt_length(prompt, prompt_param)
         session_id = session_id or getattr(body, "session_id", None) or self.header_session_id
         options = {name: value for name, value in options.items() if value is not None}
-        started = time.time()
         gen, slot = await self.start(prompt, params, session_id, pin_prefix, prompt_param, **options)
-        on_failure = self._forget_on_failure(gen, session_id is not None, started)
+        on_failure = self._forget_on_failure(gen, session_id is not None)
         run = Run(model, fingerprint(self.engine), params, gen, include_usage=getattr(body, "include_usage", False),
                   on_failure=on_failure)
         timer = TokenTimer(self.metrics, endpoint)

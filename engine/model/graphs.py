@@ -43,6 +43,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def serves(decoder) -> bool:
+    """Whether the static-buffer step covers ``decoder``: the Llama step and the families built on it (Qwen3,
+    Phi-3); Gemma's and gpt-oss's steps decode eagerly, unpadded."""
+    from engine.model.families.llama import LlamaDecoder
+
+    return isinstance(decoder, LlamaDecoder)
+
 #: eager runs of the step on a side stream before its capture (lazy initialisations, cuBLAS workspaces)
 CAPTURE_WARMUP = 2
 
@@ -92,9 +100,13 @@ class StaticStep:
         mask = decoder._visible_up_to(slots, cache.capacity)[:, None, None]  # (B, 1, 1, P)
         layers, head = decoder._plan(B)
         x = F.embedding(tokens, decoder.embed)  # (B, C)
-        for (input_norm, qkv, out, post_norm, gate_up, down), k_buf, v_buf in zip(layers, cache.k, cache.v, strict=True):
+        for (input_norm, qkv, out, post_norm, gate_up, down, head_norm), k_buf, v_buf in zip(layers, cache.k, cache.v,
+                                                                                             strict=True):
             projected = qkv(norm(x, input_norm))  # (B, (H + 2 Hkv) D)
-            qk = torch.bmm(projected[:, :QK].view(B, H + Hkv, D).to(dtype), rotation)  # (B, H + Hkv, D), rotated
+            qk = projected[:, :QK].view(B, H + Hkv, D)
+            if head_norm is not None:  # Qwen3's per-head q/k norms, as the eager step applies them
+                qk = decoder._head_norm(qk, head_norm)
+            qk = torch.bmm(qk.to(dtype), rotation)  # (B, H + Hkv, D), rotated
             k_buf[rows, :, slots] = qk[:, H:]  # (B, Hkv, D) at each row's slot; the padding rows' in the scratch row
             v_buf[rows, :, slots] = projected[:, QK:].view(B, Hkv, D).to(dtype)
             attended = F.scaled_dot_product_attention(  # the first B rows in place, (B, Hkv, G, D)

@@ -21,7 +21,7 @@ import torch
 from engine.cache.sink import SinkCache
 from engine.model.buckets import bucket_sizes, to_device
 from engine.model.families import Decoder, model_info, owned_decoder
-from engine.model.graphs import StaticStep, StaticSteps
+from engine.model.graphs import StaticStep, StaticSteps, serves
 from engine.model.quantize import float_weights
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ class Runner:
         # decode batches padded to buckets over static buffers (CUDA graphs on a GPU, engine/model/graphs.py):
         # by default wherever the owned step decodes and the cache has a scratch row for the padding rows
         if buckets is None:
-            buckets = decoder is not None and cache.scratch_row is not None
-        if buckets and (decoder is None or cache.scratch_row is None):
-            raise ValueError("padded decode batches need the owned decode step and a cache with a scratch row")
+            buckets = decoder is not None and cache.scratch_row is not None and serves(decoder)
+        if buckets and (decoder is None or cache.scratch_row is None or not serves(decoder)):
+            raise ValueError("padded decode batches need an owned decode step the static step covers (the Llama "
+                             "step's families) and a cache with a scratch row")
         self.buckets = buckets
         self.static_steps: StaticSteps | None = None  # built on the first padded step or at warm_up
         # decode steps are small and overhead-bound: torch.compile fuses the per-layer glue (norms,

@@ -258,6 +258,7 @@ class Scheduler:
     def _start(self, request: Request, session: Session) -> None:
         protect = {r.session.id for r in self.running}
         branch = request.branch or not request.session_id  # implicit matches never roll a session back
+        fresh = not session.tokens  # a new session (store.find made it), or one never fed
         continued, keep = self.store.prepare(session, request.prompt, request.pinned, branch=branch,
                                              protect=protect)
         continued.busy = True
@@ -280,7 +281,7 @@ class Scheduler:
         piece = self._piece_limit(request)
         evicted = continued.evicted + self.cache.planned_evictions(row, len(request.pending), piece)
         admission = Admission(continued.public_id, len(prompt), keep, evicted, continued.pinned, source,
-                              self.store.replica)
+                              self.store.replica, created=fresh or continued is not session)
         request.loop.call_soon_threadsafe(_resolve, request.admitted, admission)
 
     def _chunk(self, row: int) -> int:

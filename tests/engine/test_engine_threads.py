@@ -37,7 +37,7 @@ def test_load_runs_on_a_thread_that_has_ended(monkeypatch):
     from engine.model import loader
     seen = []
 
-    def body(config):
+    def body(config, *options):
         seen.append(threading.current_thread())
         return "loaded"
 
