@@ -8,7 +8,11 @@ its keys (Quest, Tang et al. 2024, arXiv 2406.10774) and their mean (InfLLM's re
 2024, arXiv 2402.04617).
 
 At the start of a turn the new message's queries (per layer, before RoPE: :func:`capture_queries`) score
-the stored blocks (``quest``: the upper bound of ``q . k`` over the block, ``mean``: ``q . mean key``),
+the stored blocks. ``attention`` (the default): the softmax attention each query would give every stored
+token (keys and queries both without RoPE, i.e. at distance 0: the segment puts every recalled block at
+one place), summed per block and averaged over layers, kv heads and queries, an exact search over the
+host keys as in RetrievalAttention (Liu et al. 2024, arXiv 2409.10516); ``quest``: the upper bound of
+``q . k`` over the block from its minimum and maximum keys; ``mean``: ``q . mean key``; the last two are
 turned per layer, kv head and query into a softmax over the blocks and averaged. The ``blocks`` best
 blocks are spliced, in stream order, into the row's recall segment: slots ``[pinned - recalled,
 pinned)``, between the sinks (and any pinned prompt) and the window. Their keys are rotated to those
@@ -38,7 +42,7 @@ from engine.cache.sink import SinkCache
 
 log = logging.getLogger(__name__)
 
-SCORES = ("quest", "mean")
+SCORES = ("attention", "quest", "mean")
 
 
 def position_rotation(inv_freq: torch.Tensor, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,11 +116,11 @@ class Recall:
 
     ``blocks``: the recall segment's size in blocks of ``cache.evict_block`` tokens (the cache must reserve
     ``blocks * evict_block`` slots, ``SinkCache(recall_slots=...)``); ``budget_tokens``: host store bound per
-    row; ``score``: ``quest`` or ``mean``; ``layers``: the layers whose queries score (None: all);
+    row; ``score``: ``attention``, ``quest`` or ``mean``; ``layers``: the layers whose queries score (None: all);
     ``query_tokens``: the last so many tokens of the message score (None: all of them).
     """
 
-    def __init__(self, cache: SinkCache, blocks: int = 4, budget_tokens: int = 16384, score: str = "quest",
+    def __init__(self, cache: SinkCache, blocks: int = 4, budget_tokens: int = 16384, score: str = "attention",
                  layers: list[int] | None = None, query_tokens: int | None = None) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -174,9 +178,16 @@ class Recall:
                 hi = torch.stack([b.key_max[layer] for b in blocks])  # (N, H, D)
                 lo = torch.stack([b.key_min[layer] for b in blocks])
                 bound = torch.einsum("hqd,nhd->nhq", q.clamp(min=0), hi) + torch.einsum("hqd,nhd->nhq", q.clamp(max=0), lo)
-            else:
+            elif self.score_kind == "mean":
                 mean = torch.stack([b.key_mean[layer] for b in blocks])
                 bound = torch.einsum("hqd,nhd->nhq", q, mean)
+            else:  # the attention each query would give every stored token, summed per block
+                keys = torch.cat([b.keys[layer] for b in blocks], dim=1)  # (H, N, D)
+                weights = torch.softmax(torch.einsum("hqd,hnd->hqn", q, keys) / dim**0.5, dim=-1)
+                sizes = [b.tokens for b in blocks]
+                mass = torch.stack([part.sum(-1) for part in weights.split(sizes, dim=-1)])  # (blocks, H, G*T)
+                total += mass.mean(dim=(1, 2)).double()
+                continue
             share = torch.softmax(bound / dim**0.5, dim=0)  # per kv head and query: a distribution over blocks
             total += share.mean(dim=(1, 2)).double()
         return starts, total / len(self.layers)
