@@ -218,6 +218,14 @@ class Recall:
         self.counters["seconds"] += time.perf_counter() - started
         return recalled
 
+    def turn(self, model: torch.nn.Module, row: int, tokens: list[int]) -> int:
+        """The start of a turn: the new message ``tokens`` (about to be prefilled into ``row``) choose the
+        blocks to recall; returns the tokens recalled (what ``x-sinkserve-recalled-tokens`` reports)."""
+        if not tokens or not self.store(row).blocks:
+            self.recalled_tokens[row] = 0
+            return 0
+        return self.before_turn(row, capture_queries(model, self.cache, row, tokens))
+
     def clear(self, row: int) -> None:
         """Drop the row's recall segment (the window moves back next to the pinned slots)."""
         self.splice(row, [])

@@ -259,6 +259,8 @@ class Scheduler:
         request.session = continued
         request.pending = prompt[keep:]
         request.cached_tokens = keep
+        if getattr(self, "recall", None) is not None:  # evicted blocks recalled at a turn's start (engine/cache/recall.py)
+            request.recalled_tokens = self.recall.turn(self.runner.model, continued.row, request.pending)
         request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
         request.generator = make_generator(request.params, self.cache.device)

@@ -202,3 +202,14 @@ def test_a_cache_without_recall_slots_behaves_as_before(attach):
     assert plain.state(0) == watched.state(0) and plain.max_chunk(0) == watched.max_chunk(0) == WINDOW
     if recall is not None:
         assert recall.store(0).tokens == watched.evicted[0]
+
+
+def test_a_turn_recalls_nothing_before_anything_was_evicted_and_a_segment_after():
+    model, cache, recall, runner = _setup()
+    _stream(runner, None, 0, _tokens(20), chunk=10)
+    assert recall.turn(model, 0, _tokens(6, seed=4).tolist()) == 0 and cache.pinned[0] == SINKS
+    _stream(runner, None, 0, _tokens(100, seed=5), chunk=10)
+    recalled = recall.turn(model, 0, _tokens(6, seed=4).tolist())
+    assert recalled == 2 * BLOCK and cache.pinned[0] == SINKS + recalled and cache.reserved[0] == 0
+    logits = runner.forward([0], _tokens(6, seed=4)[None])  # the turn's prefill runs on the spliced row
+    assert torch.isfinite(logits).all()
