@@ -10,10 +10,11 @@ its keys (Quest, Tang et al. 2024, arXiv 2406.10774) and their mean (InfLLM's re
 At the start of a turn the new message's queries (per layer, before RoPE: :func:`capture_queries`) score
 the stored blocks. ``attention`` (the default): the softmax attention each query would give every stored
 token (keys and queries both without RoPE, i.e. at distance 0: the segment puts every recalled block at
-one place), summed per block and averaged over layers, kv heads and queries, an exact search over the
+one place), summed per block, its largest share over the layer's kv heads and queries (``aggregate="max"``: the heads
+that retrieve) averaged over the layers, an exact search over the
 host keys as in RetrievalAttention (Liu et al. 2024, arXiv 2409.10516); ``quest``: the upper bound of
 ``q . k`` over the block from its minimum and maximum keys; ``mean``: ``q . mean key``; the last two are
-turned per layer, kv head and query into a softmax over the blocks and averaged. The ``blocks`` best
+turned per layer, kv head and query into a softmax over the blocks and reduced the same way. The ``blocks`` best
 blocks are spliced, in stream order, into the row's recall segment: slots ``[pinned - recalled,
 pinned)``, between the sinks (and any pinned prompt) and the window. Their keys are rotated to those
 in-cache slot positions, so RoPE never sees a distance beyond the cache. The window keeps its tokens; it
@@ -43,6 +44,7 @@ from engine.cache.sink import SinkCache
 log = logging.getLogger(__name__)
 
 SCORES = ("attention", "quest", "mean")
+AGGREGATES = ("max", "mean")  # over a layer's kv heads and queries
 
 
 def position_rotation(inv_freq: torch.Tensor, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +123,11 @@ class Recall:
     """
 
     def __init__(self, cache: SinkCache, blocks: int = 4, budget_tokens: int = 16384, score: str = "attention",
-                 layers: list[int] | None = None, query_tokens: int | None = None) -> None:
+                 layers: list[int] | None = None, query_tokens: int | None = None, aggregate: str = "max") -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if cache.recall_slots < blocks * cache.evict_block:
             raise ValueError(f"{blocks} recall blocks need {blocks * cache.evict_block} reserved slots, the cache "
                              f"reserves {cache.recall_slots}")
@@ -133,6 +137,7 @@ class Recall:
         self.score_kind = score
         self.layers = list(range(cache.shape.num_layers)) if layers is None else list(layers)
         self.query_tokens = query_tokens
+        self.aggregate = aggregate
         self.stores: dict[int, RecallStore] = {}
         self.segments: dict[int, list[int]] = {}  # row -> starts of the spliced blocks, stream order
         self.recalled_tokens: dict[int, int] = {}  # row -> tokens spliced at its latest turn start
@@ -159,8 +164,11 @@ class Recall:
             self.store(row).add(Block(stream_start + offset, keys, values, keys.amin(2), keys.amax(2), keys.mean(2)))
 
     # ----- scoring -------------------------------------------------------------------------------------
-    def scores(self, row: int, queries: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-        """The stored blocks' starts and their relevance to ``queries`` (per layer (Hq, T, D), before RoPE)."""
+    def scores(self, row: int, queries: list[torch.Tensor], aggregate: str | None = None) -> tuple[list[int], torch.Tensor]:
+        """The stored blocks' starts and their relevance to ``queries`` (per layer (Hq, T, D), before RoPE):
+        per layer the block's share for each kv head and query, reduced by ``aggregate`` (default: the
+        instance's; ``max``: the head and query that favour it most), averaged over the layers."""
+        aggregate = aggregate or self.aggregate
         store = self.store(row)
         starts = list(store.blocks)
         if not starts:
@@ -174,22 +182,22 @@ class Recall:
             heads, tokens, dim = q.shape
             kv = self.cache.shape.kv_heads
             q = q.reshape(kv, heads // kv * tokens, dim)  # (H, G*T, D): a kv head's group of query heads
-            if self.score_kind == "quest":
-                hi = torch.stack([b.key_max[layer] for b in blocks])  # (N, H, D)
-                lo = torch.stack([b.key_min[layer] for b in blocks])
-                bound = torch.einsum("hqd,nhd->nhq", q.clamp(min=0), hi) + torch.einsum("hqd,nhd->nhq", q.clamp(max=0), lo)
-            elif self.score_kind == "mean":
-                mean = torch.stack([b.key_mean[layer] for b in blocks])
-                bound = torch.einsum("hqd,nhd->nhq", q, mean)
-            else:  # the attention each query would give every stored token, summed per block
+            if self.score_kind == "attention":  # the attention each query would give every stored token, per block
                 keys = torch.cat([b.keys[layer] for b in blocks], dim=1)  # (H, N, D)
                 weights = torch.softmax(torch.einsum("hqd,hnd->hqn", q, keys) / dim**0.5, dim=-1)
                 sizes = [b.tokens for b in blocks]
-                mass = torch.stack([part.sum(-1) for part in weights.split(sizes, dim=-1)])  # (blocks, H, G*T)
-                total += mass.mean(dim=(1, 2)).double()
-                continue
-            share = torch.softmax(bound / dim**0.5, dim=0)  # per kv head and query: a distribution over blocks
-            total += share.mean(dim=(1, 2)).double()
+                share = torch.stack([part.sum(-1) for part in weights.split(sizes, dim=-1)])  # (blocks, H, G*T)
+            else:
+                if self.score_kind == "quest":
+                    hi = torch.stack([b.key_max[layer] for b in blocks])  # (N, H, D)
+                    lo = torch.stack([b.key_min[layer] for b in blocks])
+                    bound = (torch.einsum("hqd,nhd->nhq", q.clamp(min=0), hi)
+                             + torch.einsum("hqd,nhd->nhq", q.clamp(max=0), lo))
+                else:
+                    bound = torch.einsum("hqd,nhd->nhq", q, torch.stack([b.key_mean[layer] for b in blocks]))
+                share = torch.softmax(bound / dim**0.5, dim=0)  # per kv head and query: a distribution over blocks
+            reduced = share.flatten(1).amax(1) if aggregate == "max" else share.mean(dim=(1, 2))
+            total += reduced.double()
         return starts, total / len(self.layers)
 
     def choose(self, row: int, queries: list[torch.Tensor]) -> list[int]:

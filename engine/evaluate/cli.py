@@ -76,6 +76,8 @@ def _add_recall_parser(commands) -> None:
     recall.add_argument("--score", default="attention", choices=["attention", "quest", "mean"])
     recall.add_argument("--ppl-tokens", type=int, default=20_000, help="streaming perplexity tokens (0: skip)")
     recall.add_argument("--turn", type=int, default=1024, help="tokens between recall turns in the perplexity run")
+    recall.add_argument("--extra", action="store_true", help="add the recall segment to the cache instead of "
+                        "reserving it from the window")
     recall.add_argument("--text", default=str(DEFAULT_TEXT))
     recall.add_argument("--model", default=None)
     recall.add_argument("--out", default="results/recall")
@@ -115,7 +117,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         report = run_recall(args.out, seeds=args.seeds, depths=args.depths, modes=args.mode,
                             sink_tokens=args.sink_tokens, window=args.window, evict_block=args.evict_block,
                             chunk=args.chunk, blocks=args.recall_blocks, score=args.score,
-                            ppl_tokens=args.ppl_tokens, turn=args.turn, text_path=args.text, model=args.model)
+                            ppl_tokens=args.ppl_tokens, turn=args.turn, text_path=args.text, model=args.model,
+                            extra=args.extra)
         log.info("recall written to %s\n%s", args.out, markdown(report, args.mode))
         return report
     raise ValueError(f"unknown eval command {args.eval_command!r}")

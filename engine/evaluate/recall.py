@@ -111,18 +111,21 @@ def _feed(runner: Runner, row: int, tokens: list[int], chunk: int) -> torch.Tens
 
 @torch.inference_mode()
 def run_cache(loaded: LoadedModel, case: dict, sink_tokens: int, window: int, evict_block: int, chunk: int,
-              blocks: int = 0, recall_options: dict | None = None) -> dict:
+              blocks: int = 0, recall_options: dict | None = None, extra: bool = False) -> dict:
     """The sink cache (``blocks`` = 0) or the sink cache with a recall segment of ``blocks`` blocks, of the
-    same total size ``sink_tokens + window``, fed through the engine's runner."""
+    same total size ``sink_tokens + window`` (``extra``: the segment added to it), fed through the runner."""
     slots = blocks * evict_block
-    cache = SinkCache(loaded.shape, 2, sink_tokens + window, sink_tokens, evict_block, loaded.inv_freqs,
+    cache = SinkCache(loaded.shape, 2, sink_tokens + window + (slots if extra else 0), sink_tokens, evict_block,
+                      loaded.inv_freqs,
                       dtype=loaded.dtype, device=loaded.device, recall_slots=slots)
     recall = Recall(cache, blocks, **(recall_options or {})) if blocks else None
     runner = Runner(loaded.model, cache)
     _feed(runner, 0, case["context"], chunk)
     recalled, spliced = 0, []
     if recall is not None:
-        recalled = recall.before_turn(0, capture_queries(loaded.model, cache, 0, case["question"]))
+        queries = capture_queries(loaded.model, cache, 0, case["question"])
+        ranks = needle_ranks(recall, queries, case["needle_at"], evict_block)
+        recalled = recall.before_turn(0, queries)
         spliced = recall.segments.get(0, [])
     first = _feed(runner, 0, case["question"], chunk)[-1]
     cache.copy_row(0, 1)
@@ -138,19 +141,32 @@ def run_cache(loaded: LoadedModel, case: dict, sink_tokens: int, window: int, ev
     if recall is not None:
         store = recall.store(0)
         result.update(
-            spliced=spliced,
+            spliced=spliced, needle_ranks=ranks,
             needle_recalled=any(s <= needle + 4 < s + evict_block for s in spliced),
             store_tokens=store.tokens, store_bytes=store.nbytes, dropped_tokens=store.dropped_tokens,
         )
     return result
 
 
+def needle_ranks(recall: Recall, queries: list[torch.Tensor], needle: int, block: int) -> dict[str, int | None]:
+    """Where the block holding the passkey ranks among the stored blocks under each aggregation (0: first)."""
+    ranks = {}
+    for aggregate in ("max", "mean"):
+        starts, scores = recall.scores(0, queries, aggregate)
+        order = [starts[i] for i in torch.argsort(scores, descending=True).tolist()]
+        hits = [i for i, s in enumerate(order) if s <= needle + 5 < s + block]
+        ranks[aggregate] = hits[0] if hits else None
+    return ranks
+
+
 # ----- streaming perplexity ------------------------------------------------------------------------------
 @torch.inference_mode()
 def stream_ppl_recall(loaded: LoadedModel, ids: list[int], capacity: int, sink_tokens: int, evict_block: int,
-                      chunk: int, blocks: int, turn: int, recall_options: dict | None = None) -> dict:
+                      chunk: int, blocks: int, turn: int, recall_options: dict | None = None,
+                      extra: bool = False) -> dict:
     """``eval ppl``'s sink mode with recall: every ``turn`` tokens the next chunk's queries choose the blocks
     spliced into the segment (``blocks * evict_block`` reserved slots of the same ``capacity``)."""
+    capacity += blocks * evict_block if extra else 0
     cache = SinkCache(loaded.shape, 1, capacity, sink_tokens, evict_block, loaded.inv_freqs, dtype=loaded.dtype,
                       device=loaded.device, recall_slots=blocks * evict_block)
     recall = Recall(cache, blocks, **(recall_options or {}))
@@ -190,7 +206,7 @@ def summarize(cases: list[dict], modes: list[str]) -> dict:
 def run_recall(out_dir, seeds: int = 4, depths=(1500, 3000, 4500, 6000), modes=MODES, sink_tokens: int = 4,
                window: int = 1020, evict_block: int = 64, chunk: int = 64, blocks: int = 4, score: str = "attention",
                ppl_tokens: int = 20_000, turn: int = 1024, text_path=None, model: str | None = None,
-               loaded: LoadedModel | None = None, first_seed: int = 0) -> dict:
+               loaded: LoadedModel | None = None, first_seed: int = 0, extra: bool = False) -> dict:
     """Run the passkey cases and the perplexity comparison; write the reports to ``out_dir``."""
     text_path = Path(text_path) if text_path else DEFAULT_TEXT
     if loaded is None:
@@ -200,7 +216,7 @@ def run_recall(out_dir, seeds: int = 4, depths=(1500, 3000, 4500, 6000), modes=M
     options = {"score": score}
     report = {"model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."), "sink_tokens": sink_tokens,
               "window": window, "evict_block": evict_block, "chunk": chunk, "blocks": blocks, "score": score,
-              "modes": list(modes), "cases": [], "machine": _machine()}
+              "modes": list(modes), "cases": [], "machine": _machine(), "extra": extra}
     for depth in depths:
         for seed in range(first_seed, first_seed + seeds):
             case = make_case(loaded.tokenizer, text, seed, depth)
@@ -213,7 +229,7 @@ def run_recall(out_dir, seeds: int = 4, depths=(1500, 3000, 4500, 6000), modes=M
                     result = run_dense(loaded, case)
                 else:
                     result = run_cache(loaded, case, sink_tokens, window, evict_block, chunk,
-                                       blocks if mode == "recall" else 0, options)
+                                       blocks if mode == "recall" else 0, options, extra)
                 result["exact"], result["text"] = answered(loaded.tokenizer, result.pop("tokens"), case["key"])
                 result["seconds"] = time.perf_counter() - started
                 row[mode] = result
@@ -228,7 +244,7 @@ def run_recall(out_dir, seeds: int = 4, depths=(1500, 3000, 4500, 6000), modes=M
         report["ppl"] = {"tokens": len(ids), "turn": turn,
                          "off": stream_ppl(loaded, ids, capacity, sink_tokens, evict_block, chunk, "sink"),
                          "on": stream_ppl_recall(loaded, ids, capacity, sink_tokens, evict_block, chunk, blocks,
-                                                 turn, options)}
+                                                 turn, options, extra)}
         report["ppl"]["ratio"] = report["ppl"]["on"]["ppl"] / report["ppl"]["off"]["ppl"]
     _write(report, out_dir, modes)
     return report
@@ -246,7 +262,8 @@ def markdown(report: dict, modes) -> str:
     lines = [
         f"Passkey retrieval with {report['model']} ({report['dtype']}) on {report['machine']}; "
         f"sink_tokens={report['sink_tokens']}, window={report['window']} (recall: {report['blocks']} blocks of "
-        f"{report['evict_block']} reserved from it, score {report['score']}), chunk={report['chunk']}. "
+        f"{report['evict_block']} {'added to the cache' if report.get('extra') else 'reserved from it'}, score "
+        f"{report['score']}), chunk={report['chunk']}. "
         "Log-likelihood: nats of the answer tokens, teacher-forced; exact: greedy answer's first number.",
         "",
         "| depth | seed | " + " | ".join(f"{m} loglik | {m} exact" for m in modes) + " |",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.cache.recall import SCORES, Block, Recall, RecallStore, capture_queries
+from engine.cache.recall import AGGREGATES, SCORES, Block, Recall, RecallStore, capture_queries
 from engine.cache.sink import SinkCache
 from engine.config import EngineConfig
 from engine.model.loader import prepare
@@ -155,10 +155,10 @@ def test_the_segment_is_never_evicted_and_the_window_never_grows_into_the_reserv
     assert cache.lengths[0] + cache.evicted[0] == 210
 
 
-@pytest.mark.parametrize("score", SCORES)
-def test_before_turn_recalls_the_block_the_queries_point_at(score):
+@pytest.mark.parametrize("score,aggregate", [(s, a) for s in SCORES for a in AGGREGATES if (s, a) != ("mean", "max")])
+def test_before_turn_recalls_the_block_the_queries_point_at(score, aggregate):
     model, cache, _, runner = _setup()
-    recall = Recall(cache, 2, score=score)
+    recall = Recall(cache, 2, score=score, aggregate=aggregate)
     _stream(runner, None, 0, _tokens(120), chunk=10)
     store = recall.store(0)
     target = list(store.blocks)[1]
