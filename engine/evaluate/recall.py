@@ -250,6 +250,26 @@ def run_recall(out_dir, seeds: int = 4, depths=(1500, 3000, 4500, 6000), modes=M
     return report
 
 
+CONFIG_KEYS = ("model", "dtype", "sink_tokens", "window", "evict_block", "chunk", "blocks", "score", "extra")
+
+
+def merge_reports(paths, out_dir) -> dict:
+    """One report from several ``recall.json`` of the same configuration (runs split over seeds or depths);
+    the first report with a perplexity part gives it."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(reports[0], cases=[])
+    for report in reports:
+        if any(report.get(k) != merged.get(k) for k in CONFIG_KEYS):
+            raise ValueError(f"{report.get('window')}/{report.get('blocks')}: reports of different configurations")
+        merged["cases"] += report["cases"]
+        if "ppl" in report and "ppl" not in merged:
+            merged["ppl"] = report["ppl"]
+    merged["cases"].sort(key=lambda c: (c["depth"], c["seed"]))
+    merged["summary"] = summarize(merged["cases"], merged["modes"])
+    _write(merged, out_dir, merged["modes"])
+    return merged
+
+
 def _machine() -> str:
     import os
     import platform

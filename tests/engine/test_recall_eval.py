@@ -64,3 +64,26 @@ def test_the_recall_command_line():
     assert (args.depths, args.recall_blocks, args.ppl_tokens, args.score) == ([1500, 3000], 2, 0, "attention")
     with pytest.raises(SystemExit):
         parser.parse_args(["recall", "--depths", "a,b"])
+
+
+def test_reports_of_one_configuration_merge_and_of_two_do_not(tmp_path):
+    import json
+
+    from engine.evaluate.recall import merge_reports
+
+    def report(name, seed, window=252):
+        case = {"seed": seed, "depth": 300, "key": "12345", "tokens": 600,
+                **{m: {"loglik": v, "exact": m != "sink"} for m, v in (("dense", -1.0), ("sink", -20.0), ("recall", -2.0))}}
+        data = {"model": "m", "dtype": "float32", "sink_tokens": 4, "window": window, "evict_block": 32, "chunk": 64,
+                "blocks": 2, "score": "attention", "extra": False, "modes": ["dense", "sink", "recall"],
+                "cases": [case], "machine": "test"}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recall.json").write_text(json.dumps(data))
+        return tmp_path / name / "recall.json"
+
+    merged = merge_reports([report("a", 1), report("b", 0)], tmp_path / "out")
+    assert [c["seed"] for c in merged["cases"]] == [0, 1]
+    assert merged["summary"]["gap_closed"] == pytest.approx(18 / 19)
+    assert (tmp_path / "out" / "recall.md").read_text().count("| 300 |") == 2
+    with pytest.raises(ValueError):
+        merge_reports([report("c", 2), report("d", 3, window=508)], tmp_path / "out2")
