@@ -244,6 +244,23 @@ class Recall:
         self.stores.pop(row, None)
         self.recalled_tokens.pop(row, None)
 
+    def swap_rows(self, a: int, b: int) -> None:
+        """Follow :meth:`SinkCache.swap_rows`: the rows' stores, segments and counters change places too."""
+        for table in (self.stores, self.segments, self.recalled_tokens):
+            va, vb = table.pop(a, None), table.pop(b, None)
+            if va is not None:
+                table[b] = va
+            if vb is not None:
+                table[a] = vb
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Follow :meth:`SinkCache.copy_row` (a branching conversation): ``dst`` gets a copy of ``src``'s store
+        (the blocks themselves are shared: they are never written) and segment."""
+        store = RecallStore(self.budget_tokens)
+        store.blocks = OrderedDict(self.store(src).blocks)
+        self.stores[dst] = store
+        self.segments[dst] = list(self.segments.get(src, []))
+
     def splice(self, row: int, starts: list[int]) -> None:
         """Make the row's recall segment hold the stored blocks starting at ``starts``, in that order."""
         cache, store = self.cache, self.store(row)

@@ -213,3 +213,19 @@ def test_a_turn_recalls_nothing_before_anything_was_evicted_and_a_segment_after(
     assert recalled == 2 * BLOCK and cache.pinned[0] == SINKS + recalled and cache.reserved[0] == 0
     logits = runner.forward([0], _tokens(6, seed=4)[None])  # the turn's prefill runs on the spliced row
     assert torch.isfinite(logits).all()
+
+
+def test_rows_swapped_or_copied_keep_their_stores_and_segments():
+    model, cache, recall, runner = _setup(rows=3)
+    _stream(runner, None, 0, _tokens(100), chunk=10)
+    recall.splice(0, list(recall.store(0).blocks)[:1])
+    blocks, segment = dict(recall.store(0).blocks), recall.segments[0]
+    cache.swap_rows(0, 2)
+    recall.swap_rows(0, 2)
+    assert recall.store(2).blocks == blocks and recall.segments[2] == segment and not recall.store(0).blocks
+    cache.copy_row(2, 1)
+    recall.copy_row(2, 1)
+    assert list(recall.store(1).blocks) == list(blocks) and recall.segments[1] == segment
+    assert cache.pinned[1] == SINKS + BLOCK and cache.reserved[1] == BLOCK
+    recall.clear(1)
+    assert cache.pinned[1] == SINKS and cache.pinned[2] == SINKS + BLOCK
