@@ -271,10 +271,19 @@ def merge_reports(paths, out_dir) -> dict:
 
 
 def _machine() -> str:
+    """The CPU's model name and core count (what the timings and the float32 figures ran on)."""
     import os
     import platform
 
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 # ----- reports -------------------------------------------------------------------------------------------
