@@ -130,9 +130,11 @@ class SinkCache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         scratch_row: bool = False,
+        recall_slots: int = 0,
     ) -> None:
-        if sink_tokens >= capacity:
-            raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than the cache ({capacity})")
+        if sink_tokens + recall_slots >= capacity:
+            raise ValueError(f"sink_tokens ({sink_tokens}) + recall_slots ({recall_slots}) must be smaller than "
+                             f"the cache ({capacity})")
         self.shape = shape
         self.rows = rows
         self.capacity = capacity
@@ -160,6 +162,13 @@ class SinkCache:
         self.lengths = [0] * rows  # slots in use
         self.pinned = [sink_tokens] * rows  # slots never evicted
         self.evicted = [0] * rows  # tokens evicted from the row since it was reset
+        # recall (engine/cache/recall.py): ``recall_slots`` slots per row reserved for a segment of recalled
+        # blocks between the pinned slots and the window; ``reserved[row]`` of them are still free (the window
+        # never grows into them), and ``on_evict(row, stream_start, first_slot, count)`` sees each eviction
+        # before it happens. With no recall (the default) nothing is reserved and nothing is called.
+        self.recall_slots = recall_slots
+        self.reserved = [recall_slots] * rows
+        self.on_evict = None
         # per row: slots [dirty:] hold zeros; None until the row is first zeroed (then any slot may be garbage)
         zeros = self.device.type == "cpu"
         self.dirty: list[int | None] = [0 if zeros else None] * rows
@@ -183,17 +192,23 @@ class SinkCache:
             raise ValueError(f"{pinned} pinned tokens leave no room for a window in a cache of {self.capacity}")
         self._zero(row)
         self.lengths[row], self.pinned[row], self.evicted[row] = 0, pinned, 0
+        self.reserved[row] = self.recall_slots
 
     def state(self, row: int) -> RowState:
         return RowState(self.lengths[row], self.pinned[row], self.evicted[row])
 
     def max_chunk(self, row: int) -> int:
         """The most tokens one forward pass can feed to ``row``: its window."""
-        return self.capacity - self.pinned[row]
+        return self._window_end(row) - self.pinned[row]
+
+    def _window_end(self, row: int) -> int:
+        """The slots the row may fill: the capacity less the recall slots still reserved (none without recall)."""
+        return self.capacity - self.reserved[row]
 
     def planned_evictions(self, row: int, new_tokens: int, chunk: int) -> int:
         """Tokens that feeding ``new_tokens`` to ``row`` in chunks of ``chunk`` will evict (nothing moves)."""
-        return planned_evictions(self.lengths[row], self.pinned[row], self.capacity, self.evict_block, new_tokens, chunk)
+        return planned_evictions(self.lengths[row], self.pinned[row], self._window_end(row), self.evict_block,
+                                 new_tokens, chunk)
 
     def _zero(self, row: int) -> None:
         used = self.capacity if self.dirty[row] is None else self.dirty[row]
@@ -221,14 +236,16 @@ class SinkCache:
 
     def _evictions(self, row: int, new_tokens: int) -> int:
         """Window tokens ``make_room`` must evict so ``new_tokens`` fit (ValueError if they never can)."""
-        length, pinned = self.lengths[row], self.pinned[row]
-        if new_tokens > self.capacity - pinned:
-            raise ValueError(f"{new_tokens} tokens do not fit a window of {self.capacity - pinned}")
-        return evictions_for(length, pinned, self.capacity, self.evict_block, new_tokens)
+        length, pinned, end = self.lengths[row], self.pinned[row], self._window_end(row)
+        if new_tokens > end - pinned:
+            raise ValueError(f"{new_tokens} tokens do not fit a window of {end - pinned}")
+        return evictions_for(length, pinned, end, self.evict_block, new_tokens)
 
     def _shift_window(self, row: int, evict: int) -> None:
         length, pinned = self.lengths[row], self.pinned[row]
         keep = length - pinned - evict  # window tokens that stay
+        if self.on_evict is not None:
+            self.on_evict(row, pinned + self.evicted[row], pinned, evict)
         if keep > 0:
             src, dst = slice(pinned + evict, length), slice(pinned, pinned + keep)
             for layer in range(self.shape.num_layers):
@@ -283,6 +300,7 @@ class SinkCache:
             self.k[layer][row, :, :n] = state["k"][layer].to(self.device, self.dtype)
             self.v[layer][row, :, :n] = state["v"][layer].to(self.device, self.dtype)
         self.lengths[row], self.pinned[row], self.evicted[row] = n, pinned, evicted
+        self.reserved[row] = self.recall_slots
         self._touch(row)
 
     def copy_row(self, src: int, dst: int) -> None:
@@ -293,6 +311,7 @@ class SinkCache:
             for buf in buffers:
                 buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst], self.pinned[dst], self.evicted[dst] = n, self.pinned[src], self.evicted[src]
+        self.reserved[dst] = self.reserved[src]
         self._touch(dst)
 
     def swap_rows(self, a: int, b: int) -> None:
@@ -309,7 +328,7 @@ class SinkCache:
                 tmp = buf[a, :, :used].clone()
                 buf[a, :, :used] = buf[b, :, :used]
                 buf[b, :, :used] = tmp
-        for counters in (self.lengths, self.pinned, self.evicted, self.dirty):
+        for counters in (self.lengths, self.pinned, self.evicted, self.dirty, self.reserved):
             counters[a], counters[b] = counters[b], counters[a]
 
     # ----- one forward pass --------------------------------------------------------------------------

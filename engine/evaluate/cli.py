@@ -1,4 +1,4 @@
-"""Command lines of the evaluations: ``eval ppl`` and ``eval attention``.
+"""Command lines of the evaluations: ``eval ppl``, ``eval attention`` and ``eval recall``.
 
 Mounted under a CLI with :func:`add_eval_parser` and dispatched with :func:`run_eval`; also runnable on
 its own: ``python -m engine.evaluate.cli ppl --tokens 20000 --mode sink,window,dense,recompute``.
@@ -25,7 +25,7 @@ def _modes(value: str) -> list[str]:
 
 
 def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="eval_command", metavar="{ppl,attention}", required=True)
+    commands = parser.add_subparsers(dest="eval_command", metavar="{ppl,attention,recall}", required=True)
 
     ppl = commands.add_parser("ppl", help="streaming perplexity: sink cache vs window, dense and recompute")
     ppl.add_argument("--text", default=str(DEFAULT_TEXT), help="text file (default: the shipped tinyshakespeare)")
@@ -48,9 +48,43 @@ def _fill_eval_parser(parser: argparse.ArgumentParser) -> None:
     attention.add_argument("--model", default=None)
     attention.add_argument("--out", default="results/attention")
 
+    _add_recall_parser(commands)
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from exc
+
+
+def _add_recall_parser(commands) -> None:
+    from engine.evaluate.recall import MODES as RECALL_MODES
+
+    recall = commands.add_parser("recall", help="passkey retrieval past the window: dense, sink cache, recall")
+    recall.add_argument("--seeds", type=int, default=5, help="seeds per depth")
+    recall.add_argument("--depths", type=_ints, default=[1500, 3000, 4500, 6000],
+                        help="comma list of tokens between the passkey and the question")
+    recall.add_argument("--mode", type=lambda v: [m for m in v.split(",") if m], default=list(RECALL_MODES),
+                        help="comma list of " + ",".join(RECALL_MODES))
+    recall.add_argument("--sink-tokens", type=int, default=4)
+    recall.add_argument("--window", type=int, default=1020, help="window of the plain cache (recall reserves "
+                        "its segment from it: same cache size)")
+    recall.add_argument("--evict-block", type=int, default=64)
+    recall.add_argument("--chunk", type=int, default=64)
+    recall.add_argument("--recall-blocks", type=int, default=4, help="recall segment size in blocks")
+    recall.add_argument("--score", default="attention", choices=["attention", "quest", "mean"])
+    recall.add_argument("--ppl-tokens", type=int, default=20_000, help="streaming perplexity tokens (0: skip)")
+    recall.add_argument("--turn", type=int, default=1024, help="tokens between recall turns in the perplexity run")
+    recall.add_argument("--extra", action="store_true", help="add the recall segment to the cache instead of "
+                        "reserving it from the window")
+    recall.add_argument("--text", default=str(DEFAULT_TEXT))
+    recall.add_argument("--model", default=None)
+    recall.add_argument("--out", default="results/recall")
+
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``eval`` command (with ``ppl`` and ``attention``) to a CLI's sub-parsers."""
+    """Add the ``eval`` command (with ``ppl``, ``attention`` and ``recall``) to a CLI's sub-parsers."""
     parser = subparsers.add_parser("eval", help="offline evaluations of the sink cache")
     _fill_eval_parser(parser)
     return parser
@@ -73,6 +107,19 @@ def run_eval(args: argparse.Namespace) -> dict:
         for layer in report["layers"]:
             log.info("layer %2d: position 0 %.3f, positions 0-3 %.3f, rest %.3f", layer["layer"],
                      layer["shares"][0], sum(layer["shares"][:4]), layer["rest"])
+        return report
+    if args.eval_command == "recall":
+        from engine.evaluate.recall import markdown, run_recall
+
+        unknown = sorted(set(args.mode) - {"dense", "sink", "recall"})
+        if unknown:
+            raise ValueError(f"unknown recall modes {unknown}")
+        report = run_recall(args.out, seeds=args.seeds, depths=args.depths, modes=args.mode,
+                            sink_tokens=args.sink_tokens, window=args.window, evict_block=args.evict_block,
+                            chunk=args.chunk, blocks=args.recall_blocks, score=args.score,
+                            ppl_tokens=args.ppl_tokens, turn=args.turn, text_path=args.text, model=args.model,
+                            extra=args.extra)
+        log.info("recall written to %s\n%s", args.out, markdown(report, args.mode))
         return report
     raise ValueError(f"unknown eval command {args.eval_command!r}")
 

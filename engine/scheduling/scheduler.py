@@ -268,6 +268,8 @@ class Scheduler:
         request.pending = prompt[keep:]
         request.long_prompt = len(request.pending) > self.config.chunk_size
         request.cached_tokens = keep
+        if getattr(self, "recall", None) is not None:  # evicted blocks recalled at a turn's start (engine/cache/recall.py)
+            request.recalled_tokens = self.recall.turn(self.runner.model, continued.row, request.pending)
         request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
         request.generator = make_generator(request.params, self.cache.device)
