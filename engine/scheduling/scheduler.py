@@ -82,6 +82,7 @@ class Scheduler:
         self.config = config
         self.max_queue = config.max_queue
         self.long_prefill = max(1, config.long_prefill_tokens)
+        self.recall = None  # evicted blocks recalled at a turn's start (engine/cache/recall.py): not yet served
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -268,7 +269,7 @@ class Scheduler:
         request.pending = prompt[keep:]
         request.long_prompt = len(request.pending) > self.config.chunk_size
         request.cached_tokens = keep
-        if getattr(self, "recall", None) is not None:  # evicted blocks recalled at a turn's start (engine/cache/recall.py)
+        if self.recall is not None:  # evicted blocks recalled at a turn's start (engine/cache/recall.py)
             request.recalled_tokens = self.recall.turn(self.runner.model, continued.row, request.pending)
         request.detok = IncrementalDetokenizer(self.tokenizer, prompt[-PROMPT_CONTEXT_TOKENS:])
         request.stops = StopMatcher(request.params.stop)
