@@ -125,11 +125,12 @@ def test_a_failed_first_generation_leaves_no_session(http, engine, monkeypatch):
     response = http.post(CHAT, json=chat(messages=[{"role": "user", "content": "a fresh conversation 8513"}],
                                          response_format={"type": "json_object"}))
     assert response.status_code == 500, response.text
-    assert session_ids(http) == before
+    # nothing new is left (the key's session bound may have dropped an older idle one meanwhile)
+    assert session_ids(http) - before == set()
     streamed = http.post(CHAT, json=chat(messages=[{"role": "user", "content": "another one 2291"}], stream=True,
                                          response_format={"type": "json_object"}))
     assert streamed.status_code == 200 and '"error"' in streamed.text, streamed.text
-    assert session_ids(http) == before
+    assert session_ids(http) - before == set()
 
 
 # ----- a 500 keeps the connection -----------------------------------------------------------------------
