@@ -95,12 +95,14 @@ class EngineConfig:
                                     "must fit the model's positions")
     evict_block: int = 64  # window tokens evicted at once when the cache is full
     prefill_chunk: int = option(256, help="prompt tokens fed per step (256)")
-    # a prompt with more than a chunk to feed gets at most this many tokens a step, so prompts arriving behind
-    # it are prefilled in the next step (engine/scheduling/scheduler.py): the longest a newcomer waits is one
-    # such share's pass (about 0.4 s for the embedded model on a 2-core host; a whole 256-token chunk 1.2 s),
-    # against fewer, larger passes for the long prompt alone (scripts/fair_prefill.py)
-    long_prefill_tokens: int = option(64, help="prompt tokens a step feeds a long prompt (64), so that shorter "
-                                               "prompts arriving behind it wait at most one such share")
+    # a prompt with more than a chunk to feed gets at most this many tokens a step; prompts arriving behind it
+    # are fed first in the next step either way (engine/scheduling/scheduler.py). Smaller shares bound a
+    # newcomer's wait by a smaller pass but slow a long prompt alone: with shares of 64 a fresh 2,000-token
+    # prompt's first token came 1.24x later than with whole chunks (bench api, 2026-12-08), so the default
+    # is a whole chunk
+    long_prefill_tokens: int = option(256, help="prompt tokens a step feeds a prompt longer than a chunk (256: "
+                                                "a whole chunk); smaller shares let prompts behind it start sooner "
+                                                "and slow it down")
     # decode rows per step; None: 64 on a GPU, 8 on a CPU (engine/model/device.py)
     max_batch: int | None = option(None, help="sessions decoding together in one forward pass (default 64 on a "
                                               "GPU, 8 on a CPU)")
