@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
-from bench.serve_process import free_port, process_memory_mb
+from bench.serve_process import free_port, process_memory_mb, spawn, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +77,10 @@ class LlamaServer:
 
     def start(self, timeout: float = 300.0) -> LlamaServer:
         """Start the process and wait until ``/health`` answers 200 (RuntimeError if it exits or times out)."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (child owns it)
         log.info("starting %s", " ".join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if self.log_path:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} while starting"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        self.proc = spawn(self.cmd, self.log_path, stdin=subprocess.DEVNULL)
+        if wait_healthy(self.proc, self.url, timeout, "llama-server", self.log_path, poll_s=0.1):
+            return self
         self.stop()
         raise RuntimeError(f"llama-server did not become healthy in {timeout:.0f} s")
 

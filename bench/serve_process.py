@@ -64,21 +64,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
         """Start the process and wait until ``/health`` answers 200 (RuntimeError if it exits or times out)."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (child owns it)
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        if self.log_path:
-            out.close()  # the child holds its own descriptor
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} while starting"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        self.proc = spawn(self.cmd, self.log_path, env=self.env)
+        if wait_healthy(self.proc, self.url, timeout, "the server", self.log_path, poll_s=0.05):
+            return self
         self.kill()
         raise RuntimeError("the server did not become healthy")
 
@@ -106,3 +94,29 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def spawn(cmd: list[str], log_path: Path | None, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``cmd`` started with its output appended to ``log_path`` (discarded without one)."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, **popen)
+    if log_path:
+        out.close()  # the child holds its own descriptor
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str, log_path: Path | None,
+                 poll_s: float) -> bool:
+    """Whether ``url``'s ``/health`` answered 200 within ``timeout`` s; RuntimeError if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} while starting"
+                               + (f" (log: {log_path})" if log_path else ""))
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    return False
