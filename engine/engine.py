@@ -83,7 +83,7 @@ class Engine:
         )
         # decode batches padded to buckets (CUDA graphs on a GPU) write their padding rows to a scratch row;
         # torch.compile's forward (transformers') decodes unpadded
-        padded = not self.config.compile and pad_decode_batches(loaded.device, {"auto": None, "on": True, "off": False}[self.config.decode_buckets])
+        padded = not self.config.compile and pad_decode_batches(loaded.device, self.config.decode_buckets)
         rows = self.rows_for_budget(loaded, reserved=int(padded))
         self.cache = cache = SinkCache(
             loaded.shape, rows, self.config.cache_size, self.config.sink_tokens, self.config.evict_block,

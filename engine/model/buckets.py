@@ -19,11 +19,11 @@ import torch
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def pad_decode_batches(device: torch.device, configured: bool | None = None) -> bool:
-    """Whether decode batches are padded to buckets (and captured in CUDA graphs on a GPU): the configured
-    choice, else on for CUDA and off for a CPU."""
-    if configured is not None:
-        return bool(configured)
+def pad_decode_batches(device: torch.device, setting: str = "auto") -> bool:
+    """Whether decode batches are padded to buckets (and captured in CUDA graphs on a GPU): ``setting`` is
+    ``EngineConfig.decode_buckets``, ``on`` or ``off``, else (``auto``) on for CUDA and off for a CPU."""
+    if setting != "auto":
+        return setting == "on"
     return device.type == "cuda"
 
 

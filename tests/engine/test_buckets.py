@@ -70,8 +70,8 @@ def test_padding_feeds_the_scratch_row_at_slot_zero():
 def test_padding_is_on_by_default_for_cuda_only():
     assert pad_decode_batches(torch.device("cuda", 0)) is True
     assert pad_decode_batches(torch.device("cpu")) is False
-    assert pad_decode_batches(torch.device("cpu"), True) is True
-    assert pad_decode_batches(torch.device("cuda", 0), False) is False
+    assert pad_decode_batches(torch.device("cpu"), "on") is True
+    assert pad_decode_batches(torch.device("cuda", 0), "off") is False
 
 
 def test_the_scratch_row_is_beside_the_rows_sessions_own():
@@ -230,7 +230,7 @@ def test_an_engine_padding_its_batches_never_lends_the_scratch_row(tmp_path, mon
 
     engines = {}
     for padded in (False, True):
-        monkeypatch.setattr("engine.engine.pad_decode_batches", lambda device, configured=None, p=padded: p)
+        monkeypatch.setattr("engine.engine.pad_decode_batches", lambda device, setting="auto", p=padded: p)
         engines[padded] = tiny_engine(tmp_path / str(padded), max_resident_sessions=3)
     try:
         plain, padded = engines[False], engines[True]
