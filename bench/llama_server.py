@@ -24,7 +24,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from bench.serve_process import free_port, process_memory_mb, spawn, wait_healthy
+from bench.serve_process import Launched, free_port, spawn, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def llama_server_version(binary: str | Path) -> str | None:
     return lines[0] if lines else None
 
 
-class LlamaServer:
+class LlamaServer(Launched):
     """``llama-server`` as a child process (see the module docstring); a context manager too."""
 
     def __init__(self, binary: str | Path, gguf: str | Path, *, parallel: int, slot_tokens: int, threads: int,
@@ -84,19 +84,6 @@ class LlamaServer:
         self.stop()
         raise RuntimeError(f"llama-server did not become healthy in {timeout:.0f} s")
 
-    def memory_mb(self) -> dict[str, float] | None:
-        """Its resident memory now and its peak so far (MB; None where /proc has none)."""
-        return process_memory_mb(self.proc.pid) if self.proc else None
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM; SIGKILL if it has not exited after ``timeout``."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
     def __enter__(self) -> LlamaServer:
         return self.start()

@@ -41,7 +41,32 @@ def process_memory_mb(pid: int) -> dict[str, float] | None:
         return None
 
 
-class ServerProcess:
+class Launched:
+    """A server process a benchmark started (``proc``): its memory, a graceful stop, a kill."""
+
+    proc: subprocess.Popen | None = None
+
+    def memory_mb(self) -> dict[str, float] | None:
+        """Its resident memory now and its peak so far (MB, from /proc; None where there is none)."""
+        return process_memory_mb(self.proc.pid) if self.proc else None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a graceful shutdown: sinkserve persists its sessions); SIGKILL if it has not exited after ``timeout``."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs (crash tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class ServerProcess(Launched):
     """``sinkserve serve`` (``tiny``: around the tiny model) as a child process; a context manager too."""
 
     def __init__(self, data_dir: Path, *flags: str, tiny: bool = False, keys: list[str] | None = None,
@@ -69,25 +94,6 @@ class ServerProcess:
             return self
         self.kill()
         raise RuntimeError("the server did not become healthy")
-
-    def memory_mb(self) -> dict[str, float] | None:
-        """The server's resident memory now and its peak so far (MB, from /proc; None where there is none)."""
-        return process_memory_mb(self.proc.pid) if self.proc else None
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (graceful shutdown, sessions persisted); SIGKILL if it has not exited after ``timeout``."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hook runs (crash tests)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
